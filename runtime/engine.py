@@ -1,0 +1,56 @@
+"""One small engine interface for every backend.
+
+Modelled on the lifecycle of NVIDIA's TensorRT demo engines (load, allocate for
+a shape, infer), minus the parts that couple it to torch: a backend takes and
+returns plain numpy arrays keyed by the tensor names of the model's
+:class:`~trt_bgswap.specs.ModelSpec`. Backends never impersonate torch or
+diffusers modules.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from trt_bgswap.specs import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+class Engine(ABC):
+    """A loaded model that maps named input arrays to named output arrays."""
+
+    def __init__(self, spec: ModelSpec, path: Path) -> None:
+        self.spec = spec
+        self.path = Path(path)
+        self._dims: dict[str, int] | None = None
+
+    @property
+    @abstractmethod
+    def backend(self) -> str:
+        """The backend that actually runs, e.g. ``onnxruntime:CPUExecutionProvider``."""
+
+    @abstractmethod
+    def load(self) -> None:
+        """Deserialize the model; cheap to call twice."""
+
+    def allocate(self, dims: Mapping[str, int]) -> None:
+        """Prepare buffers for one set of symbol values; backends reallocate only when they change."""
+        self._dims = dict(dims)
+
+    @abstractmethod
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run once on already-validated feeds."""
+
+    def unload(self) -> None:
+        """Free the model's memory (for small devices that load engines one at a time)."""
+
+    def __call__(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
+        dims = self.spec.infer_dims(feeds)
+        if dims != self._dims:
+            self.allocate(dims)
+        return self.infer(feeds)

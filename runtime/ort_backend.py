@@ -1,0 +1,153 @@
+"""ONNX Runtime backend: explicit execution providers, and a log line naming the one that runs.
+
+The most common complaint against rembg is a GPU silently not used; here the
+providers are chosen explicitly (``auto`` tries TensorRT EP, CUDA EP, then CPU)
+and the providers the session actually got are logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trt_bgswap.errors import BackendUnavailable, ModelError
+from trt_bgswap.specs import ModelSpec
+from trt_bgswap.runtime.engine import Engine
+
+log = logging.getLogger(__name__)
+
+PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+PROVIDER_CHOICES = ("auto", *PROVIDER_NAMES)
+
+
+def select_providers(
+    requested: str,
+    available: Sequence[str],
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[tuple[str, dict[str, Any]]]:
+    """Providers (with options) to ask ONNX Runtime for, most preferred first.
+
+    ``auto`` takes every accelerated provider that is available, then CPU; a
+    named provider that is not available is an error, not a silent fallback.
+    """
+    options = options or {}
+    if requested == "auto":
+        names = [PROVIDER_NAMES[k] for k in ("tensorrt", "cuda") if PROVIDER_NAMES[k] in available]
+    elif requested in PROVIDER_NAMES:
+        name = PROVIDER_NAMES[requested]
+        if name not in available:
+            hint = "pip install onnxruntime-gpu (and CUDA/cuDNN, plus TensorRT for the TensorRT provider)"
+            raise BackendUnavailable(
+                f"ONNX Runtime provider {name} is not available here (available: {', '.join(available)}); {hint}, "
+                "or use --provider cpu"
+            )
+        names = [name] if requested == "cpu" else [name]
+    else:
+        raise BackendUnavailable(f"unknown provider {requested!r}; choose one of {', '.join(PROVIDER_CHOICES)}")
+    if PROVIDER_NAMES["cpu"] not in names:
+        names.append(PROVIDER_NAMES["cpu"])  # ONNX Runtime places unsupported nodes on CPU anyway
+    return [(n, dict(options.get(n, {}))) for n in names]
+
+
+def _ort():  # noqa: ANN202 - lazy import keeps `import trt_bgswap` light
+    try:
+        import onnxruntime as ort
+    except ImportError as e:  # pragma: no cover - a core dependency
+        raise BackendUnavailable("onnxruntime is not installed; pip install onnxruntime (or onnxruntime-gpu)") from e
+    return ort
+
+
+def available_providers() -> list[str]:
+    return list(_ort().get_available_providers())
+
+
+class OrtEngine(Engine):
+    """A model run by an ``onnxruntime.InferenceSession``."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        path: Path,
+        provider: str = "auto",
+        provider_options: Mapping[str, Mapping[str, Any]] | None = None,
+        intra_op_threads: int = 0,
+        graph_optimization: str = "all",
+        optimized_model_path: Path | None = None,
+    ) -> None:
+        super().__init__(spec, path)
+        self.provider = provider
+        self.provider_options = provider_options
+        self.intra_op_threads = intra_op_threads
+        self.graph_optimization = graph_optimization
+        self.optimized_model_path = optimized_model_path
+        self.session: Any = None
+        self._output_names: list[str] = []
+
+    @property
+    def backend(self) -> str:
+        if self.session is None:
+            return "onnxruntime (not loaded)"
+        return "onnxruntime:" + ",".join(self.session.get_providers())
+
+    def session_options(self) -> Any:
+        ort = _ort()
+        so = ort.SessionOptions()
+        levels = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }
+        if self.graph_optimization not in levels:
+            raise BackendUnavailable(f"graph_optimization={self.graph_optimization!r}: choose one of {sorted(levels)}")
+        so.graph_optimization_level = levels[self.graph_optimization]
+        if self.intra_op_threads:
+            so.intra_op_num_threads = self.intra_op_threads
+        if self.optimized_model_path is not None:
+            so.optimized_model_filepath = str(self.optimized_model_path)
+        so.log_severity_level = 3
+        return so
+
+    def load(self) -> None:
+        if self.session is not None:
+            return
+        if not self.path.is_file():
+            raise ModelError(f"{self.path}: model file missing; re-run `trt-bgswap export`")
+        ort = _ort()
+        providers = select_providers(self.provider, ort.get_available_providers(), self.provider_options)
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path),
+                sess_options=self.session_options(),
+                providers=[p for p, _ in providers],
+                provider_options=[o for _, o in providers],
+            )
+        except Exception as e:  # onnxruntime raises its own untyped errors for corrupt files
+            raise ModelError(f"{self.path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from e
+        got = self.session.get_providers()
+        wanted = [p for p, _ in providers]
+        log.info("%s: running on %s", self.spec.name, ", ".join(got))
+        if got and wanted and got[0] != wanted[0]:
+            log.warning("%s: asked for %s but ONNX Runtime runs %s", self.spec.name, wanted[0], got[0])
+        names = {o.name for o in self.session.get_outputs()}
+        missing = [n for n in self.spec.output_names if n not in names]
+        if missing:
+            raise ModelError(f"{self.path}: graph lacks outputs {missing} declared for {self.spec.name} (has {sorted(names)})")
+        self._output_names = self.spec.output_names
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.session is None:
+            self.load()
+        outs = self.session.run(self._output_names, dict(feeds))
+        return dict(zip(self._output_names, outs))
+
+    def unload(self) -> None:
+        self.session = None

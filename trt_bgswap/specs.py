@@ -1,0 +1,251 @@
+"""Model I/O tensor specs, declared once per model.
+
+NVIDIA's TensorRT diffusion demo restates each model's shapes in several places
+(input names, dynamic axes, sample inputs, optimization profiles, buffer sizes)
+and they drift. Here a model's inputs and outputs are declared once, as names,
+dtypes and dims (an int, or a symbol such as ``B`` or ``h``); ONNX dynamic axes,
+TensorRT profiles, buffer sizes and input validation are all derived from it.
+
+Symbols used by the built-in models:
+
+- ``B``: batch (2x the images when classifier-free guidance runs)
+- ``H``, ``W``: generation size in pixels; ``h``, ``w``: latent size
+- ``S``: the RMBG network's square input size when the graph leaves it dynamic
+
+This module is imported by the lean runtime: numpy only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+
+Dim = Union[int, str]
+
+DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "int32": np.dtype(np.int32),
+    "int64": np.dtype(np.int64),
+    "uint8": np.dtype(np.uint8),
+    "bool": np.dtype(np.bool_),
+}
+
+
+class SpecError(ValueError):
+    """An array does not match the model's declared I/O spec."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named tensor: dtype and dims (ints are fixed, strings are symbols)."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise SpecError(f"{self.name}: dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        for d in self.shape:
+            if isinstance(d, int) and d < 0:
+                raise SpecError(f"{self.name}: negative dim {d}")
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return DTYPES[self.dtype]
+
+    def symbols(self) -> list[str]:
+        return [d for d in self.shape if isinstance(d, str)]
+
+    def resolve(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        """Concrete shape for given symbol values."""
+        out = []
+        for d in self.shape:
+            if isinstance(d, str):
+                if d not in dims:
+                    raise SpecError(f"{self.name}: no value given for dim {d!r} (have {sorted(dims)})")
+                out.append(int(dims[d]))
+            else:
+                out.append(d)
+        return tuple(out)
+
+    def nbytes(self, dims: Mapping[str, int]) -> int:
+        return int(np.prod(self.resolve(dims), dtype=np.int64)) * self.np_dtype.itemsize
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "TensorSpec":
+        return cls(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model's inputs and outputs; the single source of its shapes."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in (*self.inputs, *self.outputs):
+            if t.name == name:
+                return t
+        raise SpecError(f"{self.name}: no tensor named {name!r} (have {self.input_names + self.output_names})")
+
+    def symbols(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for t in (*self.inputs, *self.outputs):
+            for s in t.symbols():
+                seen.setdefault(s, None)
+        return list(seen)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """``torch.onnx.export``'s dynamic_axes for this spec."""
+        axes: dict[str, dict[int, str]] = {}
+        for t in (*self.inputs, *self.outputs):
+            sym = {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+            if sym:
+                axes[t.name] = sym
+        return axes
+
+    def input_shapes(self, dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.resolve(dims) for t in self.inputs}
+
+    def output_shapes(self, dims: Mapping[str, int]) -> dict[str, tuple[int, ...]]:
+        return {t.name: t.resolve(dims) for t in self.outputs}
+
+    def infer_dims(self, arrays: Mapping[str, np.ndarray], tensors: Iterable[TensorSpec] | None = None) -> dict[str, int]:
+        """Check arrays against the spec and return the symbol values they imply.
+
+        Raises SpecError naming the tensor, what was expected and what came.
+        """
+        dims: dict[str, int] = {}
+        specs = list(self.inputs if tensors is None else tensors)
+        missing = [t.name for t in specs if t.name not in arrays]
+        if missing:
+            raise SpecError(f"{self.name}: missing inputs {missing}; expected {[t.name for t in specs]}")
+        extra = sorted(set(arrays) - {t.name for t in specs})
+        if extra and tensors is None:
+            raise SpecError(f"{self.name}: unexpected inputs {extra}; expected {[t.name for t in specs]}")
+        for t in specs:
+            a = arrays[t.name]
+            if a.dtype != t.np_dtype:
+                raise SpecError(f"{self.name}.{t.name}: dtype {a.dtype} but the model takes {t.dtype}")
+            if a.ndim != len(t.shape):
+                raise SpecError(f"{self.name}.{t.name}: shape {a.shape} but the model takes rank {len(t.shape)} {t.shape}")
+            for axis, (want, got) in enumerate(zip(t.shape, a.shape)):
+                if isinstance(want, int):
+                    if want != got:
+                        raise SpecError(f"{self.name}.{t.name}: dim {axis} is {got}, the model takes {want} (shape {t.shape})")
+                else:
+                    if dims.setdefault(want, int(got)) != got:
+                        raise SpecError(
+                            f"{self.name}.{t.name}: dim {axis} ({want}) is {got} but another input set {want}={dims[want]}"
+                        )
+        return dims
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "ModelSpec":
+        return cls(
+            name=d["name"],
+            inputs=tuple(TensorSpec.from_json(t) for t in d["inputs"]),
+            outputs=tuple(TensorSpec.from_json(t) for t in d["outputs"]),
+        )
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True)
+
+
+# --- The built-in models. Channel counts and sizes come from the model configs. ---
+
+
+def text_encoder_spec(max_length: int, hidden_size: int) -> ModelSpec:
+    """CLIP text encoder: token ids in (int32, friendlier to TensorRT), last hidden state out."""
+    return ModelSpec(
+        "text_encoder",
+        inputs=(TensorSpec("input_ids", "int32", ("B", max_length)),),
+        outputs=(TensorSpec("last_hidden_state", "float32", ("B", max_length, hidden_size)),),
+    )
+
+
+def unet_spec(in_channels: int, out_channels: int, max_length: int, hidden_size: int, dtype: str = "float32") -> ModelSpec:
+    """Inpainting UNet: 9 input channels = latents + mask + masked-image latents."""
+    return ModelSpec(
+        "unet",
+        inputs=(
+            TensorSpec("sample", dtype, ("B", in_channels, "h", "w")),
+            TensorSpec("timestep", dtype, ("B",)),
+            TensorSpec("encoder_hidden_states", dtype, ("B", max_length, hidden_size)),
+        ),
+        outputs=(TensorSpec("out_sample", dtype, ("B", out_channels, "h", "w")),),
+    )
+
+
+def vae_encoder_spec(image_channels: int, latent_channels: int, dtype: str = "float32") -> ModelSpec:
+    """VAE encoder: the posterior's mean and std, so the caller controls the sample drawn."""
+    return ModelSpec(
+        "vae_encoder",
+        inputs=(TensorSpec("sample", dtype, ("B", image_channels, "H", "W")),),
+        outputs=(
+            TensorSpec("latent_mean", dtype, ("B", latent_channels, "h", "w")),
+            TensorSpec("latent_std", dtype, ("B", latent_channels, "h", "w")),
+        ),
+    )
+
+
+def vae_decoder_spec(image_channels: int, latent_channels: int, dtype: str = "float32") -> ModelSpec:
+    return ModelSpec(
+        "vae_decoder",
+        inputs=(TensorSpec("latent_sample", dtype, ("B", latent_channels, "h", "w")),),
+        outputs=(TensorSpec("sample", dtype, ("B", image_channels, "H", "W")),),
+    )
+
+
+def rmbg_spec(input_size: int | None, input_name: str = "input", output_name: str = "output") -> ModelSpec:
+    """RMBG / IS-Net: normalised RGB in, the main (sigmoid) mask out. Side outputs are not part of the spec."""
+    s: Dim = input_size if input_size is not None else "S"
+    return ModelSpec(
+        "rmbg",
+        inputs=(TensorSpec(input_name, "float32", ("B", 3, s, s)),),
+        outputs=(TensorSpec(output_name, "float32", ("B", 1, s, s)),),
+    )
+
+
+def pipeline_dims(
+    batch: int,
+    height: int,
+    width: int,
+    vae_scale_factor: int,
+) -> dict[str, int]:
+    """Every symbol's value for one generation size; the one place latent sizes are computed."""
+    if height % vae_scale_factor or width % vae_scale_factor:
+        raise SpecError(f"size {width}x{height} is not a multiple of the VAE's downsampling factor {vae_scale_factor}")
+    return {
+        "B": batch,
+        "H": height,
+        "W": width,
+        "h": height // vae_scale_factor,
+        "w": width // vae_scale_factor,
+    }
