@@ -1,0 +1,90 @@
+"""Known model variants, as data (rembg keeps a model variant to a URL, a checksum and a name).
+
+One table feeds the export defaults, the CLI's choices and the licence notices.
+Adding a variant of an existing family means adding a row here, not a class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trt_bgswap.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    family: str  # "rmbg" | "sd-inpainting" | "lcm-lora"
+    repo_id: str  # Hugging Face hub id
+    revision: str  # a branch, tag or commit; pin a commit for reproducible exports
+    files: tuple[str, ...]  # glob patterns to download (safetensors only by default)
+    license: str
+    commercial_use: bool
+    input_size: tuple[int, int] | None = None  # (height, width) for RMBG
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    note: str = ""
+
+
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant(
+            name="rmbg-1.4",
+            family="rmbg",
+            repo_id="briaai/RMBG-1.4",
+            revision="main",
+            files=("config.json", "model.safetensors", "preprocessor_config.json", "onnx/model.onnx"),
+            license="bria-rmbg-1.4 (non-commercial; a commercial licence is sold by BRIA AI)",
+            commercial_use=False,
+            input_size=(1024, 1024),
+            mean=(0.5, 0.5, 0.5),
+            std=(1.0, 1.0, 1.0),
+            note="Gated on the hub: accept the licence on the model page and log in (huggingface-cli login).",
+        ),
+        Variant(
+            name="sd15-inpainting",
+            family="sd-inpainting",
+            repo_id="stable-diffusion-v1-5/stable-diffusion-inpainting",
+            revision="main",
+            files=(
+                "model_index.json",
+                "scheduler/*.json",
+                "tokenizer/*",
+                "text_encoder/config.json",
+                "text_encoder/model.safetensors",
+                "unet/config.json",
+                "unet/diffusion_pytorch_model.safetensors",
+                "vae/config.json",
+                "vae/diffusion_pytorch_model.safetensors",
+            ),
+            license="creativeml-openrail-m",
+            commercial_use=True,
+        ),
+        Variant(
+            name="lcm-lora-sdv1-5",
+            family="lcm-lora",
+            repo_id="latent-consistency/lcm-lora-sdv1-5",
+            revision="main",
+            files=("pytorch_lora_weights.safetensors",),
+            license="openrail++",
+            commercial_use=True,
+        ),
+    )
+}
+
+DEFAULTS = {"rmbg": "rmbg-1.4", "sd-inpainting": "sd15-inpainting", "lcm-lora": "lcm-lora-sdv1-5"}
+
+
+def get_variant(name: str) -> Variant:
+    """Look a variant up by name or hub id; an unknown name lists the valid ones."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    for v in VARIANTS.values():
+        if v.repo_id == name:
+            return v
+    raise UsageError(f"unknown model {name!r}; choose one of {', '.join(sorted(VARIANTS))} or give a local path")
+
+
+def variants_of(family: str) -> list[Variant]:
+    return [v for v in VARIANTS.values() if v.family == family]
