@@ -1,0 +1,217 @@
+"""The shared PyTorch -> ONNX step every model wrapper goes through.
+
+One wrapper module + its :class:`~trt_bgswap.specs.ModelSpec` in, one checked ONNX file
+out: input/output names and dynamic axes come from the spec (declared once), the graph
+is exported with the TorchScript exporter (``torch.onnx.export(dynamo=False)``), optionally
+converted to fp16 with fp32 I/O, saved with its weights in ``model.onnx_data`` when it
+would not fit protobuf's 2 GB limit (the SD1.5 UNet is 3.4 GB in fp32), checked with
+``onnx.checker`` and strict shape inference, and checked against the spec. Files are
+staged in a temporary folder beside the destination and renamed into place, so a crash
+never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from trt_bgswap.errors import BackendUnavailable, ModelError
+from trt_bgswap.manifest import ModelEntry, sha256_file
+from trt_bgswap.specs import ModelSpec
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx_data"
+PRECISIONS = ("fp32", "fp16")
+DEFAULT_OPSET = 17
+# Weights above this go to model.onnx_data: protobuf refuses to serialize messages over 2 GiB.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
+INSTALL_HINT = "pip install 'trt-bgswap[export]'"
+
+_ONNX_DTYPES = {1: "float32", 10: "float16", 6: "int32", 7: "int64", 2: "uint8", 9: "bool"}
+
+
+def require_export_stack() -> None:
+    """Fail early, with the install hint, when torch/onnx are missing."""
+    try:
+        import onnx  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as e:
+        raise BackendUnavailable(f"exporting needs torch and onnx ({e.name} is missing); {INSTALL_HINT}") from e
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ModelError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+
+
+def _weights_nbytes(model: Any) -> int:
+    """Bytes of the initializers (what decides whether the proto fits in 2 GiB)."""
+    from onnx import numpy_helper
+
+    total = 0
+    for t in model.graph.initializer:
+        total += len(t.raw_data) if t.raw_data else numpy_helper.to_array(t).nbytes
+    return total
+
+
+def check_graph_against_spec(path: Path, spec: ModelSpec) -> None:
+    """The saved graph's inputs/outputs must be the spec's names, dtypes, ranks and fixed dims."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for kind, declared, actual in (
+        ("input", spec.inputs, model.graph.input),
+        ("output", spec.outputs, model.graph.output),
+    ):
+        got = [v.name for v in actual]
+        if got != [t.name for t in declared]:
+            raise ModelError(f"{path}: graph {kind}s {got} differ from the {spec.name} spec {[t.name for t in declared]}")
+        for t, v in zip(declared, actual):
+            ttype = v.type.tensor_type
+            dtype = _ONNX_DTYPES.get(ttype.elem_type, str(ttype.elem_type))
+            dims = [d.dim_param if d.HasField("dim_param") else d.dim_value for d in ttype.shape.dim]
+            if dtype != t.dtype or len(dims) != len(t.shape):
+                raise ModelError(f"{path}: {kind} {t.name} is {dtype}{dims}, the spec says {t.dtype}{list(t.shape)}")
+            for want, have in zip(t.shape, dims):
+                if isinstance(want, int) and have != want:
+                    raise ModelError(f"{path}: {kind} {t.name} has dims {dims}, the spec fixes {list(t.shape)}")
+                if isinstance(want, str) and isinstance(have, int) and have > 0:
+                    raise ModelError(f"{path}: {kind} {t.name} dim {want!r} was frozen to {have} at export; it must stay dynamic")
+
+
+def stamp_spec(model: Any, spec: ModelSpec) -> None:
+    """Write the spec's dims onto the graph's I/O (the tracer names output dims after internal nodes).
+
+    Strict shape inference afterwards rejects a graph whose computed shapes contradict them.
+    """
+    for declared, values in ((spec.inputs, model.graph.input), (spec.outputs, model.graph.output)):
+        by_name = {v.name: v for v in values}
+        for t in declared:
+            if t.name not in by_name:
+                continue  # reported by check_graph_against_spec
+            dims = by_name[t.name].type.tensor_type.shape.dim
+            if len(dims) != len(t.shape):
+                continue
+            for d, want in zip(dims, t.shape):
+                if isinstance(want, str):
+                    d.dim_param = want
+                else:
+                    d.dim_value = want
+
+
+def _check_saved(path: Path, spec: ModelSpec) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+        inferred = path.with_name(path.name + ".inferred")
+        try:
+            onnx.shape_inference.infer_shapes_path(str(path), str(inferred), check_type=True, strict_mode=True)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                inferred.unlink()
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ModelError(f"{path}: the exported {spec.name} graph is invalid ({str(e).splitlines()[0]})") from e
+    check_graph_against_spec(path, spec)
+
+
+def export_onnx(
+    module: Any,
+    spec: ModelSpec,
+    sample: Mapping[str, Any],
+    out_dir: str | Path,
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
+) -> ModelEntry:
+    """Export ``module`` (called with the spec's inputs, in order) to ``out_dir/model.onnx``.
+
+    ``sample`` holds one tensor per spec input; use a batch of 2 and sizes unlike any fixed
+    dim so the tracer cannot bake a symbolic dim into a constant. ``external_data=None``
+    stores weights in ``model.onnx_data`` only when they approach 2 GiB. Returns the model's
+    manifest entry (``file`` relative to ``out_dir``'s parent, i.e. the export folder).
+    """
+    require_export_stack()
+    check_precision(precision)
+    import onnx
+    import torch
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    missing = [n for n in spec.input_names if n not in sample]
+    if missing:
+        raise ModelError(f"export of {spec.name}: no sample tensor for inputs {missing}")
+    args = tuple(sample[n] for n in spec.input_names)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        raw = stage / "raw"
+        raw.mkdir()
+        log.info("%s: tracing to ONNX (opset %d)", spec.name, opset)
+        module.eval()
+        with torch.no_grad():
+            torch.onnx.export(
+                module,
+                args,
+                str(raw / MODEL_FILE),
+                input_names=spec.input_names,
+                output_names=spec.output_names,
+                dynamic_axes=spec.dynamic_axes(),
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        if precision == "fp16":
+            from trt_bgswap.export.fp16 import convert_to_fp16
+
+            log.info("%s: converting to fp16 (fp32 inputs and outputs kept)", spec.name)
+            model = convert_to_fp16(raw / MODEL_FILE)
+        else:
+            model = onnx.load(str(raw / MODEL_FILE))
+        stamp_spec(model, spec)
+        nbytes = _weights_nbytes(model)
+        use_external = nbytes >= EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+        final = stage / "final"
+        final.mkdir()
+        onnx.save_model(
+            model,
+            str(final / MODEL_FILE),
+            save_as_external_data=use_external,
+            all_tensors_to_one_file=True,
+            location=DATA_FILE,
+            size_threshold=0,
+        )
+        del model
+        _check_saved(final / MODEL_FILE, spec)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # data first, graph last: a model.onnx never points at a missing or stale data file
+        data_target = out_dir / DATA_FILE
+        if use_external:
+            os.replace(final / DATA_FILE, data_target)
+        os.replace(final / MODEL_FILE, out_dir / MODEL_FILE)
+        if not use_external:
+            with contextlib.suppress(FileNotFoundError):
+                data_target.unlink()
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    log.info(
+        "%s: wrote %s (%.1f MB of weights%s, %s)",
+        spec.name,
+        out_dir / MODEL_FILE,
+        nbytes / 1e6,
+        f" in {DATA_FILE}" if use_external else "",
+        precision,
+    )
+    return ModelEntry(
+        file=f"{out_dir.name}/{MODEL_FILE}",
+        sha256=sha256_file(out_dir / MODEL_FILE),
+        precision=precision,
+        spec=spec,
+    )
