@@ -1,0 +1,265 @@
+"""Build a whole exported folder: the SD1.5 inpainting models (LCM-LoRA fused), RMBG, tokenizer, manifest.
+
+The layout mirrors Hugging Face's ONNX diffusion pipelines (``text_encoder/``, ``unet/``,
+``vae_encoder/``, ``vae_decoder/`` each with ``model.onnx``) plus ``rmbg/``, ``tokenizer/``
+and ``manifest.json`` (see :mod:`trt_bgswap.manifest`). Constants the runtime needs are read
+from the source's own configs into :class:`~trt_bgswap.manifest.InpaintConfig`. The folder is
+built in a temporary directory beside ``out_dir`` and renamed into place at the end, so a
+crash or an error never leaves a half export where the runtime would look.
+
+Precision: ``precision="fp16"`` converts the text encoder and UNet (and RMBG) to fp16 with
+fp32 I/O; the VAE stays fp32 unless ``vae_precision="fp16"`` is given, because SD1.5's VAE
+overflows float16 at real sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from trt_bgswap.errors import ModelError, UsageError
+from trt_bgswap.export.onnx_export import DATA_FILE, DEFAULT_OPSET, check_precision, require_export_stack
+from trt_bgswap.manifest import InpaintConfig, Manifest, ModelEntry, RmbgConfig, sha256_file
+
+log = logging.getLogger(__name__)
+
+SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SD_WEIGHTS = {
+    "unet": "diffusion_pytorch_model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+    "text_encoder": "model.safetensors",
+}
+PICKLED = {
+    "unet": "diffusion_pytorch_model.bin",
+    "vae": "diffusion_pytorch_model.bin",
+    "text_encoder": "pytorch_model.bin",
+}
+VERSION_PACKAGES = ("trt-bgswap", "torch", "diffusers", "transformers", "peft", "onnx", "onnxruntime", "safetensors")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: unreadable JSON ({e}); download the model again") from e
+
+
+def _weight_files(folder: Path, component: str) -> list[Path]:
+    """The component's safetensors weights (single file or shards), or a ModelError with the fix."""
+    sub = folder / component
+    single = sub / SD_WEIGHTS[component]
+    if single.is_file():
+        return [single]
+    index = sub / (SD_WEIGHTS[component] + ".index.json")
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (sub / s).is_file()]
+        if missing or not shards:
+            raise ModelError(f"{index}: shards {missing or '(none listed)'} are missing; download the model again")
+        return [sub / s for s in shards]
+    if (sub / PICKLED[component]).is_file() or any(sub.glob("*.bin")):
+        raise ModelError(
+            f"{sub}: only pickled weights ({PICKLED[component]}) are here and they are not loaded (unsafe); convert the "
+            "pipeline once with diffusers: DiffusionPipeline.from_pretrained(path).save_pretrained(path, safe_serialization=True)"
+        )
+    raise ModelError(f"{sub}: no {SD_WEIGHTS[component]}; download the model's safetensors weights")
+
+
+def validate_inpaint_source(src: str | Path) -> dict[str, Any]:
+    """Check a diffusers SD-inpainting folder before any heavy work; returns its configs by component."""
+    src = Path(src)
+    if not (src / "model_index.json").is_file():
+        raise ModelError(
+            f"{src}: no model_index.json; this is not a diffusers pipeline folder (download "
+            "stable-diffusion-v1-5/stable-diffusion-inpainting, or give its local snapshot folder)"
+        )
+    index = _read_json(src / "model_index.json")
+    missing = [c for c in SD_COMPONENTS if not index.get(c) or index[c][0] is None or not (src / c).is_dir()]
+    if missing:
+        raise ModelError(f"{src}: the pipeline lacks {missing}; download the complete model (unet, vae, text_encoder, tokenizer, scheduler)")
+    configs = {
+        "model_index": index,
+        "unet": _read_json(src / "unet" / "config.json"),
+        "vae": _read_json(src / "vae" / "config.json"),
+        "text_encoder": _read_json(src / "text_encoder" / "config.json"),
+        "scheduler": _read_json(src / "scheduler" / "scheduler_config.json"),
+        "tokenizer": _read_json(src / "tokenizer" / "tokenizer_config.json"),
+    }
+    latent = int(configs["vae"].get("latent_channels", 4))
+    want = 2 * latent + 1
+    got = configs["unet"].get("in_channels")
+    if got != want:
+        raise ModelError(
+            f"{src}: unet in_channels={got}, an inpainting UNet takes {want} (latents + mask + masked-image latents); "
+            "this looks like a text-to-image model, use stable-diffusion-v1-5/stable-diffusion-inpainting"
+        )
+    for component in SD_WEIGHTS:
+        _weight_files(src, component)
+    return configs
+
+
+def inpaint_config(configs: dict[str, Any]) -> InpaintConfig:
+    """The runtime's constants, from the source's configs (never literals)."""
+    vae, unet, te, tok = configs["vae"], configs["unet"], configs["text_encoder"], configs["tokenizer"]
+    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    unet_factor = 2 ** (len(unet["down_block_types"]) - 1)  # diffusers: every down block but the last halves
+    positions = int(te["max_position_embeddings"])
+    max_length = int(tok.get("model_max_length", positions))
+    if max_length > positions:  # some tokenizer configs carry a huge placeholder
+        max_length = positions
+    return InpaintConfig(
+        vae_scaling_factor=float(vae["scaling_factor"]),
+        vae_shift_factor=None if vae.get("shift_factor") is None else float(vae["shift_factor"]),
+        vae_scale_factor=vae_factor,
+        latent_channels=int(vae["latent_channels"]),
+        unet_in_channels=int(unet["in_channels"]),
+        size_multiple=vae_factor * unet_factor,
+        default_size=int(unet["sample_size"]) * vae_factor,
+        max_length=max_length,
+        scheduler=dict(configs["scheduler"]),
+    )
+
+
+def _hash_files(root: Path, files: list[Path]) -> dict[str, str]:
+    return {str(f.relative_to(root)): sha256_file(f) for f in files}
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in VERSION_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            shutil.copy2(f, dst / f.name)
+
+
+def _move_into_place(stage: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename the finished folder over ``out_dir``; an old export is removed only after the swap."""
+    if not out_dir.exists():
+        os.replace(stage, out_dir)
+        return
+    if not overwrite:
+        raise UsageError(f"{out_dir} already exists; choose another --out or pass overwrite=True (--force) to replace it")
+    if not (out_dir / "manifest.json").is_file():
+        raise UsageError(f"{out_dir} exists and is not an exported folder (no manifest.json); refusing to replace it")
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+    os.replace(out_dir, old / "export")
+    os.replace(stage, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_models(
+    inpaint_src: Path | None,
+    lcm_lora_src: Path | None,
+    rmbg_src: Path | None,
+    out_dir: Path,
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    vae_precision: str | None = None,
+    lora_scale: float = 1.0,
+    external_data: bool | None = None,
+    overwrite: bool = False,
+) -> Manifest:
+    """Export everything given into ``out_dir`` and return its manifest.
+
+    ``vae_precision=None`` keeps the VAE in fp32 (fp16 VAEs overflow); ``external_data=None``
+    puts weights in ``model.onnx_data`` only for graphs near protobuf's 2 GB limit.
+    """
+    require_export_stack()
+    check_precision(precision)
+    vae_precision = vae_precision or "fp32"
+    check_precision(vae_precision)
+    if inpaint_src is None and rmbg_src is None:
+        raise UsageError("nothing to export: give an SD-inpainting source, an RMBG source, or both")
+    if lcm_lora_src is not None and inpaint_src is None:
+        raise UsageError("an LCM-LoRA needs the SD-inpainting model it is fused into")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise UsageError(f"{out_dir} already exists; choose another --out or pass overwrite=True (--force) to replace it")
+    configs = validate_inpaint_source(inpaint_src) if inpaint_src is not None else None
+    lora_path = None
+    if lcm_lora_src is not None:
+        from trt_bgswap.export.lora import lora_file
+
+        lora_path = lora_file(lcm_lora_src)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        models: dict[str, ModelEntry] = {}
+        sources: dict[str, Any] = {}
+        inpaint = None
+        rmbg_config: RmbgConfig | None = None
+        if inpaint_src is not None and configs is not None:
+            from trt_bgswap.export.text_encoder import export_text_encoder
+            from trt_bgswap.export.unet import export_unet
+            from trt_bgswap.export.vae import export_vae
+
+            inpaint_src = Path(inpaint_src)
+            inpaint = inpaint_config(configs)
+            log.info("exporting %s (%s, opset %d)", inpaint_src, precision, opset)
+            weights = [f for c in SD_WEIGHTS for f in _weight_files(inpaint_src, c)]
+            sources["sd-inpainting"] = {"path": str(inpaint_src.resolve()), "sha256": _hash_files(inpaint_src, weights)}
+            if lora_path is not None:
+                sources["lcm-lora"] = {"path": str(lora_path.resolve()), "sha256": {lora_path.name: sha256_file(lora_path)}}
+            log.info("[1/4] text encoder")
+            models["text_encoder"] = export_text_encoder(inpaint_src, stage / "text_encoder", precision, opset)
+            log.info("[2/4] unet%s", f" + LoRA {lora_path.name} at scale {lora_scale:g}" if lora_path else " (no LoRA)")
+            models["unet"] = export_unet(
+                inpaint_src, stage / "unet", inpaint.max_length, lora_path, lora_scale, precision, opset, external_data
+            )
+            log.info("[3/4] vae encoder + [4/4] vae decoder (%s)", vae_precision)
+            models["vae_encoder"], models["vae_decoder"] = export_vae(
+                inpaint_src, stage / "vae_encoder", stage / "vae_decoder", vae_precision, opset
+            )
+            _copy_tokenizer(inpaint_src / "tokenizer", stage / inpaint.tokenizer_dir)
+        if rmbg_src is not None:
+            from trt_bgswap.export.rmbg import export_rmbg
+
+            log.info("rmbg: exporting %s", rmbg_src)
+            models["rmbg"], rmbg_config = export_rmbg(Path(rmbg_src), stage / "rmbg", precision, opset)
+            rmbg_src = Path(rmbg_src)
+            rmbg_files = sorted(rmbg_src.glob("*.safetensors")) if rmbg_src.is_dir() else [rmbg_src]
+            root = rmbg_src if rmbg_src.is_dir() else rmbg_src.parent
+            sources["rmbg"] = {"path": str(rmbg_src.resolve()), "sha256": _hash_files(root, rmbg_files)}
+        data_hashes = {
+            name: sha256_file((stage / entry.file).with_name(DATA_FILE))
+            for name, entry in models.items()
+            if (stage / entry.file).with_name(DATA_FILE).is_file()
+        }
+        manifest = Manifest(
+            precision=precision,
+            opset=opset,
+            models=models,
+            inpaint=inpaint,
+            rmbg=rmbg_config,
+            sources=sources,
+            versions=library_versions(),
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            extra={
+                "vae_precision": vae_precision if inpaint is not None else None,
+                "lora_scale": lora_scale if lora_path is not None else None,
+                "external_data_sha256": data_hashes,
+            },
+        )
+        manifest.save(stage)
+        _move_into_place(stage, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    log.info("export complete: %s (%s)", out_dir, ", ".join(models))
+    return manifest

@@ -1,0 +1,45 @@
+"""Shared session fixtures: the tiny offline models and their fp32 export.
+
+Other test files rely on these names; keep them stable.
+
+- ``tiny_models_dir`` -> Path with ``sd-inpainting/`` (diffusers SD1.5-inpainting layout),
+  ``lcm-lora/`` (``pytorch_lora_weights.safetensors`` in lcm-lora-sdv1-5's format) and
+  ``rmbg/`` (RMBG-1.4's layout), all random seeded weights from
+  :func:`trt_bgswap.export.tiny.write_tiny_models`. Read-only: copy before modifying.
+- ``exported_dir`` -> Path of :func:`trt_bgswap.export.exporter.export_models` run on all of
+  it in fp32 (opset 17, LoRA fused at scale 1): ``manifest.json``, the five ``model.onnx``
+  graphs and ``tokenizer/``. Read-only as well.
+
+Both are built once per session (a few seconds on CPU).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trt_bgswap.export.tiny import write_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    write_tiny_models(root, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def exported_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trt_bgswap.export.exporter import export_models
+
+    out = tmp_path_factory.mktemp("exported") / "export"
+    export_models(
+        tiny_models_dir / "sd-inpainting",
+        tiny_models_dir / "lcm-lora",
+        tiny_models_dir / "rmbg",
+        out,
+        precision="fp32",
+        opset=17,
+    )
+    return out
