@@ -111,8 +111,10 @@ def test_coefficients_match_diffusers(name: str, steps: int) -> None:
     table = coeff.table()
     assert table.shape == (steps, len(COEFFICIENT_NAMES)) and table.dtype == np.float32
     for j, cname in enumerate(COEFFICIENT_NAMES):
-        err = float(np.abs(table[:, j] - np.asarray(expected[cname], dtype=np.float32)).max())
-        assert err <= 5e-7, f"{cname}: max abs err {err:.3g}"
+        want = np.asarray(expected[cname], dtype=np.float32)
+        # relative: c_skip is ~1e-5 at LCM's timesteps, so an absolute bound would not see it
+        rel = float((np.abs(table[:, j] - want) / np.maximum(np.abs(want), np.float32(1e-30))).max())
+        assert rel <= 2e-6, f"{cname}: max relative err {rel:.3g} (ours {table[:, j]}, diffusers {want})"
 
 
 def _model_output(prediction_type: str, x_t: torch.Tensor, t: int, ac: torch.Tensor, x0: torch.Tensor, wobble: torch.Tensor) -> torch.Tensor:
@@ -164,7 +166,7 @@ def test_trajectory_with_unstructured_outputs_matches_to_float32_precision(steps
     assert rel <= 2e-6, f"{steps} steps: prev max abs err {err_prev:.3g}, denoised {err_den:.3g}, relative to |x| <= {scale:.3g}: {rel:.3g}"
 
 
-@pytest.mark.parametrize("timesteps", [[999, 759, 499, 259], [999, 499], [899, 599, 299, 99, 19]])
+@pytest.mark.parametrize("timesteps", [[999, 759, 499, 259], [999, 499], [899, 599, 299, 99, 19], [999, 499, 9, 1, 0]])
 def test_custom_timesteps_trajectory_matches_diffusers(timesteps: list[int]) -> None:
     ref, ours = _pair("sd15_inpaint_pndm")
     ref.set_timesteps(timesteps=timesteps)
