@@ -42,6 +42,7 @@ PICKLED = {
     "vae": "diffusion_pytorch_model.bin",
     "text_encoder": "pytorch_model.bin",
 }
+RMBG_WEIGHT_PATTERNS = ("*.safetensors", "*.onnx", "*.pth")  # whatever RMBG weights the source folder holds
 VERSION_PACKAGES = ("trt-bgswap", "torch", "diffusers", "transformers", "peft", "onnx", "onnxruntime", "safetensors")
 
 
@@ -190,6 +191,8 @@ def export_models(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise UsageError(f"{out_dir} already exists; choose another --out or pass overwrite=True (--force) to replace it")
+    if out_dir.exists() and not (out_dir / "manifest.json").is_file():
+        raise UsageError(f"{out_dir} exists and is not an exported folder (no manifest.json); refusing to replace it")
     configs = validate_inpaint_source(inpaint_src) if inpaint_src is not None else None
     lora_path = None
     if lcm_lora_src is not None:
@@ -233,7 +236,9 @@ def export_models(
             log.info("rmbg: exporting %s", rmbg_src)
             models["rmbg"], rmbg_config = export_rmbg(Path(rmbg_src), stage / "rmbg", precision, opset)
             rmbg_src = Path(rmbg_src)
-            rmbg_files = sorted(rmbg_src.glob("*.safetensors")) if rmbg_src.is_dir() else [rmbg_src]
+            rmbg_files = (
+                sorted(f for pattern in RMBG_WEIGHT_PATTERNS for f in rmbg_src.rglob(pattern)) if rmbg_src.is_dir() else [rmbg_src]
+            )
             root = rmbg_src if rmbg_src.is_dir() else rmbg_src.parent
             sources["rmbg"] = {"path": str(rmbg_src.resolve()), "sha256": _hash_files(root, rmbg_files)}
         data_hashes = {
