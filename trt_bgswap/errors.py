@@ -29,3 +29,11 @@ class ModelError(BgSwapError):
 
 class BackendUnavailable(BgSwapError):
     """An optional backend (TensorRT, CUDA, the export stack) is not installed or not usable here."""
+
+
+class OutputError(BgSwapError):
+    """An output cannot be written: unwritable folder, or it would overwrite an input."""
+
+
+class OutputExistsError(OutputError):
+    """The output already exists and overwriting was not asked for; a batch skips the image."""

@@ -24,6 +24,7 @@ class Variant:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     note: str = ""
+    gated: bool = False  # the hub asks users to accept the licence before downloading
 
 
 VARIANTS: dict[str, Variant] = {
@@ -41,6 +42,7 @@ VARIANTS: dict[str, Variant] = {
             mean=(0.5, 0.5, 0.5),
             std=(1.0, 1.0, 1.0),
             note="Gated on the hub: accept the licence on the model page and log in (huggingface-cli login).",
+            gated=True,
         ),
         Variant(
             name="sd15-inpainting",
