@@ -16,7 +16,9 @@ import contextlib
 import logging
 import os
 import shutil
+import stat
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -156,7 +158,11 @@ def export_onnx(
         raw.mkdir()
         log.info("%s: tracing to ONNX (opset %d)", spec.name, opset)
         module.eval()
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # diffusers branches on Python shape values; the tracer warns about each. The
+            # resulting constraint (sizes divisible by the size multiple) is in InpaintConfig,
+            # and the parity tests run other batch sizes and shapes than the traced ones.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
                 module,
                 args,
@@ -189,6 +195,8 @@ def export_onnx(
             size_threshold=0,
         )
         del model
+        if use_external:  # onnx creates the data file owner-only; give it the graph file's permissions
+            os.chmod(final / DATA_FILE, stat.S_IMODE((final / MODEL_FILE).stat().st_mode))
         _check_saved(final / MODEL_FILE, spec)
         out_dir.mkdir(parents=True, exist_ok=True)
         # data first, graph last: a model.onnx never points at a missing or stale data file
