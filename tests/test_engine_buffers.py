@@ -1,0 +1,92 @@
+"""Buffer plans, reallocation decisions, shared activation memory and CUDA-graph eligibility."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from trt_bgswap.engines.buffers import (
+    DEVICE_ALIGNMENT,
+    aligned,
+    buffer_plan,
+    cuda_graph_eligibility,
+    memory_plan,
+    reallocations,
+)
+from trt_bgswap.engines.profiles import GenerationShapes, model_profiles
+from trt_bgswap.specs import pipeline_dims, text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
+
+SPECS = {
+    "text_encoder": text_encoder_spec(77, 768),
+    "unet": unet_spec(9, 4, 77, 768),
+    "unet_fp16": unet_spec(9, 4, 77, 768, dtype="float16"),
+    "vae_encoder": vae_encoder_spec(3, 4),
+    "vae_decoder": vae_decoder_spec(3, 4),
+}
+
+
+@pytest.mark.parametrize("model", list(SPECS))
+@pytest.mark.parametrize("batch, width, height", [(1, 512, 512), (2, 768, 512)])
+def test_bytes_match_numpy_arrays_of_the_spec(model: str, batch: int, width: int, height: int) -> None:
+    spec = SPECS[model]
+    dims = pipeline_dims(batch, height, width, 8)
+    plan = buffer_plan(spec, dims)
+    for t in plan.tensors:
+        ref = np.empty(spec.tensor(t.name).resolve(dims), dtype=spec.tensor(t.name).np_dtype)
+        assert (t.shape, t.nbytes) == (ref.shape, ref.nbytes), t.name
+        assert t.is_input == (t.name in spec.input_names)
+    assert plan.io_bytes == sum(aligned(t.nbytes) for t in plan.tensors)
+
+
+def test_sd15_unet_at_512_sizes() -> None:
+    """A known case: fp16 UNet, batch 2 at 512x512 -> sample 2x9x64x64 halves = 147456 bytes."""
+    plan = buffer_plan(SPECS["unet_fp16"], pipeline_dims(2, 512, 512, 8))
+    assert plan.sizes()["sample"] == 2 * 9 * 64 * 64 * 2
+    assert plan.sizes()["encoder_hidden_states"] == 2 * 77 * 768 * 2
+
+
+@pytest.mark.parametrize(
+    "capacity, needed, want",
+    [
+        ({}, {"a": 10, "b": 20}, ["a", "b"]),  # first allocation
+        ({"a": 10, "b": 20}, {"a": 10, "b": 20}, []),  # same dims: nothing
+        ({"a": 10, "b": 20}, {"a": 5, "b": 20}, []),  # shrinking reuses
+        ({"a": 10, "b": 20}, {"a": 11, "b": 20}, ["a"]),  # only the outgrown one
+        ({"a": 10}, {"a": 10, "c": 1}, ["c"]),  # a new tensor
+    ],
+)
+def test_reallocate_only_what_outgrew_its_buffer(capacity: dict, needed: dict, want: list) -> None:
+    assert reallocations(capacity, needed) == want
+
+
+def test_shared_activation_block_is_the_largest_need() -> None:
+    dims = pipeline_dims(1, 512, 512, 8)
+    plans = [buffer_plan(SPECS[m], dims) for m in ("text_encoder", "unet", "vae_decoder")]
+    act = {"text_encoder": 50_000_000, "unet": 900_000_123, "vae_decoder": 1_500_000_000}
+    mp = memory_plan(plans, act)
+    assert mp.shared_activation_bytes == aligned(1_500_000_000)
+    assert mp.separate_activation_bytes == sum(aligned(v) for v in act.values())
+    assert mp.savings() == mp.separate_activation_bytes - mp.shared_activation_bytes > 0
+    assert mp.total_bytes(True) == mp.io_bytes + mp.shared_activation_bytes
+    assert mp.total_bytes(False) == mp.io_bytes + mp.separate_activation_bytes
+
+
+def test_activation_sizes_for_unknown_engines_are_rejected() -> None:
+    with pytest.raises(ValueError, match="rmbg"):
+        memory_plan([buffer_plan(SPECS["unet"], pipeline_dims(1, 64, 64, 8))], {"rmbg": 1})
+
+
+@pytest.mark.parametrize("n, want", [(0, 0), (1, DEVICE_ALIGNMENT), (DEVICE_ALIGNMENT, DEVICE_ALIGNMENT), (DEVICE_ALIGNMENT + 1, 2 * DEVICE_ALIGNMENT)])
+def test_alignment(n: int, want: int) -> None:
+    assert aligned(n) == want
+
+
+def test_cuda_graphs_only_for_static_profiles() -> None:
+    static = model_profiles(SPECS["unet"], GenerationShapes(((512, 512), (768, 512))), 8)
+    assert all(cuda_graph_eligibility(p).eligible for p in static)
+    (dynamic,) = model_profiles(SPECS["unet"], GenerationShapes(((512, 512),), dynamic=((256, 256), (768, 768))), 8)
+    verdict = cuda_graph_eligibility(dynamic)
+    assert not verdict.eligible
+    assert "sample" in verdict.reason and "encoder_hidden_states" not in verdict.reason  # its dims stay fixed
+    (batch_range,) = model_profiles(SPECS["unet"], GenerationShapes(((512, 512),), batches=(1, 2), dynamic=((512, 512), (512, 512))), 8)
+    assert not cuda_graph_eligibility(batch_range).eligible  # a batch range is dynamic too
