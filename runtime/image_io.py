@@ -57,6 +57,8 @@ SIGNATURES = (
 # Files of 90+% JPEG quality keep full chroma resolution (4:4:4): composites have sharp colour edges.
 FULL_CHROMA_QUALITY = 90
 
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview
 
@@ -194,7 +196,7 @@ def _to_rgb_alpha(label: str, im: Image.Image) -> tuple[np.ndarray, np.ndarray |
     if mode == "CMYK":
         rgb_im, icc = _cmyk_to_rgb(label, im)
         return np.array(rgb_im, dtype=np.uint8), None, icc
-    has_alpha = "A" in mode or "a" in mode or transparency is not None
+    has_alpha = mode in ALPHA_MODES or transparency is not None
     try:
         converted = im.convert("RGBA" if has_alpha else "RGB")
     except (ValueError, OSError) as e:

@@ -417,6 +417,20 @@ def test_mode_F_with_nan_is_not_a_crash() -> None:
     assert np.abs(got.rgb[..., 0][finite].astype(int) - want[finite]).max() == 0
 
 
+def test_mode_LAB_tiff_through_littlecms() -> None:
+    """CIELab TIFFs: compare with littleCMS's Lab -> sRGB transform (and no alpha: 'LAB' has an A band name)."""
+    from PIL import ImageCms
+
+    lab = np.dstack([_rng(13).integers(0, 256, (24, 32), dtype=np.uint8) for _ in range(3)])
+    im = Image.fromarray(lab, "LAB")
+    transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
+    want = np.asarray(ImageCms.applyTransform(im, transform)).astype(int)
+    got = read_image(encode(im, "TIFF"))
+    assert got.mode == "LAB" and got.alpha is None
+    err = int(np.abs(got.rgb.astype(int) - want).max())
+    assert err <= 1, f"LAB->RGB max abs error {err}"
+
+
 def _cmyk_expected(cmyk: np.ndarray) -> np.ndarray:
     """Pillow 13's CMYK -> RGB: (255 - C) * (255 - K) / 255 per channel."""
     c = cmyk.astype(np.float64)
