@@ -185,6 +185,8 @@ def _cmyk_to_rgb(label: str, im: Image.Image) -> tuple[Image.Image, bytes | None
 def _to_rgb_alpha(label: str, im: Image.Image) -> tuple[np.ndarray, np.ndarray | None, bytes | None]:
     """Any Pillow mode -> (uint8 HxWx3, float32 HxW alpha or None, ICC profile describing the RGB)."""
     icc = im.info.get("icc_profile") or None
+    if isinstance(icc, bytes) and icc[16:20] != b"RGB ":  # ICC header: data colour space at bytes 16..19
+        icc = None  # a grey or Lab profile does not describe the RGB we return; writing it back would mislabel colours
     mode = im.mode
     transparency = im.info.get("transparency")
     if mode.startswith("I;16") or mode in ("I", "F"):

@@ -497,6 +497,16 @@ def test_icc_profile_of_rgb_is_kept_and_written_back(tmp_path: Path) -> None:
     assert Image.open(out).info.get("icc_profile") == icc
 
 
+def test_non_rgb_profile_is_not_kept() -> None:
+    """A greyscale image's profile does not describe the RGB array returned; it must not be written back."""
+    from PIL import ImageCms
+
+    lab_profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    assert lab_profile[16:20] == b"Lab "
+    got = read_image(encode(Image.fromarray(photo("camera")), "PNG", icc_profile=lab_profile))
+    assert got.icc is None
+
+
 def test_animated_gif_first_frame_with_warning(caplog: pytest.LogCaptureFixture) -> None:
     frames = [Image.fromarray(photo(n, 4)[:100, :100]).quantize(colors=255, dither=Image.Dither.NONE) for n in ("astronaut", "coffee", "rocket")]
     raw = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
