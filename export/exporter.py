@@ -234,7 +234,7 @@ def export_models(
             from trt_bgswap.export.rmbg import export_rmbg
 
             log.info("rmbg: exporting %s", rmbg_src)
-            models["rmbg"], rmbg_config = export_rmbg(Path(rmbg_src), stage / "rmbg", precision, opset)
+            models["rmbg"], rmbg_config = export_rmbg(Path(rmbg_src), stage, precision, opset)  # writes stage/rmbg/
             rmbg_src = Path(rmbg_src)
             rmbg_files = (
                 sorted(f for pattern in RMBG_WEIGHT_PATTERNS for f in rmbg_src.rglob(pattern)) if rmbg_src.is_dir() else [rmbg_src]
