@@ -1,0 +1,229 @@
+"""``trt-bgswap build``: turn an exported folder into engines, reusing the cache when nothing changed.
+
+For every model in the folder's manifest: optimization profiles from its I/O
+spec and the requested generation sizes (:mod:`~trt_bgswap.engines.profiles`),
+a cache key over everything the artifact depends on
+(:mod:`~trt_bgswap.engines.cache`), then either a TensorRT plan
+(:mod:`~trt_bgswap.engines.trt_build`, after the parser-compatibility check of
+:mod:`~trt_bgswap.engines.onnx_check`) or ONNX Runtime's pre-optimized graph /
+execution-provider options (:mod:`~trt_bgswap.engines.ort_build`). An index
+file in the output folder records, per model, what to load and how.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trt_bgswap.atomic import write_text_atomic
+from trt_bgswap.errors import ModelError, UsageError
+from trt_bgswap.manifest import Manifest
+from trt_bgswap.specs import ModelSpec
+
+from trt_bgswap.engines.cache import CacheKey, EngineCache, onnx_graph_hash, tensorrt_key
+from trt_bgswap.engines.onnx_check import check_onnx_for_tensorrt
+from trt_bgswap.engines.ort_build import (
+    ORT_PROVIDERS,
+    host_fingerprint,
+    onnxruntime_version,
+    ort_key,
+    prepare_ort_model,
+)
+from trt_bgswap.engines.profiles import GenerationShapes, ShapeProfile, Size, model_profiles
+from trt_bgswap.engines.trt_build import TrtBuildOptions, build_plan, tensorrt_version
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("trt", "ort")
+PLAN_NAME = "model.plan"
+DEFAULT_OUT = "engines"  # inside the export folder unless out_dir is given
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """One model's build result: what to load, how, and whether it came from the cache."""
+
+    model: str
+    backend: str  # "trt" | "ort"
+    path: Path  # TensorRT plan, pre-optimized graph, or (TensorRT EP) the original graph
+    cache_hit: bool
+    reasons: tuple[str, ...]  # why it was (re)built; empty on a hit
+    profiles: tuple[ShapeProfile, ...]
+    provider: str | None = None  # ONNX Runtime provider key
+    graph_optimization: str | None = None  # level to open ``path`` with (ONNX Runtime)
+    provider_options: dict[str, dict[str, str]] | None = None
+
+    def to_json(self, root: Path) -> dict[str, Any]:
+        try:
+            path = str(self.path.resolve().relative_to(root.resolve()))
+        except ValueError:
+            path = str(self.path.resolve())
+        return {
+            "backend": self.backend,
+            "path": path,
+            "cache_hit": self.cache_hit,
+            "reasons": list(self.reasons),
+            "profiles": [p.to_json() for p in self.profiles],
+            "provider": self.provider,
+            "graph_optimization": self.graph_optimization,
+            "provider_options": self.provider_options,
+        }
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    export_dir: Path
+    out_dir: Path
+    backend: str
+    provider: str | None
+    models: dict[str, BuiltModel]
+    index_path: Path
+
+    @property
+    def rebuilt(self) -> list[str]:
+        return [k for k, m in self.models.items() if not m.cache_hit]
+
+
+def index_name(backend: str, provider: str | None) -> str:
+    return f"index-{backend}.json" if backend == "trt" else f"index-ort-{provider}.json"
+
+
+def _shapes(manifest: Manifest, sizes: Sequence[Size], batches: Sequence[int], dynamic: tuple[Size, Size] | None) -> tuple[GenerationShapes, int]:
+    cfg = manifest.inpaint
+    if cfg is not None:
+        default = (cfg.default_size, cfg.default_size)
+        vae_scale_factor = cfg.vae_scale_factor
+    else:  # an RMBG-only export: the generation size is irrelevant to its profiles
+        side = manifest.rmbg.input_size[0] if manifest.rmbg else 1
+        default = (side, side)
+        vae_scale_factor = 1
+    shapes = GenerationShapes(tuple(tuple(s) for s in (sizes or [default])), tuple(batches), dynamic)  # type: ignore[arg-type]
+    if cfg is not None:
+        shapes.check_multiple(cfg.size_multiple)
+    return shapes, vae_scale_factor
+
+
+def _extra_dims(manifest: Manifest, spec: ModelSpec) -> dict[str, int]:
+    """Symbols that do not follow the generation size: RMBG's input side ``S`` comes from its config."""
+    if "S" in spec.symbols():
+        if manifest.rmbg is None:
+            raise ModelError(f"{spec.name}: its spec has a dynamic side S but the manifest has no rmbg config; re-run `trt-bgswap export`")
+        return {"S": manifest.rmbg.input_size[0]}
+    return {}
+
+
+def _trt_model(
+    cache: EngineCache,
+    name: str,
+    onnx_path: Path,
+    spec: ModelSpec,
+    key: CacheKey,
+    profiles: Sequence[ShapeProfile],
+    options: TrtBuildOptions,
+    timing_cache: Path,
+    check: bool,
+) -> BuiltModel:
+    found = cache.lookup(name, PLAN_NAME, key)
+    if not found.hit:
+        log.info("%s: building a TensorRT plan (%s)", name, "; ".join(found.reasons))
+        if check:
+            check_onnx_for_tensorrt(onnx_path, spec).raise_for_errors()
+
+        def write(tmp: Path) -> list[str]:
+            build_plan(onnx_path, tmp, profiles, options, timing_cache if options.timing_cache else None, name)
+            return []
+
+        cache.store(name, PLAN_NAME, key, write)
+    return BuiltModel(name, "trt", found.path, found.hit, found.reasons, tuple(profiles))
+
+
+def build_engines(
+    export_dir: str | Path,
+    backend: str = "ort",
+    precision: str | None = None,
+    sizes: Sequence[Size] = (),
+    dynamic: tuple[Size, Size] | None = None,
+    batches: Sequence[int] = (1,),
+    opt_level: int = 3,
+    workspace_mb: int | None = None,
+    tf32: bool = True,
+    provider: str = "cpu",
+    graph_optimization: str = "all",
+    models: Sequence[str] | None = None,
+    out_dir: str | Path | None = None,
+    check: bool = True,
+    device: int = 0,
+) -> BuildReport:
+    """Build (or reuse from the cache) engines for every model of an exported folder.
+
+    - ``backend``: ``"trt"`` (TensorRT plans; needs ``tensorrt`` and a GPU) or
+      ``"ort"`` (ONNX Runtime artifacts for ``provider``: ``cpu`` / ``cuda``
+      pre-optimized graphs at ``graph_optimization`` level, or ``tensorrt`` EP options).
+    - ``precision``: ``fp16``/``fp32`` for TensorRT (default fp16); ignored by
+      the CPU/CUDA providers, which run the graph's own precision.
+    - ``sizes``: generation sizes (width, height); default the model's native size.
+      Each gets a static profile unless ``dynamic`` = ((min_w, min_h), (max_w, max_h)).
+    - ``batches``: UNet batch sizes to serve (add 2 for classifier-free guidance).
+    - ``opt_level`` (0-5), ``workspace_mb``, ``tf32``: TensorRT builder options.
+    - ``models``: a subset of the manifest's models; ``out_dir``: where the
+      cache lives (default ``<export_dir>/engines``); ``check``: run the
+      TensorRT-parser compatibility check before TensorRT builds.
+
+    Returns a :class:`BuildReport`; an index JSON in ``out_dir`` records per
+    model the file to load, its profiles and options.
+    """
+    export_dir = Path(export_dir)
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend {backend!r}: build supports {', '.join(BACKENDS)}")
+    if backend == "ort" and provider not in ORT_PROVIDERS:
+        raise UsageError(f"--provider {provider!r}: choose one of {', '.join(ORT_PROVIDERS)}")
+    manifest = Manifest.load(export_dir)
+    names = list(models) if models else list(manifest.models)
+    unknown = [n for n in names if n not in manifest.models]
+    if unknown:
+        raise UsageError(f"models {unknown} are not in {export_dir} (has {sorted(manifest.models)})")
+    shapes, vae_scale_factor = _shapes(manifest, sizes, batches, dynamic)
+    out = Path(out_dir) if out_dir is not None else export_dir / DEFAULT_OUT
+    cache = EngineCache(out)
+    workspace = workspace_mb * (1 << 20) if workspace_mb is not None else None
+    trt_precision = precision or "fp16"
+
+    if backend == "trt":
+        options = TrtBuildOptions(precision=trt_precision, opt_level=opt_level, workspace_bytes=workspace, tf32=tf32)
+        from trt_bgswap.runtime.cuda_device import compute_capability
+
+        trt_version = tensorrt_version()
+        cc = compute_capability(device)
+        timing_cache = out / f"timing-trt{trt_version}-sm{cc.replace('.', '')}.cache"
+        log.info("TensorRT %s on a compute-capability %s GPU", trt_version, cc)
+    else:
+        if precision is not None and provider != "tensorrt" and precision != manifest.precision:
+            log.warning("--precision %s applies to TensorRT only; ONNX Runtime %s runs the graphs' own %s", precision, provider, manifest.precision)
+        ort_version = onnxruntime_version()
+        host = host_fingerprint()
+
+    built: dict[str, BuiltModel] = {}
+    for name in names:
+        entry = manifest.models[name]
+        onnx_path = manifest.model_path(export_dir, name)
+        profiles = model_profiles(entry.spec, shapes, vae_scale_factor, _extra_dims(manifest, entry.spec))
+        graph_hash = onnx_graph_hash(onnx_path)
+        if backend == "trt":
+            key = tensorrt_key(graph_hash, options.precision, [p.to_json() for p in profiles], options.key_parts(), trt_version, cc)
+            built[name] = _trt_model(cache, name, onnx_path, entry.spec, key, profiles, options, timing_cache, check)
+        else:
+            key = ort_key(graph_hash, provider, graph_optimization, trt_precision, profiles, opt_level, workspace, ort_version, host)
+            art = prepare_ort_model(cache, name, onnx_path, key, provider, graph_optimization, trt_precision, profiles, opt_level, workspace)
+            built[name] = BuiltModel(
+                name, "ort", art.model_path, art.cache_hit, art.reasons, tuple(profiles), art.provider, art.graph_optimization, art.provider_options
+            )
+
+    index = out / index_name(backend, provider if backend == "ort" else None)
+    write_text_atomic(index, json.dumps({k: m.to_json(out) for k, m in built.items()}, indent=2, sort_keys=True) + "\n")
+    hits = sum(m.cache_hit for m in built.values())
+    log.info("build %s: %d model(s), %d reused from the cache, %d built; index %s", backend, len(built), hits, len(built) - hits, index)
+    return BuildReport(export_dir, out, backend, provider if backend == "ort" else None, built, index)
