@@ -146,7 +146,8 @@ def rmbg_config_for(
         size, mean, std = v.input_size, v.mean, v.std
         source = f"registry defaults of {v.name}"
     if graph_size is not None and size != (graph_size, graph_size):
-        log.warning("%s: graph input is %dx%d but %s says %s; using the graph's", model_path, graph_size, graph_size, source, size)
+        if preprocessor is not None:  # an explicit config that disagrees with its graph is worth a warning
+            log.warning("%s: graph input is %dx%d but %s says %s; using the graph's", model_path, graph_size, graph_size, source, size)
         size = (graph_size, graph_size)
     if size[0] != size[1]:
         raise ModelError(f"{source}: size {size[1]}x{size[0]} is not square; RMBG graphs take square inputs")
