@@ -22,7 +22,8 @@ Two source kinds (``src``):
 
 Pickled checkpoints (``.bin``/``.pth``/``.pt``/``.ckpt``) are refused: unpickling runs code.
 The preprocessing constants (:class:`RmbgConfig`) come from ``preprocessor_config.json``
-beside the model (or one folder up), else from the registry's RMBG-1.4 defaults.
+beside the weights (beside an ONNX file or one folder up, the hub layout), else from the
+registry's RMBG-1.4 defaults.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from trt_bgswap.errors import ModelError
+from trt_bgswap.errors import BackendUnavailable, ModelError
 from trt_bgswap.export.onnx_export import (
     DATA_FILE,
     DEFAULT_OPSET,
@@ -49,6 +50,7 @@ from trt_bgswap.export.onnx_export import (
 )
 from trt_bgswap.manifest import ModelEntry, RmbgConfig, sha256_file
 from trt_bgswap.runtime.masker import (
+    PREPROCESSOR_CONFIG,
     GraphDim,
     find_main_output,
     find_preprocessor_config,
@@ -341,10 +343,17 @@ def export_from_weights(folder: Path, out_dir: Path, precision: str, opset: int)
     if precision not in ("fp32", "fp16"):
         raise ModelError(f"{folder}: precision={precision!r} from safetensors weights; choose fp32 or fp16 (int8 comes only from a published model_quantized.onnx)")
     model = load_rmbg_weights(folder)
-    cfg = rmbg_config_for(folder / WEIGHTS_FILE, "input", "output", None, find_preprocessor_config(folder / WEIGHTS_FILE))
+    names = rmbg_spec(None)  # the published names: input "input", output "output"
+    preprocessor = folder / PREPROCESSOR_CONFIG  # beside the weights only: a parent folder's may be another model's
+    cfg = rmbg_config_for(
+        folder / WEIGHTS_FILE,
+        names.input_names[0],
+        names.output_names[0],
+        None,
+        preprocessor if preprocessor.is_file() else None,
+    )
     size = cfg.input_size[0]
     spec = rmbg_spec(size)
-    cfg = RmbgConfig(cfg.input_size, cfg.mean, cfg.std, spec.input_names[0], spec.output_names[0])
     sample = torch.randn(_SAMPLE_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0))
     from trt_bgswap.export.isnet import MainMask
 
@@ -378,7 +387,7 @@ def export_rmbg(src: str | Path, out_dir: str | Path, precision: str = "fp32", o
     try:
         import onnx  # noqa: F401
     except ImportError as e:
-        raise ModelError(f"exporting RMBG needs the onnx package; {INSTALL_HINT}") from e
+        raise BackendUnavailable(f"exporting RMBG needs the onnx package; {INSTALL_HINT}") from e
     if src.is_file():
         suffix = src.suffix.lower()
         if suffix in PICKLE_SUFFIXES:

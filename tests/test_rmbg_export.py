@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -109,7 +110,9 @@ def _rsu4_unrolled(b: RSU4, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("stage", "unrolled", "side"), [("stage1", _rsu7_unrolled, 75), ("stage4", _rsu4_unrolled, 9)])
-def test_rsu_loop_matches_unrolled_reference(stage: str, unrolled, side: int) -> None:  # noqa: ANN001
+def test_rsu_loop_matches_unrolled_reference(
+    stage: str, unrolled: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor], side: int
+) -> None:
     model = random_isnet(SEED)
     block = getattr(model, stage)
     x = torch.randn(2, block.rebnconvin.conv_s1.in_channels, side, side, generator=torch.Generator().manual_seed(5))
