@@ -65,6 +65,26 @@ def buffer_plan(spec: ModelSpec, dims: Mapping[str, int]) -> EngineBuffers:
     return EngineBuffers(spec.name, tensors)
 
 
+def complete_dims(spec: ModelSpec, dims: Mapping[str, int], output_shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """``dims`` plus the symbols only outputs carry (the VAE encoder's ``h``/``w``), read from the shapes the engine reports.
+
+    A symbol the inputs already fixed must agree with the output shape, else the
+    plan does not implement the declared spec.
+    """
+    full = dict(dims)
+    for t in spec.outputs:
+        shape = tuple(output_shapes[t.name])
+        if len(shape) != len(t.shape):
+            raise ValueError(f"{spec.name}.{t.name}: the engine reports rank {len(shape)} {shape}, the spec {t.shape}")
+        for axis, (want, got) in enumerate(zip(t.shape, shape)):
+            if isinstance(want, int):
+                if want != got:
+                    raise ValueError(f"{spec.name}.{t.name}: dim {axis} is {got} in the engine, {want} in the spec")
+            elif full.setdefault(want, int(got)) != got:
+                raise ValueError(f"{spec.name}.{t.name}: dim {axis} ({want}) is {got} in the engine but the inputs give {want}={full[want]}")
+    return full
+
+
 def reallocations(capacity: Mapping[str, int], needed: Mapping[str, int]) -> list[str]:
     """Tensors whose buffer must be (re)allocated: new ones and those that outgrew their capacity.
 

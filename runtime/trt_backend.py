@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from trt_bgswap.engines.buffers import buffer_plan, cuda_graph_eligibility, reallocations
+from trt_bgswap.engines.buffers import buffer_plan, complete_dims, cuda_graph_eligibility, reallocations
 from trt_bgswap.engines.profiles import ShapeProfile, TensorProfile, select_profile
 from trt_bgswap.errors import BackendUnavailable, ModelError, UsageError
 from trt_bgswap.runtime.cuda_device import (
@@ -222,12 +222,12 @@ class TrtEngine(Engine):
         for name, shape in shapes.items():
             if not self._context.set_input_shape(name, shape):
                 raise UsageError(f"{self.spec.name}.{name}: TensorRT rejects shape {shape} (profile {self.profiles[index].tensor(name)})")
-        want = self.spec.output_shapes(dims)
-        for name, shape in want.items():
-            got = tuple(self._context.get_tensor_shape(name))
-            if got != shape:
-                raise ModelError(f"{self.spec.name}.{name}: the plan computes shape {got}, the spec says {shape}; rebuild from this export")
-        plan = buffer_plan(self.spec, dims)
+        reported = {t.name: tuple(self._context.get_tensor_shape(t.name)) for t in self.spec.outputs}
+        try:
+            full = complete_dims(self.spec, dims, reported)
+        except ValueError as e:
+            raise ModelError(f"{self.path}: {e}; rebuild the plan from this export") from e
+        plan = buffer_plan(self.spec, full)
         capacity = {k: b.nbytes for k, b in self._device.items()}
         grown = reallocations(capacity, plan.sizes())
         for name in grown:

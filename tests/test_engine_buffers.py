@@ -9,6 +9,7 @@ from trt_bgswap.engines.buffers import (
     DEVICE_ALIGNMENT,
     aligned,
     buffer_plan,
+    complete_dims,
     cuda_graph_eligibility,
     memory_plan,
     reallocations,
@@ -90,3 +91,25 @@ def test_cuda_graphs_only_for_static_profiles() -> None:
     assert "sample" in verdict.reason and "encoder_hidden_states" not in verdict.reason  # its dims stay fixed
     (batch_range,) = model_profiles(SPECS["unet"], GenerationShapes(((512, 512),), batches=(1, 2), dynamic=((512, 512), (512, 512))), 8)
     assert not cuda_graph_eligibility(batch_range).eligible  # a batch range is dynamic too
+
+
+def test_output_only_symbols_come_from_the_engine_shapes() -> None:
+    """The VAE encoder's inputs fix B/H/W only; h/w come from what the engine reports for its outputs."""
+    spec = SPECS["vae_encoder"]
+    full = complete_dims(spec, {"B": 1, "H": 512, "W": 768}, {"latent_mean": (1, 4, 64, 96), "latent_std": (1, 4, 64, 96)})
+    assert full == {"B": 1, "H": 512, "W": 768, "h": 64, "w": 96}
+    assert buffer_plan(spec, full).sizes()["latent_std"] == np.empty((1, 4, 64, 96), np.float32).nbytes
+
+
+@pytest.mark.parametrize(
+    "shapes, match",
+    [
+        ({"latent_mean": (1, 4, 64, 96), "latent_std": (1, 4, 64, 95)}, r"\(w\) is 95"),  # outputs disagree
+        ({"latent_mean": (2, 4, 64, 96), "latent_std": (2, 4, 64, 96)}, r"\(B\) is 2 .* B=1"),  # contradicts the input
+        ({"latent_mean": (1, 3, 64, 96), "latent_std": (1, 4, 64, 96)}, "dim 1 is 3 in the engine, 4 in the spec"),
+        ({"latent_mean": (1, 4, 64), "latent_std": (1, 4, 64, 96)}, "rank 3"),
+    ],
+)
+def test_engine_shapes_contradicting_the_spec_are_rejected(shapes: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        complete_dims(SPECS["vae_encoder"], {"B": 1, "H": 512, "W": 768}, shapes)
