@@ -186,9 +186,7 @@ class Pipeline:
             return cached
         self._require_inpaint()
         assert self.tokenizer is not None
-        ids, truncated = self.tokenizer.encode(prompt)
-        if truncated:
-            log.warning("prompt longer than the text encoder's %d tokens was truncated", ids.shape[-1])
+        ids, _ = self.tokenizer.encode(prompt)  # the tokenizer warns when it truncates
         te = self.engines["text_encoder"]
         out = te(input_ids=_cast(te, "input_ids", ids[None]))["last_hidden_state"].astype(np.float32)
         self._prompt_cache[prompt] = out
