@@ -36,9 +36,10 @@ def test_manifest_models_and_hashes(exported_dir: Path) -> None:
         path = exported_dir / entry.file
         assert entry.file == f"{name}/model.onnx" and path.is_file(), f"{name}: {entry.file}"
         assert sha256_file(path) == entry.sha256, f"{name}: sha256 mismatch"
-        assert entry.precision == "fp32" and entry.spec.name == name
-    assert {"torch", "diffusers", "transformers", "onnx", "onnxruntime"} <= set(m.versions)
-    assert m.created and m.extra["lora_scale"] == 1.0 and m.extra["vae_precision"] == "fp32"
+        assert (entry.precision, entry.spec.name) == ("fp32", name), f"{name}: precision {entry.precision}, spec {entry.spec.name}"
+    assert {"torch", "diffusers", "transformers", "onnx", "onnxruntime"} <= set(m.versions), f"versions {m.versions}"
+    assert m.created, "no creation time"
+    assert (m.extra["lora_scale"], m.extra["vae_precision"]) == (1.0, "fp32"), f"extra {m.extra}"
 
 
 def test_manifest_sources(exported_dir: Path, tiny_models_dir: Path) -> None:
