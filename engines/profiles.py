@@ -151,6 +151,23 @@ class GenerationShapes:
                 raise UsageError(f"size {w}x{h} is not a multiple of {multiple}; round it to a multiple of {multiple}")
 
 
+def parse_size_range(text: str) -> tuple[Size, Size]:
+    """``--dynamic`` syntax: ``MIN..MAX`` where each side is ``N`` (square) or ``WxH``; e.g. ``256..768``, ``512x384..1024x768``."""
+    parts = text.split("..")
+    corners = []
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        for p in parts:
+            w, sep, h = p.strip().lower().partition("x")
+            corners.append((int(w), int(h) if sep else int(w)))
+    except ValueError:
+        raise UsageError(f"--dynamic {text!r}: write MIN..MAX with sizes as N or WxH, e.g. 256..768 or 512x384..1024x768") from None
+    if any(v < 1 for c in corners for v in c):
+        raise UsageError(f"--dynamic {text!r}: sizes must be positive")
+    return corners[0], corners[1]
+
+
 def _size_dims(batch: int, size: Size, vae_scale_factor: int) -> dict[str, int]:
     width, height = size
     return pipeline_dims(batch, height, width, vae_scale_factor)

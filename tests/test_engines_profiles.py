@@ -14,6 +14,7 @@ from trt_bgswap.engines.profiles import (
     ShapeProfile,
     envelope,
     model_profiles,
+    parse_size_range,
     profile_from_ranges,
     select_profile,
 )
@@ -170,3 +171,17 @@ def test_profile_from_ranges_fixed_dims_come_from_the_spec() -> None:
     p = profile_from_ranges(SPECS["text_encoder"], {"B": DimRange(1, 1, 4)})
     t = p.tensor("input_ids")
     assert (t.min, t.opt, t.max) == ((1, 77), (1, 77), (4, 77))
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [("256..768", ((256, 256), (768, 768))), ("512x384..1024x768", ((512, 384), (1024, 768))), (" 256X256 .. 512 ", ((256, 256), (512, 512)))],
+)
+def test_parse_size_range(text: str, want: tuple) -> None:
+    assert parse_size_range(text) == want
+
+
+@pytest.mark.parametrize("text", ["256", "256..", "a..b", "256..512..768", "0..512", "256x..512"])
+def test_parse_size_range_rejects(text: str) -> None:
+    with pytest.raises(UsageError, match="--dynamic"):
+        parse_size_range(text)
