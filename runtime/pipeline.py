@@ -44,7 +44,6 @@ from trt_bgswap.runtime.composite import (
 from trt_bgswap.runtime.engine import Engine
 from trt_bgswap.runtime.mask_ops import MaskOptions, inpaint_mask, refine_alpha
 from trt_bgswap.runtime.masker import Masker
-from trt_bgswap.runtime.ort_backend import OrtEngine
 from trt_bgswap.runtime.resize import resize_nearest
 from trt_bgswap.runtime.scheduler import LCMScheduler
 from trt_bgswap.runtime.tokenizer import ClipTokenizer
@@ -151,23 +150,29 @@ class Pipeline:
         threads: int = 0,
         engines: Mapping[str, Engine] | None = None,
     ) -> "Pipeline":
-        """Open an exported folder with ONNX Runtime engines (or the given ones, e.g. TensorRT)."""
+        """Open an exported folder on a backend, using `trt-bgswap build`'s engines when present.
+
+        ``provider``: ``auto`` (TensorRT engines, then ONNX Runtime CUDA, then CPU), ``trt``,
+        ``tensorrt`` / ``cuda`` (ONNX Runtime execution providers) or ``cpu``. ``engines``
+        overrides individual models with engines the caller made.
+        """
+        from trt_bgswap.runtime.loader import open_engines, resolve_backend
+
         folder = Path(folder)
         manifest = Manifest.load(folder)
-        built: dict[str, Engine] = dict(engines or {})
-        for name, entry in manifest.models.items():
-            if name == "rmbg" or name in built:
-                continue
-            built[name] = OrtEngine(entry.spec, folder / entry.file, provider=provider, intra_op_threads=threads)
+        choice = resolve_backend(provider)
+        built: dict[str, Engine] = open_engines(folder, manifest, choice, threads)
+        built.update(engines or {})
         for engine in built.values():
             engine.load()
         masker = None
-        if "rmbg" in manifest.models:
-            masker = Masker.from_export(folder, manifest, provider=provider)
+        rmbg = built.pop("rmbg", None)
+        if rmbg is not None and manifest.rmbg is not None:
+            masker = Masker(rmbg, manifest.rmbg)
         tokenizer = None
         if manifest.inpaint is not None:
             tokenizer = ClipTokenizer.from_dir(folder / manifest.inpaint.tokenizer_dir)
-        log.info("loaded %s: %s", folder, ", ".join(f"{k}={e.backend}" for k, e in built.items()))
+        log.info("loaded %s (%s): %s", folder, choice.name, ", ".join(f"{k}={e.backend}" for k, e in built.items()))
         return cls(manifest, built, masker, tokenizer)
 
     # --- stages (public so benchmarks can time them one by one) ---

@@ -294,15 +294,24 @@ def cmd_tiny_models(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from trt_bgswap.engines.build import build_engines
+    from trt_bgswap.engines.profiles import parse_size_range
+    from trt_bgswap.runtime.loader import resolve_backend
 
-    build_engines(
+    if args.backend == "trt":
+        backend, provider = "trt", None
+    else:
+        choice = resolve_backend(args.provider)
+        backend, provider = "ort", choice.provider or "cpu"
+    report = build_engines(
         Path(args.dir),
-        backend=args.backend,
-        precision=args.precision,
-        sizes=args.size or None,
-        dynamic=args.dynamic,
+        backend=backend,
+        precision=args.precision if backend == "trt" else None,
+        sizes=tuple(args.size or ()),
+        dynamic=parse_size_range(args.dynamic) if args.dynamic else None,
         opt_level=args.opt_level,
+        provider=provider or "cpu",
     )
+    log.info("engines in %s (%d rebuilt, %d reused)", report.out_dir, len(report.rebuilt), len(report.models) - len(report.rebuilt))
     return 0
 
 
@@ -407,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files, folders or globs")
         sp.add_argument("--recursive", action="store_true", help="look into sub-folders of folder inputs")
         sp.add_argument("--overwrite", action="store_true", help="redo images whose outputs exist (default: skip them)")
-        sp.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto", help="ONNX Runtime provider (auto: TensorRT, CUDA, CPU)")
+        sp.add_argument("--provider", choices=(*PROVIDER_CHOICES, "trt"), default="auto", help="auto (TensorRT engines, then ONNX Runtime CUDA, then CPU), trt, tensorrt/cuda (ONNX Runtime providers) or cpu")
         sp.add_argument("--threads", type=_int_range("--threads", 0, 256), default=0, help="intra-op threads (0: all cores)")
         sp.add_argument("--max-pixels", type=_int_range("--max-pixels", 1, 2**31), default=None, help="refuse larger images (decompression-bomb guard)")
         sp.add_argument("--progress", action="store_true", help="show the progress line even when stderr is not a terminal")
@@ -458,8 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="exported folder -> engines (TensorRT plans or pre-optimized ONNX Runtime graphs)")
     b.add_argument("dir")
-    b.add_argument("--backend", choices=["ort", "trt"], default="ort")
-    b.add_argument("--precision", choices=["fp16", "fp32"], default="fp16")
+    b.add_argument("--backend", choices=["ort", "trt"], default="ort", help="ort: pre-optimized ONNX Runtime graphs (+ EP caches); trt: TensorRT plans")
+    b.add_argument("--provider", choices=["auto", "cpu", "cuda", "tensorrt"], default="cpu", help="for --backend ort: the ONNX Runtime provider to build for")
+    b.add_argument("--precision", choices=["fp16", "fp32"], default="fp16", help="TensorRT plan precision")
     b.add_argument("--size", type=parse_size, action="append", help="generation size WxH (repeatable)")
     b.add_argument("--dynamic", help="dynamic size range MIN..MAX, e.g. 256..768")
     b.add_argument("--opt-level", type=_int_range("--opt-level", 0, 5), default=3, help="TensorRT builder optimization level")

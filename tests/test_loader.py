@@ -1,0 +1,67 @@
+"""The runtime opens what `trt-bgswap build` made, and falls back clearly when it is absent."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from skimage import data
+
+from trt_bgswap.errors import BackendUnavailable, ModelError
+from trt_bgswap.manifest import Manifest
+from trt_bgswap.runtime.backends import Availability, BackendChoice
+from trt_bgswap.runtime.loader import open_engines, resolve_backend
+from trt_bgswap.runtime.pipeline import GenerationOptions, Pipeline
+
+NO_GPU = Availability(cuda_devices=0, tensorrt=False, ort_providers=("CPUExecutionProvider",))
+
+
+@pytest.fixture(scope="module")
+def built_dir(exported_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trt_bgswap.engines.build import build_engines
+
+    folder = tmp_path_factory.mktemp("built") / "export"
+    shutil.copytree(exported_dir, folder)
+    build_engines(folder, backend="ort", provider="cpu")
+    return folder
+
+
+def test_pipeline_uses_preoptimized_graphs(built_dir: Path, exported_dir: Path) -> None:
+    plain = Pipeline.load(exported_dir, provider="cpu")
+    fast = Pipeline.load(built_dir, provider="cpu")
+    engines_dir = (built_dir / "engines").resolve()
+    for name, engine in fast.engines.items():
+        assert engines_dir in engine.path.resolve().parents, f"{name} opened {engine.path}, not the built graph"
+    assert engines_dir in fast.masker.engine.path.resolve().parents
+    rgb = data.chelsea()[::2, ::2].copy()
+    opts = GenerationOptions("a garden", steps=2, seed=3, size=(128, 128))
+    a = plain.replace(rgb, opts)
+    b = fast.replace(rgb, opts)
+    err = float(np.abs(a.generated - b.generated).max())
+    assert err < 1e-4, f"pre-optimized graphs changed the generated image by {err:.3g}"
+    assert float(np.abs(a.alpha - b.alpha).max()) < 1e-4
+
+
+def test_without_build_opens_exported_graphs(exported_dir: Path) -> None:
+    manifest = Manifest.load(exported_dir)
+    engines = open_engines(exported_dir, manifest, BackendChoice("cpu", "ort", "cpu", "test"))
+    assert {k: e.path for k, e in engines.items()} == {k: exported_dir / v.file for k, v in manifest.models.items()}
+
+
+def test_trt_without_plans_names_the_build_command(exported_dir: Path) -> None:
+    manifest = Manifest.load(exported_dir)
+    with pytest.raises(ModelError, match="trt-bgswap build .* --backend trt"):
+        open_engines(exported_dir, manifest, BackendChoice("trt", "trt", None, "test"))
+
+
+@pytest.mark.parametrize("provider, expected", [("auto", "cpu"), ("cpu", "cpu")])
+def test_provider_names_map_to_backends(provider: str, expected: str) -> None:
+    assert resolve_backend(provider, NO_GPU).name == expected
+
+
+@pytest.mark.parametrize("provider", ["trt", "cuda", "tensorrt"])
+def test_unavailable_backend_is_an_error_not_a_fallback(provider: str) -> None:
+    with pytest.raises(BackendUnavailable, match="pip install|auto"):
+        resolve_backend(provider, NO_GPU)
