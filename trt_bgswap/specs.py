@@ -203,6 +203,34 @@ def unet_spec(in_channels: int, out_channels: int, max_length: int, hidden_size:
     )
 
 
+def unet_step_spec(latent_channels: int, max_length: int, hidden_size: int, num_coefficients: int) -> ModelSpec:
+    """One whole LCM denoising step (UNet + guidance + scheduler arithmetic) as one graph.
+
+    The latents stay at batch 1; only the text embeddings carry ``B`` (2 when
+    classifier-free guidance runs, batch order [uncond, cond]). ``coefficients`` is
+    one row of the scheduler's per-step table (``runtime.scheduler.COEFFICIENT_NAMES``
+    order), so the same graph serves every step. float32 I/O at any precision.
+    """
+    latent_shape: tuple[Dim, ...] = (1, latent_channels, "h", "w")
+    return ModelSpec(
+        "unet_step",
+        inputs=(
+            TensorSpec("latents", "float32", latent_shape),
+            TensorSpec("mask", "float32", (1, 1, "h", "w")),
+            TensorSpec("masked_image_latents", "float32", latent_shape),
+            TensorSpec("encoder_hidden_states", "float32", ("B", max_length, hidden_size)),
+            TensorSpec("timestep", "float32", (1,)),
+            TensorSpec("guidance", "float32", (1,)),
+            TensorSpec("coefficients", "float32", (num_coefficients,)),
+            TensorSpec("noise", "float32", latent_shape),
+        ),
+        outputs=(
+            TensorSpec("prev_latents", "float32", latent_shape),
+            TensorSpec("denoised", "float32", latent_shape),
+        ),
+    )
+
+
 def vae_encoder_spec(image_channels: int, latent_channels: int, dtype: str = "float32") -> ModelSpec:
     """VAE encoder: the posterior's mean and std, so the caller controls the sample drawn."""
     return ModelSpec(
