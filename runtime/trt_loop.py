@@ -327,7 +327,7 @@ class TrtStepLoop:
         copy_to_device(self._block.ptr + layout.noise_bytes[0], pack_noise(layout, inputs), self.stream)
 
         eligibility = self.engine.graph_eligibility()
-        key = GraphKey.of(dims, steps, (self._block.ptr, *(self.engine.device_ptr(n) for n in CONDITIONING_TENSORS)))
+        key = GraphKey.of(dims, steps, self._addresses())
         action = graph_action(self.use_cuda_graph and not self._graph_failed, eligibility, self._graph_key, key)
         if self.use_cuda_graph and not eligibility.eligible and self.last_action is None:
             log.info("%s: not capturing the loop into a CUDA graph: %s", STEP_MODEL, eligibility.reason)
@@ -339,6 +339,13 @@ class TrtStepLoop:
                 self._capture(key)
         self.last_action = action
         return self._block.ptr + final_latents_offset(layout)
+
+    def _addresses(self) -> tuple[int, ...]:
+        """Every device address the captured loop touches: the block, the conditioning inputs, shared scratch."""
+        assert self._block is not None
+        shared = self.engine.shared
+        scratch = shared.buffer.ptr if shared is not None and shared.buffer is not None else 0
+        return (self._block.ptr, *(self.engine.device_ptr(n) for n in CONDITIONING_TENSORS), scratch)
 
     def _capture(self, key: GraphKey) -> None:
         assert self._graph is not None

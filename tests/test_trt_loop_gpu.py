@@ -500,6 +500,10 @@ def emulated_tensorrt(cuda: EmulatedCudart) -> types.ModuleType:
             dims = {s: v for t in spec.inputs for s, v in zip(t.shape, self.shapes[t.name]) if isinstance(s, str)}
             return spec.tensor(name).resolve(dims)
 
+        def set_device_memory(self, ptr: int, nbytes: int) -> None:
+            cuda.device(ptr, nbytes)  # must be a live allocation of that size
+            self.scratch = ptr
+
         def set_tensor_address(self, name: str, ptr: int) -> bool:
             if ptr % 256:
                 return False
@@ -537,6 +541,7 @@ def emulated_tensorrt(cuda: EmulatedCudart) -> types.ModuleType:
             self.names = self.spec.input_names + self.spec.output_names
             self.num_io_tensors = len(self.names)
             self.num_optimization_profiles = len(self.profiles)
+            self.device_memory_size_v2 = plan.get("scratch", 1024)  # activation bytes the context needs
 
         def get_tensor_name(self, i: int) -> str:
             return self.names[i]
@@ -551,7 +556,7 @@ def emulated_tensorrt(cuda: EmulatedCudart) -> types.ModuleType:
             t = next(t for t in self.profiles[index] if t["name"] == name)
             return [tuple(t["min"]), tuple(t["opt"]), tuple(t["max"])]
 
-        def create_execution_context(self) -> Context:
+        def create_execution_context(self, strategy: str | None = None) -> Context:
             return Context(self)
 
     class Runtime:
@@ -562,6 +567,7 @@ def emulated_tensorrt(cuda: EmulatedCudart) -> types.ModuleType:
             return Engine(json.loads(data))
 
     trt.TensorIOMode, trt.Logger, trt.Runtime = TensorIOMode, Logger, Runtime
+    trt.ExecutionContextAllocationStrategy = types.SimpleNamespace(USER_MANAGED="user_managed")
     trt.nptype = np.dtype
     return trt
 
@@ -658,3 +664,31 @@ def test_emulated_dynamic_profile_runs_eagerly(emulated_device: EmulatedCudart, 
             assert float(np.max(np.abs(got - toy_reference(dynamic, coeff, inputs)))) == 0.0
     finally:
         loop.close()
+
+
+def test_emulated_shared_activation_growth_forces_a_recapture(emulated_device: EmulatedCudart, toy_plan: Path, tmp_path: Path) -> None:
+    """Another engine enlarging the shared scratch block moves it: the captured loop must not replay stale pointers."""
+    from trt_bgswap.runtime.trt_backend import SharedActivations, TrtEngine
+
+    bigger = json.loads(toy_plan.read_text())
+    bigger["scratch"] = 1 << 20
+    other_plan = tmp_path / "other.plan"
+    other_plan.write_text(json.dumps(bigger))
+    shared = SharedActivations()
+    loop = TrtStepLoop(TOY, toy_plan, use_cuda_graph=True, shared_activations=shared)
+    other = TrtEngine(TOY, other_plan, shared_activations=shared)
+    dims = {"B": 1, "h": 3, "w": 5}
+    try:
+        actions = []
+        for seed in range(4):
+            if seed == 2:
+                other.load()  # grows the shared block
+            inputs, coeff = inputs_for_spec(TOY, dims, 3, seed=seed), coefficients(3)
+            got = loop.denoise(coeff, inputs)
+            assert float(np.max(np.abs(got - toy_reference(toy_plan, coeff, inputs)))) == 0.0
+            actions.append(loop.last_action)
+        assert shared.nbytes == 1 << 20
+        assert actions == [GRAPH_CAPTURE, GRAPH_REPLAY, GRAPH_CAPTURE, GRAPH_REPLAY]
+    finally:
+        loop.close()
+        other.close()

@@ -317,3 +317,24 @@ def test_device_plan_emulated_on_host_equals_step_loop(step_engine: OrtEngine, m
     got = view(final_latents_offset(layout), "prev_latents")
     err = float(np.max(np.abs(got - want)))
     assert err == 0.0, f"{steps} steps, B={batch}: host-emulated device plan differs from the step loop by {err:.3g}"
+
+
+def test_fp16_graph_stays_close_to_fp32(tiny_models_dir: Path, step_engine: OrtEngine, manifest: Manifest, tmp_path: Path) -> None:
+    """fp16 export (fp32 I/O; the step arithmetic then runs in fp16 too): the 4-step guided loop within 1e-2 of fp32."""
+    from trt_bgswap.export.lora import lora_file
+    from trt_bgswap.export.unet_step import export_unet_step
+
+    entry = export_unet_step(
+        tiny_models_dir / "sd-inpainting", tmp_path / "unet_step", manifest.inpaint.max_length,
+        lora=lora_file(tiny_models_dir / "lcm-lora"), precision="fp16",
+    )
+    assert entry.spec == step_engine.spec and entry.precision == "fp16"
+    fp16 = OrtEngine(entry.spec, tmp_path / entry.file, provider="cpu")
+    dims = {"B": 2, "h": 16, "w": 24}
+    ehs = step_engine.spec.tensor("encoder_hidden_states").resolve(dims)
+    inputs = _inputs(step_engine.spec.tensor("latents").resolve(dims), 4, batch=2, seed=1, hidden=ehs[1:])
+    coefficients = _coefficients(manifest, 4)
+    want = denoise(step_engine, coefficients, inputs)
+    got = denoise(fp16, coefficients, inputs)
+    err, scale = float(np.max(np.abs(got - want))), float(np.max(np.abs(want)))
+    assert err <= 1e-2 * scale, f"fp16 fused loop vs fp32: max abs err {err:.3g} at output scale {scale:.3g}"
