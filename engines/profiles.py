@@ -30,7 +30,7 @@ Size = tuple[int, int]  # (width, height) in pixels, as the CLI's --size WxH
 
 # Models whose batch doubles when classifier-free guidance runs (batch order [uncond, cond]);
 # the pipeline runs every other model at batch 1 (see runtime/pipeline.py).
-GUIDED_BATCH_MODELS: tuple[str, ...] = ("unet",)
+GUIDED_BATCH_MODELS: tuple[str, ...] = ("unet", "unet_step")
 
 
 @dataclass(frozen=True)

@@ -174,9 +174,12 @@ def export_models(
     lora_scale: float = 1.0,
     external_data: bool | None = None,
     overwrite: bool = False,
+    fused_step: bool = False,
 ) -> Manifest:
     """Export everything given into ``out_dir`` and return its manifest.
 
+    ``fused_step`` also exports ``unet_step/``: the UNet with classifier-free guidance and the
+    LCM step inside one graph, which the TensorRT device loop runs without host round trips.
     ``vae_precision=None`` keeps the VAE in fp32 (fp16 VAEs overflow); ``external_data=None``
     puts weights in ``model.onnx_data`` only for graphs near protobuf's 2 GB limit.
     """
@@ -225,6 +228,13 @@ def export_models(
             models["unet"] = export_unet(
                 inpaint_src, stage / "unet", inpaint.max_length, lora_path, lora_scale, precision, opset, external_data
             )
+            if fused_step:
+                from trt_bgswap.export.unet_step import export_unet_step
+
+                log.info("[2b/4] unet_step: UNet + guidance + LCM step in one graph")
+                models["unet_step"] = export_unet_step(
+                    inpaint_src, stage / "unet_step", inpaint.max_length, lora_path, lora_scale, precision, opset, external_data
+                )
             log.info("[3/4] vae encoder + [4/4] vae decoder (%s)", vae_precision)
             models["vae_encoder"], models["vae_decoder"] = export_vae(
                 inpaint_src, stage / "vae_encoder", stage / "vae_decoder", vae_precision, opset

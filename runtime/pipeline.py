@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -50,6 +51,9 @@ from trt_bgswap.runtime.tokenizer import ClipTokenizer
 from trt_bgswap.specs import pipeline_dims
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from trt_bgswap.runtime.trt_loop import TrtStepLoop as DeviceStepLoop
 
 MAX_STEPS = 50
 MAX_GUIDANCE = 30.0
@@ -132,8 +136,10 @@ class Pipeline:
         engines: Mapping[str, Engine],
         masker: Masker | None,
         tokenizer: ClipTokenizer | None,
+        step_loop: "DeviceStepLoop | None" = None,
     ) -> None:
         self.manifest = manifest
+        self.step_loop = step_loop  # the TensorRT device loop over the fused unet_step graph
         self.engines = dict(engines)
         self.masker = masker
         self.tokenizer = tokenizer
@@ -163,6 +169,12 @@ class Pipeline:
         choice = resolve_backend(provider)
         built: dict[str, Engine] = open_engines(folder, manifest, choice, threads)
         built.update(engines or {})
+        step_loop = None
+        if choice.engine == "trt" and "unet_step" in built and not (engines and "unet_step" in engines):
+            from trt_bgswap.runtime.trt_loop import TrtStepLoop
+
+            step = built.pop("unet_step")
+            step_loop = TrtStepLoop(step.spec, step.path)
         for engine in built.values():
             engine.load()
         masker = None
@@ -173,7 +185,7 @@ class Pipeline:
         if manifest.inpaint is not None:
             tokenizer = ClipTokenizer.from_dir(folder / manifest.inpaint.tokenizer_dir)
         log.info("loaded %s (%s): %s", folder, choice.name, ", ".join(f"{k}={e.backend}" for k, e in built.items()))
-        return cls(manifest, built, masker, tokenizer)
+        return cls(manifest, built, masker, tokenizer, step_loop=step_loop)
 
     # --- stages (public so benchmarks can time them one by one) ---
 
@@ -267,28 +279,65 @@ class Pipeline:
 
             guided = options.guidance > 1.0
             cond = self.text_embeddings(options.prompt)
-            if guided:
-                embeddings = np.concatenate([self.text_embeddings(options.negative_prompt), cond], axis=0)
-                latent_mask = np.concatenate([latent_mask] * 2, axis=0)
-                masked_latents = np.concatenate([masked_latents] * 2, axis=0)
-            else:
-                embeddings = cond
+            embeddings = np.concatenate([self.text_embeddings(options.negative_prompt), cond], axis=0) if guided else cond
 
             assert self.scheduler is not None
             sched = self.scheduler
             sched.set_timesteps(options.steps)
             latents = noise.latents.astype(np.float32) * np.float32(sched.init_noise_sigma)
-            timesteps = list(sched.timesteps)
-            for i, t in enumerate(timesteps):
-                x = np.concatenate([latents] * 2, axis=0) if guided else latents
-                x = np.concatenate([x, latent_mask, masked_latents], axis=1)
-                eps = self.unet(x, float(t), embeddings)
-                if guided:
-                    uncond, text = eps[:1], eps[1:]
-                    eps = uncond + np.float32(options.guidance) * (text - uncond)
-                step_noise = noise.steps[i] if i < len(timesteps) - 1 else None
-                latents, _ = sched.step(eps, int(t), latents, noise=step_noise)
+            if self.step_loop is not None or "unet_step" in self.engines:
+                latents = self._denoise_fused(latents, noise, latent_mask, masked_latents, embeddings, options.guidance)
+            else:
+                latents = self._denoise(latents, noise, latent_mask, masked_latents, embeddings, options.guidance)
             return self.decode(latents)
+
+    def _denoise(
+        self,
+        latents: np.ndarray,
+        noise: Noise,
+        latent_mask: np.ndarray,
+        masked_latents: np.ndarray,
+        embeddings: np.ndarray,
+        guidance: float,
+    ) -> np.ndarray:
+        """The LCM loop on the host: the UNet graph per step, the scheduler in numpy."""
+        assert self.scheduler is not None
+        sched = self.scheduler
+        guided = embeddings.shape[0] == 2
+        if guided:  # diffusers' batch order: [uncond, cond]
+            latent_mask = np.concatenate([latent_mask] * 2, axis=0)
+            masked_latents = np.concatenate([masked_latents] * 2, axis=0)
+        timesteps = list(sched.timesteps)
+        for i, t in enumerate(timesteps):
+            x = np.concatenate([latents] * 2, axis=0) if guided else latents
+            x = np.concatenate([x, latent_mask, masked_latents], axis=1)
+            eps = self.unet(x, float(t), embeddings)
+            if guided:
+                uncond, text = eps[:1], eps[1:]
+                eps = uncond + np.float32(guidance) * (text - uncond)
+            step_noise = noise.steps[i] if i < len(timesteps) - 1 else None
+            latents, _ = sched.step(eps, int(t), latents, noise=step_noise)
+        return latents
+
+    def _denoise_fused(
+        self,
+        latents: np.ndarray,
+        noise: Noise,
+        latent_mask: np.ndarray,
+        masked_latents: np.ndarray,
+        embeddings: np.ndarray,
+        guidance: float,
+    ) -> np.ndarray:
+        """The LCM loop with the fused unet_step graph (guidance and the step inside the graph)."""
+        from trt_bgswap.runtime.step_loop import DenoiseInputs, check_step_scheduler, denoise
+
+        assert self.scheduler is not None and self.scheduler.coefficients is not None
+        check_step_scheduler(self.scheduler.config)
+        steps = len(self.scheduler.coefficients)
+        inputs = DenoiseInputs(latents, tuple(noise.steps[: steps - 1]), latent_mask, masked_latents, embeddings, guidance)
+        if self.step_loop is not None:
+            return self.step_loop.denoise(self.scheduler.coefficients, inputs)
+        return denoise(self.engines["unet_step"], self.scheduler.coefficients, inputs)
 
     def replace(
         self,

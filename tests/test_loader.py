@@ -65,3 +65,27 @@ def test_provider_names_map_to_backends(provider: str, expected: str) -> None:
 def test_unavailable_backend_is_an_error_not_a_fallback(provider: str) -> None:
     with pytest.raises(BackendUnavailable, match="pip install|auto"):
         resolve_backend(provider, NO_GPU)
+
+
+@pytest.fixture(scope="module")
+def fused_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trt_bgswap.export.exporter import export_models
+
+    out = tmp_path_factory.mktemp("fused") / "export"
+    export_models(
+        tiny_models_dir / "sd-inpainting", tiny_models_dir / "lcm-lora", None, out, precision="fp32", fused_step=True
+    )
+    return out
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_pipeline_with_fused_step_graph_matches_host_loop(fused_dir: Path, exported_dir: Path, guidance: float) -> None:
+    host = Pipeline.load(exported_dir, provider="cpu")
+    fused = Pipeline.load(fused_dir, provider="cpu")
+    assert "unet_step" in fused.engines and "unet_step" not in host.engines
+    rgb = data.coffee()[::3, ::3].copy()
+    mask = np.full(rgb.shape[:2], 255, np.uint8)
+    mask[40:120, 60:160] = 0
+    opts = GenerationOptions("a wooden table", steps=4, guidance=guidance, seed=9, size=(192, 128))
+    err = float(np.abs(host.inpaint(rgb, mask, opts) - fused.inpaint(rgb, mask, opts)).max())
+    assert err < 1e-5, f"guidance={guidance}: fused step graph differs from the host loop by {err:.3g}"
