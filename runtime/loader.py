@@ -47,8 +47,19 @@ def read_index(folder: Path, choice: BackendChoice) -> dict[str, dict[str, Any]]
     return data
 
 
-def open_engines(folder: str | Path, manifest: Manifest, choice: BackendChoice, threads: int = 0) -> dict[str, Engine]:
-    """One unloaded engine per model of the manifest, on ``choice``'s backend."""
+def open_engines(
+    folder: str | Path,
+    manifest: Manifest,
+    choice: BackendChoice,
+    threads: int = 0,
+    share_activations: bool = True,
+) -> dict[str, Engine]:
+    """One unloaded engine per model of the manifest, on ``choice``'s backend.
+
+    TensorRT engines share one CUDA stream and (``share_activations``) one activation
+    block sized to the largest engine's need: the stages run one after another, so a
+    small GPU pays for one engine's scratch memory, not five.
+    """
     folder = Path(folder)
     index = read_index(folder, choice)
     engines: dict[str, Engine] = {}
@@ -58,12 +69,15 @@ def open_engines(folder: str | Path, manifest: Manifest, choice: BackendChoice, 
                 f"{folder}: no TensorRT engines built; run `trt-bgswap build {folder} --backend trt` first "
                 "(or use --provider cpu/cuda)"
             )
-        from trt_bgswap.runtime.trt_backend import TrtEngine
+        from trt_bgswap.runtime.cuda_device import Stream
+        from trt_bgswap.runtime.trt_backend import SharedActivations, TrtEngine
 
+        stream = Stream()
+        shared = SharedActivations() if share_activations else None
         for name, entry in manifest.models.items():
             if name not in index:
                 raise ModelError(f"{folder}: no TensorRT engine for {name}; re-run `trt-bgswap build {folder} --backend trt`")
-            engines[name] = TrtEngine(entry.spec, folder / ENGINES_DIR / index[name]["path"])
+            engines[name] = TrtEngine(entry.spec, folder / ENGINES_DIR / index[name]["path"], stream=stream, shared_activations=shared)
         return engines
     if choice.provider is None:
         raise UsageError(f"backend {choice.name} names no ONNX Runtime provider")

@@ -174,7 +174,7 @@ class Pipeline:
             from trt_bgswap.runtime.trt_loop import TrtStepLoop
 
             step = built.pop("unet_step")
-            step_loop = TrtStepLoop(step.spec, step.path)
+            step_loop = TrtStepLoop(step.spec, step.path, stream=step.stream, shared_activations=step.shared)
         for engine in built.values():
             engine.load()
         masker = None
