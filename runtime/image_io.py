@@ -85,7 +85,7 @@ def _one_line(text: object) -> str:
 
 
 def _megapixels(n: int) -> str:
-    return f"{n / 1e6:.1f} MP"
+    return f"{n / 1e6:.1f} MP" if n >= 50_000 else f"{n} px"  # below, a small cap would read "0.0 MP"
 
 
 def _open_bytes(src: ImageSource, name: str | None) -> tuple[io.BytesIO, str, Path | None]:

@@ -5,14 +5,20 @@
     out = swapper.replace(pil_image, "a sunny beach", seed=7)   # PIL in -> PIL out
     out.image.save("beach.png")
 
-Arrays work too (uint8 HxWx3 or HxWx4 in, the same kind out). The CLI is a thin
-layer over this class. Thread-safe: calls on one instance are serialised; for
-parallel throughput use one instance per worker (each holds its own sessions).
+Arrays work too (uint8 HxW, HxWx3 or HxWx4 in, arrays out); so do paths (read
+with the same checks as the CLI: pixel cap, EXIF orientation, first frame of
+an animation). The CLI is a thin layer over this class and takes the same
+options. Thread-safe: calls on one instance are serialised by a lock (the
+engines' buffers and the scheduler are shared), so two threads get exactly
+what sequential calls with the same seeds give; for parallel throughput use
+one instance per worker (each holds its own sessions).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -20,9 +26,10 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
-from trt_bgswap.colors import parse_color
-from trt_bgswap.errors import UsageError
-from trt_bgswap.runtime.image_io import from_pil, read_image
+from trt_bgswap.colors import RGB, parse_color
+from trt_bgswap.errors import ModelError, UsageError
+from trt_bgswap.runtime.composite import check_generation_size
+from trt_bgswap.runtime.image_io import DEFAULT_MAX_PIXELS, MIN_SIDE, from_pil, read_image
 from trt_bgswap.runtime.mask_ops import MaskOptions
 from trt_bgswap.runtime.pipeline import GenerationOptions, Noise, Pipeline, Result
 
@@ -33,55 +40,91 @@ ImageLike = Union[Image.Image, np.ndarray, str, Path]
 
 @dataclass
 class Output:
-    """One result, in the kind of image the caller passed (PIL in -> PIL out, array in -> array out)."""
+    """One result, in the kind of image the caller passed (PIL or path in -> PIL out, array in -> array out)."""
 
     image: Image.Image | np.ndarray  # the composite, at the input's size
     alpha: Image.Image | np.ndarray  # compositing alpha (8-bit L image, or float32 HxW in [0,1])
-    cutout: Image.Image | np.ndarray  # RGBA subject on transparency
+    cutout: Image.Image | np.ndarray  # RGBA subject on transparency (alpha = the 8-bit compositing alpha)
     seed: int | None
-    generation_size: tuple[int, int] | None
+    generation_size: tuple[int, int] | None  # (width, height) generated at; None for a solid colour
     result: Result  # everything, as arrays
 
 
+def alpha_to_u8(alpha: np.ndarray) -> np.ndarray:
+    """float alpha in [0,1] -> uint8 0..255, rounded (how masks and cut-outs are saved)."""
+    return np.clip(np.rint(alpha * 255.0), 0, 255).astype(np.uint8)
+
+
+def _check_array_size(what: str, h: int, w: int, max_pixels: int | None) -> None:
+    cap = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    if min(h, w) < MIN_SIDE:
+        raise UsageError(f"{what} is {w}x{h}; the minimum is {MIN_SIDE} px a side, upscale it first")
+    if h * w > cap:
+        raise UsageError(f"{what} is {w}x{h} = {h * w} px, above the limit of {cap} px; downscale it or raise max_pixels")
+
+
 def _as_rgb(image: ImageLike, max_pixels: int | None) -> tuple[np.ndarray, bool]:
-    """uint8 RGB array from any accepted input, and whether the caller gave PIL (to answer in kind)."""
+    """uint8 RGB array from any accepted input, and whether to answer with PIL images."""
     if isinstance(image, (str, Path)):
         return read_image(image, max_pixels=max_pixels).rgb, True
     if isinstance(image, Image.Image):  # same conversions as files: EXIF orientation, 16-bit and float scaling
         return from_pil(image, max_pixels=max_pixels).rgb, True
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
-            raise UsageError(f"image array has dtype {image.dtype}; pass uint8 RGB (HxWx3) or RGBA (HxWx4)")
+            raise UsageError(f"image array has dtype {image.dtype}; pass uint8 RGB (HxWx3), RGBA (HxWx4) or grey (HxW)")
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[..., 0]
         if image.ndim == 2:
+            _check_array_size("image array", image.shape[0], image.shape[1], max_pixels)
             return np.repeat(image[..., None], 3, axis=2), False
         if image.ndim == 3 and image.shape[2] in (3, 4):
+            _check_array_size("image array", image.shape[0], image.shape[1], max_pixels)
             return np.ascontiguousarray(image[..., :3]), False
         raise UsageError(f"image array has shape {image.shape}; pass HxW, HxWx3 or HxWx4")
     raise UsageError(f"unsupported image type {type(image).__name__}; pass a PIL image, a numpy array or a path")
 
 
 def _as_alpha(mask: ImageLike, size: tuple[int, int]) -> np.ndarray:
-    """A user mask (white = subject) as float32 HxW in [0,1] of the image's size."""
+    """A user mask (white = subject) as float32 HxW in [0,1] of the image's (width, height)."""
+    label = "mask"
     if isinstance(mask, (str, Path)):
+        label = f"mask {mask}"
         loaded = read_image(mask)
         arr = loaded.alpha if loaded.alpha is not None and float(loaded.alpha.min()) < 1.0 else loaded.rgb.mean(axis=2) / 255.0
     elif isinstance(mask, Image.Image):
         loaded = from_pil(mask, name="<mask>")
-        arr = loaded.alpha if loaded.alpha is not None else loaded.rgb.mean(axis=2) / 255.0
+        arr = loaded.alpha if loaded.alpha is not None and float(loaded.alpha.min()) < 1.0 else loaded.rgb.mean(axis=2) / 255.0
     elif isinstance(mask, np.ndarray):
-        arr = mask.astype(np.float32)
-        if arr.ndim == 3:
-            arr = arr[..., 3] if arr.shape[2] == 4 else arr.mean(axis=2)
         if mask.dtype == np.uint8:
-            arr = arr / 255.0
+            arr = mask.astype(np.float32) / 255.0
+        elif mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.floating):
+            arr = mask.astype(np.float32)
+        else:
+            raise UsageError(f"mask array has dtype {mask.dtype}; pass uint8 (0..255), bool, or float in [0, 1]")
+        if arr.ndim == 3 and arr.shape[2] in (1, 3, 4):
+            arr = arr[..., 3] if arr.shape[2] == 4 else arr.mean(axis=2)
+        if arr.ndim != 2:
+            raise UsageError(f"mask array has shape {mask.shape}; pass HxW (or HxWx1/3/4) of the image's size")
+        if not np.isfinite(arr).all():
+            raise UsageError("mask array holds NaN or infinite values; pass values in [0, 1]")
     else:
         raise UsageError(f"unsupported mask type {type(mask).__name__}; pass a PIL image, an array or a path")
     arr = np.asarray(arr, dtype=np.float32)
     if arr.shape != (size[1], size[0]):
-        raise UsageError(
-            f"mask is {arr.shape[1]}x{arr.shape[0]} but the image is {size[0]}x{size[1]}; give a mask of the same size"
-        )
+        raise UsageError(f"{label} is {arr.shape[1]}x{arr.shape[0]} but the image is {size[0]}x{size[1]}; give a mask of the same size")
     return np.clip(arr, 0.0, 1.0)
+
+
+def _check_size_value(size: object) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if (
+        not isinstance(size, tuple)
+        or len(size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+    ):
+        raise UsageError(f"size={size!r}: give (width, height) as two integers, e.g. (576, 448)")
+    return size  # type: ignore[return-value]
 
 
 class BackgroundReplacer:
@@ -97,6 +140,50 @@ class BackgroundReplacer:
     ) -> None:
         self.pipeline = pipeline if pipeline is not None else Pipeline.load(models, provider=provider, threads=threads)
         self.max_pixels = max_pixels
+        self._lock = threading.Lock()
+
+    def check_options(
+        self,
+        prompt: str | None,
+        *,
+        negative_prompt: str = "",
+        steps: int = 4,
+        guidance: float = 1.0,
+        seed: int | None = None,
+        size: tuple[int, int] | None = None,
+        bg_color: str | RGB | None = None,
+        has_mask: bool = False,
+    ) -> tuple[GenerationOptions | None, RGB | None]:
+        """Validate options against the loaded models before any image is touched (a batch fails fast).
+
+        Returns the generation options (None for a solid colour) and the parsed colour.
+        """
+        if prompt is None and bg_color is None:
+            raise UsageError("give a prompt (--prompt) for a generated background or a colour (--bg-color) for a solid one")
+        if prompt is not None and bg_color is not None:
+            raise UsageError("a prompt and bg_color are alternatives (generated or solid background); give one of them")
+        if not has_mask and self.pipeline.masker is None:
+            raise ModelError("the model folder has no RMBG model; pass your own mask (--mask / mask=) or re-export with --rmbg")
+        if bg_color is not None:
+            return None, parse_color(bg_color)
+        if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
+            raise UsageError(f"prompt={prompt!r}, negative_prompt={negative_prompt!r}: prompts are strings")
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+            raise UsageError(f"guidance={guidance!r}: give a number between 0 and 30 (LCM works at 1-2)")
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise UsageError(f"steps={steps!r}: give an integer number of steps (LCM needs 2-8)")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise UsageError(f"seed={seed!r}: give a non-negative integer")
+        options = GenerationOptions(
+            prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=float(guidance), seed=seed, size=_check_size_value(size)
+        )
+        options.validate()
+        cfg = self.pipeline.config
+        if cfg is None:
+            raise ModelError("the model folder has no inpainting models; re-export with --inpaint, or use a solid colour (--bg-color)")
+        if options.size is not None:
+            check_generation_size(options.size[0], options.size[1], cfg.size_multiple)
+        return options, None
 
     def replace(
         self,
@@ -108,48 +195,51 @@ class BackgroundReplacer:
         guidance: float = 1.0,
         seed: int | None = None,
         size: tuple[int, int] | None = None,
-        bg_color: str | tuple[int, int, int] | None = None,
+        bg_color: str | RGB | None = None,
         mask: ImageLike | None = None,
         mask_options: MaskOptions | None = None,
         noise: Noise | None = None,
     ) -> Output:
-        """Replace the background behind the subject: a prompt generates it, ``bg_color`` paints it."""
-        rgb, as_pil = _as_rgb(image, self.max_pixels)
-        if prompt is None and bg_color is None:
-            raise UsageError("give a prompt for a generated background or bg_color for a solid one")
-        color = parse_color(bg_color) if isinstance(bg_color, str) else bg_color
-        alpha = _as_alpha(mask, (rgb.shape[1], rgb.shape[0])) if mask is not None else None
-        options = None
-        if color is None:
-            options = GenerationOptions(
-                prompt=prompt or "", negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed, size=size
-            )
-            options.validate()
-        result = self.pipeline.replace(
-            rgb, options, mask_options=mask_options, alpha=alpha, background_color=color, noise=noise
+        """Replace the background behind the subject: a prompt generates it, ``bg_color`` paints it.
+
+        ``mask`` (white = subject) replaces RMBG; ``mask_options`` refines either
+        (threshold, grow, feather, band). ``seed`` None draws one (reported in the output).
+        """
+        options, color = self.check_options(
+            prompt,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            size=size,
+            bg_color=bg_color,
+            has_mask=mask is not None,
         )
+        if mask_options is not None:
+            mask_options.validate()
+        rgb, as_pil = _as_rgb(image, self.max_pixels)
+        alpha = _as_alpha(mask, (rgb.shape[1], rgb.shape[0])) if mask is not None else None
+        with self._lock:
+            result = self.pipeline.replace(rgb, options, mask_options=mask_options, alpha=alpha, background_color=color, noise=noise)
         return self._output(result, as_pil, rgb)
 
     def mask(self, image: ImageLike) -> Image.Image | np.ndarray:
-        """RMBG's soft alpha: an 8-bit L image for PIL/path input, float32 HxW for arrays."""
+        """RMBG's soft alpha: an 8-bit L image for PIL/path input, float32 HxW in [0,1] for arrays."""
         rgb, as_pil = _as_rgb(image, self.max_pixels)
-        alpha = self.pipeline.mask(rgb)
-        return Image.fromarray(_alpha_u8(alpha), "L") if as_pil else alpha
+        with self._lock:
+            alpha = self.pipeline.mask(rgb)
+        return Image.fromarray(alpha_to_u8(alpha), "L") if as_pil else alpha
 
     @staticmethod
     def _output(result: Result, as_pil: bool, rgb: np.ndarray) -> Output:
-        cutout = np.dstack([rgb, _alpha_u8(result.alpha)])
+        cutout = np.dstack([rgb, alpha_to_u8(result.alpha)])
         if as_pil:
             return Output(
                 image=Image.fromarray(result.image, "RGB"),
-                alpha=Image.fromarray(_alpha_u8(result.alpha), "L"),
+                alpha=Image.fromarray(alpha_to_u8(result.alpha), "L"),
                 cutout=Image.fromarray(cutout, "RGBA"),
                 seed=result.seed,
                 generation_size=result.generation_size,
                 result=result,
             )
         return Output(result.image, result.alpha, cutout, result.seed, result.generation_size, result)
-
-
-def _alpha_u8(alpha: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(alpha * 255.0), 0, 255).astype(np.uint8)

@@ -465,10 +465,10 @@ def _export(
     from trt_bgswap.export.sources import resolve_source
 
     values = {dest: _source_value(sources.get(dest)) for _, _, dest in SOURCE_OPTIONS}
-    if values["inpaint"] is None and values["rmbg"] is None:  # checked before anything is downloaded
-        raise UsageError("nothing to export: give --inpaint SRC, --rmbg SRC or both (a local folder, a hub id or a registry name)")
-    if values["inpaint"] is None and values["lcm_lora"] is not None:
+    if values["inpaint"] is None and values["lcm_lora"] is not None:  # checked before anything is downloaded
         raise UsageError("--lcm-lora is fused into the inpainting model: give --inpaint SRC too, or --lcm-lora none")
+    if values["inpaint"] is None and values["rmbg"] is None:
+        raise UsageError("nothing to export: give --inpaint SRC, --rmbg SRC or both (a local folder, a hub id or a registry name)")
     resolved: dict[str, Path | None] = {}
     for family, _, dest in SOURCE_OPTIONS:
         value = values[dest]
@@ -672,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     e.add_argument("--force", action="store_true", help="replace an existing exported folder")
+    e.add_argument("--fused-step", action="store_true", help="also export unet_step/: UNet + guidance + LCM step in one graph (the TensorRT device loop runs it)")
     e.set_defaults(func=cmd_export)
 
     t = sub.add_parser("tiny-models", help="write tiny random-weight models in the real formats (offline smoke tests)")
