@@ -1,0 +1,152 @@
+"""`trt-bgswap bench`: where the time goes, side by side with the PyTorch baseline, in one run.
+
+Registered by :func:`trt_bgswap.cli.main` through :func:`add_bench_parser`; the work is done
+by :mod:`trt_bgswap.benchmarking.suite` (imported only when the command runs, so the CLI
+stays light). ``--mode tiny`` (the default) runs in seconds on tiny random models and is
+what the test suite checks; ``--mode full`` builds the published architectures with random
+weights (no downloads) and takes about half an hour on a 2-core CPU. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+from pathlib import Path
+
+from trt_bgswap.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORK = "bench-work"
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch-sizes {text!r}: write comma-separated integers, e.g. 1,2") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"--batch-sizes {text!r}: sizes must be positive, e.g. 1,2")
+    return sizes
+
+
+def _count(name: str, lo: int):  # noqa: ANN202 - argparse type factory
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{name}={v}: must be at least {lo}")
+        return v
+
+    return parse
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+    for action in parser._actions:  # argparse keeps its sub-command table here; there is no public accessor
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    raise UsageError("the trt-bgswap parser has no sub-commands to add `bench` to")
+
+
+def add_bench_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``bench`` sub-command (documented options) to the CLI's top-level parser."""
+    b = _subparsers(parser).add_parser(
+        "bench",
+        help="benchmark every stage against the PyTorch baseline (latency, memory, FLOPs, cold start)",
+        description=(
+            "Time every stage of the pipeline (RMBG, text encoder, VAE encode, each UNet step, VAE decode, "
+            "pre/post-processing and composite, pipeline overhead) and end to end, with warm-up then "
+            "min/median/p90; batch throughput; peak RSS; cold start of `trt-bgswap run`; engine build time; "
+            "FLOPs per stage from the ONNX graphs and the compute rate against the measured matmul peak; "
+            "the same work done by diffusers + PyTorch in the same run. Writes <mode>.json and <mode>.md. "
+            "Random weights give real timings (the models have their published sizes)."
+        ),
+        epilog=(
+            "Full-size run documented in benchmarks/README.md: "
+            "trt-bgswap bench --mode full --work /tmp/bench --out benchmarks/results --readme benchmarks/README.md. "
+            "On a GPU machine add --backend trt (TensorRT plans; needs the trt extra)."
+        ),
+    )
+    b.add_argument("--mode", choices=["tiny", "full"], default="tiny", help="tiny random models (seconds) or the published full sizes (~30 min on 2 cores)")
+    b.add_argument("--work", default=DEFAULT_WORK, help=f"folder for models, export, engines and logs (reused across runs; default ./{DEFAULT_WORK})")
+    b.add_argument("--out", help="folder for <mode>.json and <mode>.md (default: the work folder)")
+    b.add_argument("--readme", help="Markdown file whose '<!-- bench:results:start -->' block gets the results table")
+    b.add_argument("--sources", help="use these models instead: a folder with sd-inpainting/, lcm-lora/ and rmbg/")
+    b.add_argument("--export", help="use this exported folder (copied into the work folder) instead of exporting")
+    b.add_argument("--backend", choices=["cpu", "trt"], default="cpu", help="cpu: ONNX Runtime CPU fast path; trt: TensorRT plans on a GPU")
+    b.add_argument("--warmup", type=_count("--warmup", 0), default=1, help="untimed runs first (default 1)")
+    b.add_argument("--runs", type=_count("--runs", 1), default=3, help="timed runs; min/median/p90 over them (default 3)")
+    b.add_argument("--threads", type=_count("--threads", 0), default=0, help="threads for both sides (0: all usable cores)")
+    b.add_argument("--steps", type=_count("--steps", 1), default=4, help="LCM steps (default 4)")
+    b.add_argument("--guidance", type=float, default=1.0, help="guidance scale (default 1.0: no classifier-free guidance)")
+    b.add_argument("--prompt", default="a sunny beach at golden hour, photo", help="prompt (a run number is appended so prompts never repeat)")
+    b.add_argument("--photo", default="astronaut", help="input photo: a skimage.data sample name or an image file (default astronaut, 512x512)")
+    b.add_argument("--batch-sizes", type=_batch_sizes, default=(1, 2), help="batch sizes for RMBG/UNet throughput (default 1,2)")
+    b.add_argument("--no-fuse", action="store_true", help="skip the transformer-optimizer fusions (attention, LayerNorm)")
+    b.add_argument("--no-int8-rmbg", action="store_true", help="run RMBG in fp32 instead of static int8")
+    b.add_argument("--no-baseline", action="store_true", help="skip the diffusers/PyTorch baseline")
+    b.add_argument("--no-cold-start", action="store_true", help="skip the cold-start subprocess runs")
+    b.add_argument("--note", default="", help="a remark recorded with the machine (e.g. 'other processes were running')")
+    b.set_defaults(func=run_bench)
+    return b
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The `trt-bgswap bench ...` command that reproduces these options."""
+    parts = ["trt-bgswap", "bench", "--mode", args.mode, "--work", args.work]
+    for opt, dest in (("--out", "out"), ("--readme", "readme"), ("--sources", "sources"), ("--export", "export")):
+        if getattr(args, dest):
+            parts += [opt, str(getattr(args, dest))]
+    if args.backend != "cpu":
+        parts += ["--backend", args.backend]
+    parts += ["--warmup", str(args.warmup), "--runs", str(args.runs), "--threads", str(args.threads)]
+    if args.steps != 4:
+        parts += ["--steps", str(args.steps)]
+    if args.guidance != 1.0:
+        parts += ["--guidance", str(args.guidance)]
+    if tuple(args.batch_sizes) != (1, 2):
+        parts += ["--batch-sizes", ",".join(str(x) for x in args.batch_sizes)]
+    for flag in ("no_fuse", "no_int8_rmbg", "no_baseline", "no_cold_start"):
+        if getattr(args, flag):
+            parts.append("--" + flag.replace("_", "-"))
+    if args.note:
+        parts += ["--note", args.note]
+    return shlex.join(parts)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark the options describe; the report goes to files and the log."""
+    from trt_bgswap.benchmarking.suite import BenchSettings, run_suite
+
+    settings = BenchSettings(
+        mode=args.mode,
+        work_dir=Path(args.work),
+        out_dir=Path(args.out) if args.out else None,
+        sources=Path(args.sources) if args.sources else None,
+        export_dir=Path(args.export) if args.export else None,
+        warmup=args.warmup,
+        runs=args.runs,
+        threads=args.threads,
+        steps=args.steps,
+        guidance=args.guidance,
+        prompt=args.prompt,
+        photo=args.photo,
+        batch_sizes=tuple(args.batch_sizes),
+        backend=args.backend,
+        fuse=not args.no_fuse,
+        int8_rmbg=not args.no_int8_rmbg,
+        baseline=not args.no_baseline,
+        cold_start=not args.no_cold_start,
+        readme=Path(args.readme) if args.readme else None,
+        command=command_line(args),
+        note=args.note,
+    )
+    report = run_suite(settings)
+    for t in report["targets"]:
+        state = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")
+        log.info("target %s (%s): %s", t["name"], t["target"], state)
+    log.info("results: %s and %s", report["_paths"]["json"], report["_paths"]["markdown"])
+    return 0
