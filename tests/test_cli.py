@@ -540,35 +540,65 @@ def test_run_without_an_export_says_how_to_make_one(photos: Path, tmp_path: Path
     assert str(tmp_path / "home" / "cache" / "models" / "default") in lines[0] or str(tmp_path / "nothing") in lines[0], lines[0]
 
 
-def test_run_exports_once_from_sources_then_reuses(tiny_models_dir: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """`run --rmbg SRC` with no export yet exports into the per-user cache, later runs reuse it."""
+def test_run_exports_once_from_sources_then_reuses(tiny_models_dir: Path, exported_dir: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run --inpaint --lcm-lora --rmbg` with no export yet exports into the per-user cache; later runs reuse it."""
     from trt_bgswap.manifest import Manifest
     from trt_bgswap.paths import default_export_dir
 
     monkeypatch.setenv("TRT_BGSWAP_HOME", str(tmp_path / "home"))
     folder = default_export_dir()
     src = photos / "chelsea.png"
-    code, lines = cli(capsys, "run", src, "--rmbg", tiny_models_dir / "rmbg", "--bg-color", "white", "-o", tmp_path / "a.png")
+    sources = ["--inpaint", tiny_models_dir / "sd-inpainting", "--lcm-lora", tiny_models_dir / "lcm-lora", "--rmbg", tiny_models_dir / "rmbg"]
+    job = ["--prompt", "a lighthouse", "--seed", 6]
+    code, lines = cli(capsys, "run", src, *sources, *job, "-o", tmp_path / "a.png")
     assert code == 0, lines
     assert any("exporting them once" in line for line in lines), lines
-    manifest = Manifest.load(folder)
-    assert set(manifest.models) == {"rmbg"}, "a solid colour needs only RMBG"
+    assert set(Manifest.load(folder).models) == {"text_encoder", "unet", "vae_encoder", "vae_decoder", "rmbg"}
     stamp = (folder / "manifest.json").stat().st_mtime_ns
-    code, lines = cli(capsys, "run", src, "--rmbg", tiny_models_dir / "rmbg", "--bg-color", "white", "-o", tmp_path / "b.png")
-    assert code == 0 and any(f"using the exported models in {folder}" in line for line in lines), lines
+    # the same models as the session's export of the same sources: the same image
+    assert cli(capsys, "run", src, "--models", exported_dir, *job, "-o", tmp_path / "ref.png")[0] == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "ref.png").read_bytes()
+    # again with the sources, and without: reused, not exported again
+    for again in (sources, []):
+        code, lines = cli(capsys, "run", src, *again, *job, "-o", tmp_path / "b.png", "--overwrite")
+        assert code == 0 and any(f"using the exported models in {folder}" in line for line in lines), lines
+        assert not any("exporting" in line for line in lines), lines
     assert (folder / "manifest.json").stat().st_mtime_ns == stamp, "the export was redone"
-    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
-    # no sources: the default folder is used as is
-    assert cli(capsys, "run", src, "--bg-color", "white", "-o", tmp_path / "c.png")[0] == 0
+    assert (tmp_path / "b.png").read_bytes() == (tmp_path / "a.png").read_bytes()
     # other sources than the export's: refused, not silently ignored
     other = tmp_path / "other-rmbg"
     shutil.copytree(tiny_models_dir / "rmbg", other)
-    code, lines = cli(capsys, "run", src, "--rmbg", other, "--bg-color", "white", "-o", tmp_path / "d.png")
+    code, lines = cli(capsys, "run", src, "--rmbg", other, *job, "-o", tmp_path / "d.png")
     assert code == 2 and "already holds models exported from" in lines[-1] and "--models NEWDIR" in lines[-1], lines
-    # a prompt with an RMBG-only export: the missing inpainting models are named before any image
-    code, lines = cli(capsys, "run", src, "--prompt", "x", "-o", tmp_path / "e.png")
-    assert code == 1 and "no inpainting models" in lines[-1], lines
-    assert not (tmp_path / "d.png").exists() and not (tmp_path / "e.png").exists()
+    assert str(tiny_models_dir / "rmbg") in lines[-1] and str(other) in lines[-1], lines[-1]
+    assert not (tmp_path / "d.png").exists()
+
+
+@pytest.mark.parametrize(
+    "given,bg_color,mask,expected",
+    [
+        ({"rmbg": "r"}, True, False, {"inpaint": "none", "lcm_lora": "none", "rmbg": "r"}),
+        ({"inpaint": "i"}, False, True, {"inpaint": "i", "lcm_lora": "lcm-lora-sdv1-5", "rmbg": "none"}),
+        ({"inpaint": "none"}, False, False, {"inpaint": "none", "lcm_lora": "none", "rmbg": "rmbg-1.4"}),
+        ({}, False, False, {"inpaint": "sd15-inpainting", "lcm_lora": "lcm-lora-sdv1-5", "rmbg": "rmbg-1.4"}),
+        ({"lcm_lora": "none"}, False, False, {"inpaint": "sd15-inpainting", "lcm_lora": "none", "rmbg": "rmbg-1.4"}),
+    ],
+)
+def test_sources_a_run_exports(given: dict[str, str], bg_color: bool, mask: bool, expected: dict[str, str]) -> None:
+    """A model not named is the registry default unless the job has no use for it (colour: no inpainting; own mask: no RMBG)."""
+    from trt_bgswap.cli import _with_defaults
+
+    assert _with_defaults(given, need_inpaint=not bg_color, need_rmbg=not mask) == expected
+
+
+def test_rmbg_only_export_serves_colours_and_names_what_prompts_need(tiny_models_dir: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    models = tmp_path / "rmbg-only"
+    src = photos / "chelsea.png"
+    code, lines = cli(capsys, "run", src, "--models", models, "--rmbg", tiny_models_dir / "rmbg" / "onnx" / "model.onnx", "--bg-color", "white", "-o", tmp_path / "a.png")
+    assert code == 0, lines
+    code, lines = cli(capsys, "run", src, "--models", models, "--prompt", "x", "-o", tmp_path / "e.png")
+    assert code == 1 and "no inpainting models" in lines[-1] and "--inpaint" in lines[-1], lines
+    assert not (tmp_path / "e.png").exists()
 
 
 # --- 5. hub ids offline with an empty cache ---

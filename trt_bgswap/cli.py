@@ -248,7 +248,7 @@ def _run_batch(
             work(src, todo)
             report.done.append(src)
             progress.update(src.name, "ok")
-        except OutputExistsError:
+        except OutputExistsError:  # appeared since the check (another process): kept, as without --overwrite
             report.skipped.append(src)
             progress.update(src.name, "skipped")
         except (ModelError, BackendUnavailable):
@@ -339,7 +339,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 mask=mask,
                 mask_options=mask_options,
             )
-            write_image(target, out.result.image, quality=args.quality, overwrite=True, protected=protected, icc=loaded.icc)
+            write_image(target, out.result.image, quality=args.quality, overwrite=args.overwrite, protected=protected, icc=loaded.icc)
             log.info("%s -> %s%s", src, target, f" (seed {out.seed}, generated at {out.generation_size[0]}x{out.generation_size[1]})" if out.generation_size else "")
             if first:
                 first = False
@@ -382,9 +382,9 @@ def cmd_mask(args: argparse.Namespace) -> int:
         a8 = alpha_to_u8(masker.predict(loaded.rgb))
         for target in targets:
             if args.cutout and target == plan[src][1]:
-                write_image(target, np.dstack([loaded.rgb, a8]), overwrite=True, protected=protected, icc=loaded.icc)
+                write_image(target, np.dstack([loaded.rgb, a8]), overwrite=args.overwrite, protected=protected, icc=loaded.icc)
             else:
-                write_image(target, a8, overwrite=True, protected=protected)
+                write_image(target, a8, overwrite=args.overwrite, protected=protected)
             log.info("%s -> %s", src, target)
 
     return _run_batch(plan, report, args.progress or sys.stderr.isatty(), args.overwrite, work)
