@@ -9,6 +9,7 @@ the int8 RMBG's accuracy, the install footprint, and each target of issue 5 as m
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,8 @@ def build_report(
     footprint: Mapping[str, Any],
     started: float,
     manifest: Manifest,
+    applied: Mapping[str, bool],
+    errors: list[str],
 ) -> dict[str, Any]:
     from trt_bgswap.benchmarking.suite import RANDOM_WEIGHTS_NOTE, SCHEMA, created_now
 
@@ -118,7 +121,9 @@ def build_report(
         "note": RANDOM_WEIGHTS_NOTE,
         "created": created_now(),
         "command": settings.command,
-        "settings": {**settings.to_json(), "threads_used": threads},
+        "settings": {**settings.to_json(), "threads_used": threads, "applied": dict(applied)},
+        "errors": list(errors),
+        "wall_seconds": time.time() - started,
         "workload": {
             "generation_size": [manifest.inpaint.default_size, manifest.inpaint.default_size],
             "rmbg_input": list(manifest.rmbg.input_size),
@@ -174,8 +179,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         + (f"; {m['note']}" if m.get("note") else ""),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         f"- ours: ONNX Runtime {s['backend']} ({', '.join(sorted(set(o['backends'].values())))}), pre-optimized graphs"
-        + (", fused attention (UNet) / LayerNorm (text encoder)" if s["fuse"] else "")
-        + (", static int8 RMBG" if s["int8_rmbg"] else ", fp32 RMBG"),
+        + (", fused attention (UNet) / LayerNorm (text encoder)" if s["applied"]["fuse"] else "")
+        + (", static int8 RMBG" if s["applied"]["int8_rmbg"] else ", fp32 RMBG"),
         f"- baseline: diffusers StableDiffusionInpaintPipeline + LCMScheduler, LoRA fused; RMBG IS-Net in PyTorch; {b['backends']['all']}" if b else "- baseline: not run",
         f"- timing: {s['warmup']} warm-up run(s), then {s['runs']} timed; median shown (min / p90 in the JSON); "
         f"matmul peak {report['matmul_peak']['peak_flops'] / 1e9:.0f} GFLOP/s (fp32 GEMM measured in this run)",
@@ -215,6 +220,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines += ["", "| build step | seconds |", "|---|---:|"]
     for k, v in report["timeline_seconds"].items():
         lines.append(f"| {k} | {v:.1f} |")
+    if report["errors"]:
+        lines += ["", "Errors (the run continued without the failed part):", ""] + [f"- {' '.join(e.split())[:400]}" for e in report["errors"]]
+    lines += ["", f"Total wall time of the benchmark: {report['wall_seconds'] / 60:.1f} min.", ""]
     lines += ["", "| target (issue 5) | measured | met |", "|---|---:|:---:|"]
     for t in report["targets"]:
         meas = "-" if t["measured"] is None else (f"{t['measured']:.1%}" if t["unit"] == "fraction" else f"{t['measured']:.3g} {t['unit']}")

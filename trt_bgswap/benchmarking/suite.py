@@ -144,31 +144,45 @@ def _export(settings: BenchSettings, sources: dict[str, Path], timeline: Timelin
     return target, False
 
 
-def _engines(settings: BenchSettings, export_dir: Path, manifest: Manifest, threads: int, timeline: Timeline) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Build (or reuse) the engines; returns per-model load plans and what the build did."""
+def _engines(
+    settings: BenchSettings, export_dir: Path, manifest: Manifest, threads: int, timeline: Timeline, errors: list[str]
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, bool]]:
+    """Build (or reuse) the engines; returns per-model load plans, what the build did, and which speed-ups applied.
+
+    A fusion that fails its parity check or a quantization that fails is recorded in
+    ``errors`` and the build falls back (no fusion, then fp32 RMBG) instead of aborting.
+    """
     size = _size(manifest)
     if settings.backend == "trt":
         from trt_bgswap.engines.build import build_engines
 
         report = timeline.run("build TensorRT plans", lambda: build_engines(export_dir, backend="trt", sizes=[size], batches=settings.batch_sizes))
         plans = {k: {"path": str(m.path), "backend": "trt"} for k, m in report.models.items()}
-        return plans, {k: {"cache_hit": m.cache_hit, "kind": "trt"} for k, m in report.models.items()}
+        return plans, {k: {"cache_hit": m.cache_hit, "kind": "trt"} for k, m in report.models.items()}, {"fuse": False, "int8_rmbg": False}
 
     from trt_bgswap.engines.optimize import DEFAULT_FUSED, build_cpu_fast
 
     calibration = [load_photo(p) for p in CALIBRATION_PHOTOS] if settings.int8_rmbg else []
-    report, entries = timeline.run(
-        "build the CPU fast path (pre-optimized graphs, fusions, int8 RMBG)",
-        lambda: build_cpu_fast(
-            export_dir, fuse=DEFAULT_FUSED if settings.fuse else (), rmbg_int8=settings.int8_rmbg,
-            calibration_images=calibration, size=size, threads=threads,
-        ),
-    )  # fmt: skip
+    attempts = [(settings.fuse, settings.int8_rmbg), (False, settings.int8_rmbg), (False, False)]
+    for fuse, int8 in dict.fromkeys(attempts):
+        try:
+            report, entries = timeline.run(
+                "build the CPU fast path (pre-optimized graphs" + (", fusions" if fuse else "") + (", int8 RMBG" if int8 else "") + ")",
+                lambda f=fuse, q=int8: build_cpu_fast(
+                    export_dir, fuse=DEFAULT_FUSED if f else (), rmbg_int8=q, calibration_images=calibration, size=size, threads=threads,
+                ),
+            )  # fmt: skip
+            break
+        except BgSwapError as e:
+            errors.append(f"CPU fast path with fuse={fuse}, int8_rmbg={int8} failed: {e}")
+            log.warning("bench: %s", errors[-1])
+    else:
+        raise BgSwapError("every CPU build failed: " + " | ".join(errors))
     plans = {k: {"path": str(m.path), "graph_optimization": m.graph_optimization or "all", "backend": "ort"} for k, m in report.models.items()}
     info: dict[str, Any] = {k: {"cache_hit": m.cache_hit, "kind": "ort-optimized", "path": str(m.path)} for k, m in report.models.items()}
     for k, e in entries.items():
         info[k] = {"cache_hit": e.cache_hit, "kind": e.kind, "seconds": e.seconds, "path": str(e.path), **e.details}
-    return plans, info
+    return plans, info, {"fuse": fuse, "int8_rmbg": int8}
 
 
 def _size(manifest: Manifest) -> tuple[int, int]:
@@ -230,7 +244,8 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
     manifest = Manifest.load(export_dir)
     if manifest.inpaint is None or manifest.rmbg is None:
         raise UsageError(f"{export_dir}: the benchmark needs both the inpainting models and RMBG in the export")
-    plans, build_info = _engines(settings, export_dir, manifest, threads, timeline)
+    errors: list[str] = []
+    plans, build_info, applied = _engines(settings, export_dir, manifest, threads, timeline, errors)
     flops = _flops(export_dir, manifest, timeline)
     peak = timeline.run("measure the matmul peak", lambda: machine.matmul_peak(threads, n=1024 if settings.mode == "tiny" else 2048))
 
@@ -242,13 +257,17 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
     job_ours = {
         **common, "export_dir": str(export_dir), "engines": plans, "provider": "cpu" if settings.backend == "cpu" else "auto",
         "batch_sizes": list(settings.batch_sizes), "accuracy_photos": list(ACCURACY_PHOTOS),
-        "rmbg_fp32": {"path": str(manifest.model_path(export_dir, "rmbg")), "graph_optimization": "all", "backend": "ort"} if settings.int8_rmbg else None,
+        "rmbg_fp32": {"path": str(manifest.model_path(export_dir, "rmbg")), "graph_optimization": "all", "backend": "ort"} if applied["int8_rmbg"] else None,
     }  # fmt: skip
     ours = timeline.run("time our pipeline", lambda: _worker("ours", job_ours, work))
     baseline = None
     if settings.baseline:
         job_base = {**common, "sources": {k: str(v) for k, v in sources.items()}, "rmbg_size": manifest.rmbg.input_size[0]}
-        baseline = timeline.run("time the PyTorch baseline", lambda: _worker("baseline", job_base, work))
+        try:
+            baseline = timeline.run("time the PyTorch baseline", lambda: _worker("baseline", job_base, work))
+        except BgSwapError as e:
+            errors.append(str(e))
+            log.warning("bench: %s", e)
 
     cold: dict[str, Any] = {}
     if settings.cold_start:
@@ -258,9 +277,18 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
         photo = work / "photo.png"
         write_image(photo, load_photo(settings.photo), overwrite=True)
         args = (photo, work, settings.prompt, settings.steps, settings.guidance, size, threads)
-        cold["ours"] = timeline.run("cold start: trt-bgswap run", lambda: cold_start_ours(export_dir, *args, provider="cpu" if settings.backend == "cpu" else "trt"))
-        if settings.baseline:
-            cold["baseline"] = timeline.run("cold start: baseline script", lambda: cold_start_baseline(sources, *args, rmbg_size=manifest.rmbg.input_size[0]))
+        runs = {
+            "ours": ("cold start: trt-bgswap run", lambda: cold_start_ours(export_dir, *args, provider="cpu" if settings.backend == "cpu" else "trt")),
+            "baseline": ("cold start: baseline script", lambda: cold_start_baseline(sources, *args, rmbg_size=manifest.rmbg.input_size[0])),
+        }
+        for side, (label, fn) in runs.items():
+            if side == "baseline" and not settings.baseline:
+                continue
+            try:
+                cold[side] = timeline.run(label, fn)
+            except BgSwapError as e:
+                errors.append(str(e))
+                log.warning("bench: %s", e)
 
     from trt_bgswap.benchmarking.footprint import import_seconds, install_footprint
 
@@ -268,7 +296,7 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
     report = build_report(
         settings=settings, machine_info=info, threads=threads, load_before=load_before, load_after=machine.load_average(),
         timeline=timeline.seconds, export_reused=reused, build=build_info, flops=flops, peak=peak, ours=ours,
-        baseline=baseline, cold=cold, footprint=footprint, started=started, manifest=manifest,
+        baseline=baseline, cold=cold, footprint=footprint, started=started, manifest=manifest, applied=applied, errors=errors,
     )  # fmt: skip
     out_dir = settings.out_dir or work
     out_dir.mkdir(parents=True, exist_ok=True)
