@@ -179,8 +179,9 @@ def test_max_pixels(exported_dir: Path) -> None:
 
 def test_threads_share_one_instance_safely(swapper: BackgroundReplacer) -> None:
     """The docstring says calls on one instance are serialised: two threads == sequential, seed for seed."""
-    jobs = [(photo(name), seed) for name in ("chelsea", "coffee") for seed in (0, 1)]
-    sequential = [swapper.replace(rgb, "a harbour", seed=seed, steps=2).image for rgb, seed in jobs]
+    # different step counts per thread: the shared scheduler's timesteps differ between concurrent calls
+    jobs = [(photo(name), seed, steps) for name, steps in (("chelsea", 2), ("coffee", 5)) for seed in (0, 1)]
+    sequential = [swapper.replace(rgb, "a harbour", seed=seed, steps=steps).image for rgb, seed, steps in jobs]
     results: dict[int, np.ndarray] = {}
     errors: list[BaseException] = []
     barrier = threading.Barrier(2)
@@ -189,12 +190,12 @@ def test_threads_share_one_instance_safely(swapper: BackgroundReplacer) -> None:
         try:
             barrier.wait()
             for i in indices:
-                rgb, seed = jobs[i]
-                results[i] = swapper.replace(rgb, "a harbour", seed=seed, steps=2).image
+                rgb, seed, steps = jobs[i]
+                results[i] = swapper.replace(rgb, "a harbour", seed=seed, steps=steps).image
         except BaseException as e:  # noqa: BLE001 - surfaced below
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=([0, 2],)), threading.Thread(target=worker, args=([1, 3],))]
+    threads = [threading.Thread(target=worker, args=([0, 1],)), threading.Thread(target=worker, args=([2, 3],))]
     for t in threads:
         t.start()
     for t in threads:
