@@ -204,3 +204,10 @@ def test_threads_share_one_instance_safely(swapper: BackgroundReplacer) -> None:
     for i, expected in enumerate(sequential):
         diff = int(np.abs(results[i].astype(int) - expected.astype(int)).max())
         assert diff == 0, f"job {i}: threaded result differs from the sequential one by {diff}"
+
+
+def test_models_folder_with_a_tilde(exported_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README writes BackgroundReplacer("~/bgswap-models"): ~ is the user's home."""
+    monkeypatch.setenv("HOME", str(exported_dir.parent))
+    swapper = BackgroundReplacer(f"~/{exported_dir.name}", provider="cpu")
+    assert swapper.pipeline.config is not None

@@ -565,6 +565,11 @@ def test_run_exports_once_from_sources_then_reuses(tiny_models_dir: Path, export
         assert not any("exporting" in line for line in lines), lines
     assert (folder / "manifest.json").stat().st_mtime_ns == stamp, "the export was redone"
     assert (tmp_path / "b.png").read_bytes() == (tmp_path / "a.png").read_bytes()
+    # `info` lists it in the cache, with its size
+    capsys.readouterr()
+    assert main(["info"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if str(folder) in line]
+    assert len(listed) == 1 and re.search(r"\d+(\.\d+)? [KMG]iB$", listed[0]), listed
     # other sources than the export's: refused, not silently ignored
     other = tmp_path / "other-rmbg"
     shutil.copytree(tiny_models_dir / "rmbg", other)

@@ -138,7 +138,7 @@ class BackgroundReplacer:
         max_pixels: int | None = None,
         pipeline: Pipeline | None = None,
     ) -> None:
-        self.pipeline = pipeline if pipeline is not None else Pipeline.load(models, provider=provider, threads=threads)
+        self.pipeline = pipeline if pipeline is not None else Pipeline.load(Path(models).expanduser(), provider=provider, threads=threads)
         self.max_pixels = max_pixels
         self._lock = threading.Lock()
 

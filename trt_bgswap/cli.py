@@ -234,6 +234,7 @@ def _run_batch(
 ) -> int:
     """Process each input; one image's failure is reported and the batch goes on. Returns the exit code."""
     inputs = {p.resolve() for p in plan}
+    report.start = time.perf_counter()  # the summary's rate is the batch's, model loading excluded (as the progress bar's)
     progress = Progress(len(plan), show_progress)
     tell = log.error if len(plan) > 1 else log.debug  # in a batch, say it when it happens; the summary repeats it
     for src, targets in plan.items():
@@ -507,7 +508,7 @@ def _models_for_run(args: argparse.Namespace) -> Path:
     """The exported folder `run` loads: --models or the per-user default, exported now if sources are given and it holds none."""
     from trt_bgswap.paths import default_export_dir
 
-    folder = Path(args.models) if args.models else default_export_dir()
+    folder = Path(args.models).expanduser() if args.models else default_export_dir()
     given = {dest: getattr(args, dest) for _, _, dest in SOURCE_OPTIONS if getattr(args, dest) is not None}
     if (folder / "manifest.json").is_file():
         if given:
