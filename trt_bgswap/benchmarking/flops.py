@@ -2,7 +2,8 @@
 
 Shapes come from ONNX Runtime's symbolic shape inference
 (``onnxruntime.tools.symbolic_shape_infer``) after the graph inputs are pinned to the
-benchmarked sizes; weights are not loaded (external data stays on disk). Counted, as
+benchmarked sizes; weights are not loaded (external data stays on disk, except tensors
+small enough to be shape arithmetic, whose values the inference may need). Counted, as
 2 x multiply-accumulates (the usual convention, e.g. the "FLOPs" of the Stable Diffusion
 and IS-Net papers' tables are MACs x 2):
 
@@ -31,6 +32,7 @@ from trt_bgswap.errors import BackendUnavailable, ModelError
 
 log = logging.getLogger(__name__)
 
+SMALL_TENSOR_ELEMENTS = 4096  # external initializers up to this size are read (shape inference may need their values)
 COUNTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "MultiHeadAttention", "Attention")
 
 
@@ -67,6 +69,15 @@ def _pin_inputs(model: Any, dims: Mapping[str, Sequence[int]]) -> None:
         for d, v in zip(tdims, shape):
             d.ClearField("dim_param")
             d.dim_value = int(v)
+
+
+def _load_small_external_tensors(model: Any, base_dir: Path) -> None:
+    """Read the small external initializers (shape arithmetic constants) but never the weights."""
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    for t in model.graph.initializer:
+        if uses_external_data(t) and math.prod(t.dims) <= SMALL_TENSOR_ELEMENTS:
+            load_external_data_for_tensor(t, str(base_dir))
 
 
 def _shape_table(model: Any) -> dict[str, list[int | None]]:
@@ -134,6 +145,7 @@ def count_flops(onnx_path: str | Path, dims: Mapping[str, Sequence[int]]) -> Flo
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError and friends
         raise ModelError(f"{path}: not a readable ONNX graph ({e})") from e
+    _load_small_external_tensors(model, path.parent)
     _pin_inputs(model, dims)
     inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
     shapes = _shape_table(inferred)

@@ -120,11 +120,13 @@ def measure_ours(job: Mapping[str, Any]) -> dict[str, Any]:
     result["text_encoder_cached"] = time.perf_counter() - t
 
     result["prepost"] = _prepost(pipeline, masker, rgb, (width, height), steps, warmup, runs)
+    # the pipeline's peak: before the batch-throughput runs and the fp32-RMBG comparison add their own memory
+    result["peak_rss"] = peak_rss_bytes()
+    result["device_memory_after_runs"] = device_memory_used()  # a lower bound of the device peak; None on CPU
     result["throughput"] = _throughput(pipeline, masker, rgb, dims, job, samples)
     if job.get("rmbg_fp32"):
         result["rmbg_fp32"] = _rmbg_fp32(manifest, masker, job, provider, threads, warmup, runs)
-    result["peak_rss"] = peak_rss_bytes()
-    result["device_memory_after_runs"] = device_memory_used()  # a lower bound of the device peak; None on CPU
+    result["peak_rss_end"] = peak_rss_bytes()  # including batch-2 runs and the extra fp32 RMBG session
     return result
 
 

@@ -201,6 +201,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if cold:
         co, cb = cold.get("ours"), cold.get("baseline")
         lines.append(
+            f"| peak RSS of one cold `run` process | {_gb(co['peak_rss']) if co else '-'} | {_gb(cb['peak_rss']) if cb else '-'} | "
+            f"{_x(_ratio(co['peak_rss'], cb['peak_rss']) if co and cb else None)} |"
+        )
+        lines.append(
             f"| cold start (launch -> image written) | {_s(co['to_first_image']) if co else '-'} | {_s(cb['to_first_image']) if cb else '-'} | "
             f"{_x(_ratio(co['to_first_image'], cb['to_first_image']) if co and cb else None)} |"
         )
