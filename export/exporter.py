@@ -175,11 +175,14 @@ def export_models(
     external_data: bool | None = None,
     overwrite: bool = False,
     fused_step: bool = False,
+    device_graphs: bool = False,
 ) -> Manifest:
     """Export everything given into ``out_dir`` and return its manifest.
 
     ``fused_step`` also exports ``unet_step/``: the UNet with classifier-free guidance and the
     LCM step inside one graph, which the TensorRT device loop runs without host round trips.
+    ``device_graphs`` also writes ``vae_encoder_sample/``, ``vae_decoder_image/`` and ``rmbg_full/``:
+    the VAE and RMBG graphs with the pipeline's host arithmetic inside (:mod:`.device_graphs`).
     ``vae_precision=None`` keeps the VAE in fp32 (fp16 VAEs overflow); ``external_data=None``
     puts weights in ``model.onnx_data`` only for graphs near protobuf's 2 GB limit.
     """
@@ -251,6 +254,11 @@ def export_models(
             )
             root = rmbg_src if rmbg_src.is_dir() else rmbg_src.parent
             sources["rmbg"] = {"path": str(rmbg_src.resolve()), "sha256": _hash_files(root, rmbg_files)}
+        if device_graphs:
+            from trt_bgswap.export.device_graphs import export_device_graphs
+
+            log.info("device graphs: the VAE and RMBG graphs with their pre/post-processing inside")
+            models.update(export_device_graphs(stage, models, inpaint, rmbg_config))
         data_hashes = {
             name: sha256_file((stage / entry.file).with_name(DATA_FILE))
             for name, entry in models.items()

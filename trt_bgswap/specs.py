@@ -11,6 +11,7 @@ Symbols used by the built-in models:
 - ``B``: batch (2x the images when classifier-free guidance runs)
 - ``H``, ``W``: generation size in pixels; ``h``, ``w``: latent size
 - ``S``: the RMBG network's square input size when the graph leaves it dynamic
+- ``PH``, ``PW``: a photo's own size (``rmbg_full`` takes the photo as it is)
 
 This module is imported by the lean runtime: numpy only.
 """
@@ -258,6 +259,44 @@ def rmbg_spec(input_size: int | None, input_name: str = "input", output_name: st
         "rmbg",
         inputs=(TensorSpec(input_name, "float32", ("B", 3, s, s)),),
         outputs=(TensorSpec(output_name, "float32", ("B", 1, s, s)),),
+    )
+
+
+# --- Device-graph variants: the host arithmetic around a model moved into its graph (export --device-graphs). ---
+
+
+def vae_encoder_sample_spec(image_channels: int, latent_channels: int) -> ModelSpec:
+    """VAE encoder + posterior draw + scaling: masked image and eps in, UNet-ready masked-image latents out."""
+    return ModelSpec(
+        "vae_encoder_sample",
+        inputs=(
+            TensorSpec("sample", "float32", ("B", image_channels, "H", "W")),
+            TensorSpec("eps", "float32", ("B", latent_channels, "h", "w")),
+        ),
+        outputs=(TensorSpec("masked_image_latents", "float32", ("B", latent_channels, "h", "w")),),
+    )
+
+
+def vae_decoder_image_spec(image_channels: int, latent_channels: int) -> ModelSpec:
+    """Unscaling + VAE decoder + [-1, 1] -> [0, 1] clamp: scaled latents in, the image (NCHW, float32) out."""
+    return ModelSpec(
+        "vae_decoder_image",
+        inputs=(TensorSpec("latents", "float32", ("B", latent_channels, "h", "w")),),
+        outputs=(TensorSpec("image", "float32", ("B", image_channels, "H", "W")),),
+    )
+
+
+def rmbg_full_spec(batch: Dim = "B") -> ModelSpec:
+    """RMBG with its pre/post-processing inside: a uint8 NHWC photo of any size ``PH`` x ``PW`` in, its alpha out.
+
+    uint8 NHWC is what the image decoder yields: the host neither transposes nor converts,
+    and the upload is a quarter of a float32 one. ``batch`` is the net's own (1 for published
+    graphs that fix it).
+    """
+    return ModelSpec(
+        "rmbg_full",
+        inputs=(TensorSpec("image", "uint8", (batch, "PH", "PW", 3)),),
+        outputs=(TensorSpec("alpha", "float32", (batch, 1, "PH", "PW")),),
     )
 
 
