@@ -394,7 +394,7 @@ def cmd_mask(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     given = {dest: getattr(args, dest) for _, _, dest in SOURCE_OPTIONS if getattr(args, dest) is not None}
     sources = _with_defaults(given, need_inpaint=True, need_rmbg=True)
-    manifest = _export(sources, Path(args.out), args.precision, args.opset, args.offline, args.allow_pickle, args.force, args.fused_step)
+    manifest = _export(sources, Path(args.out), args.precision, args.opset, args.offline, args.allow_pickle, args.force, args.fused_step, args.device_graphs)
     log.info("exported %s to %s", ", ".join(manifest.models), args.out)
     return 0
 
@@ -460,6 +460,7 @@ def _export(
     allow_pickle: bool,
     overwrite: bool,
     fused_step: bool = False,
+    device_graphs: bool = False,
 ) -> "Manifest":
     """Resolve the sources (local paths, hub ids, registry names; 'none' leaves one out) and export them to ``out``."""
     from trt_bgswap.export.exporter import export_models
@@ -475,7 +476,8 @@ def _export(
         value = values[dest]
         resolved[dest] = None if value is None else resolve_source(value, family=family, offline=offline, allow_pickle=allow_pickle)
     return export_models(
-        resolved["inpaint"], resolved["lcm_lora"], resolved["rmbg"], out, precision=precision, opset=opset, overwrite=overwrite, fused_step=fused_step
+        resolved["inpaint"], resolved["lcm_lora"], resolved["rmbg"], out, precision=precision, opset=opset, overwrite=overwrite, fused_step=fused_step,
+        device_graphs=device_graphs,
     )
 
 
@@ -674,6 +676,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     e.add_argument("--force", action="store_true", help="replace an existing exported folder")
     e.add_argument("--fused-step", action="store_true", help="also export unet_step/: UNet + guidance + LCM step in one graph (the TensorRT device loop runs it)")
+    e.add_argument(
+        "--device-graphs",
+        action="store_true",
+        help="also export vae_encoder_sample/, vae_decoder_image/, rmbg_full/: the VAE and RMBG with their pre/post-processing inside (TensorRT keeps data on the GPU)",
+    )
     e.set_defaults(func=cmd_export)
 
     t = sub.add_parser("tiny-models", help="write tiny random-weight models in the real formats (offline smoke tests)")
