@@ -298,6 +298,8 @@ def test_batch_with_a_corrupt_file(exported_dir: Path, photos: Path, tmp_path: P
     folder = tmp_path / "in"
     shutil.copytree(photos, folder)
     _corrupt_png(folder / "broken.png")
+    (folder / "._astronaut.jpg").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")  # hidden: not an input
+    save(folder / ".thumbnails" / "coffee.png", photo("coffee")[:32, :32])
     out = tmp_path / "out"
     code, lines = cli(capsys, "run", "--models", exported_dir, folder, "--recursive", "--prompt", "a city", "--seed", 4, "-o", out)
     assert code == 1, lines

@@ -107,7 +107,11 @@ def collect_inputs(items: Sequence[str], recursive: bool) -> tuple[list[Path], l
                 found.setdefault(f, None)
         elif p.is_dir():
             walker = p.rglob("*") if recursive else p.glob("*")
-            files = sorted(f for f in walker if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            # hidden files and folders (macOS ._ resource forks, .thumbnails, our own temp files) are not photos
+            files = sorted(
+                f for f in walker
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )
             if not files:
                 hint = "" if recursive else " (add --recursive to look in sub-folders)"
                 problems.append((item, f"the folder has no image files{hint}"))
