@@ -89,6 +89,9 @@ def test_quick_report_compares_flops_targets_and_int8(quick_report: tuple[dict, 
     assert set(q["agreement"]) and 0.0 <= q["mean_iou"] <= 1.0 and q["mean_mae"] >= 0.0
     assert report["build"]["models"]["rmbg"]["kind"] == "int8"
     assert report["build"]["models"]["unet"]["kind"] == "fused"
+    for model in ("unet", "text_encoder"):  # a claimed speed-up is measured: fused and unfused on the same inputs
+        _check_stats(report["ours"]["unfused"][model]["fused"], f"{model} fused", 2)
+        _check_stats(report["ours"]["unfused"][model]["unfused"], f"{model} unfused", 2)
     for side in ("ours", "baseline"):
         c = report["cold_start"][side]
         assert 0 < c["to_first_image"] <= c["process_wall"], f"cold start {side}: {c}"

@@ -126,7 +126,9 @@ def measure_ours(job: Mapping[str, Any]) -> dict[str, Any]:
     result["throughput"] = _throughput(pipeline, masker, rgb, dims, job, samples)
     if job.get("rmbg_fp32"):
         result["rmbg_fp32"] = _rmbg_fp32(manifest, masker, job, provider, threads, warmup, runs)
-    result["peak_rss_end"] = peak_rss_bytes()  # including batch-2 runs and the extra fp32 RMBG session
+    if job.get("unfused"):
+        result["unfused"] = _unfused(pipeline, manifest, job, provider, threads, dims)
+    result["peak_rss_end"] = peak_rss_bytes()  # including batch-2 runs and the extra comparison sessions
     return result
 
 
@@ -206,4 +208,30 @@ def _rmbg_fp32(manifest: Manifest, masker: Masker, job: Mapping[str, Any], provi
     out["agreement"] = agreement
     out["mean_iou"] = float(np.mean([a["iou"] for a in agreement.values()]))
     out["mean_mae"] = float(np.mean([a["mae"] for a in agreement.values()]))
+    return out
+
+
+def _unfused(pipeline: Pipeline, manifest: Manifest, job: Mapping[str, Any], provider: str, threads: int, dims: Mapping[str, int]) -> dict[str, Any]:
+    """The fused graphs next to the exported ones (ONNX Runtime's own optimizations only), same inputs.
+
+    A speed-up claimed for the transformer fusions is measured here, not assumed.
+    """
+    from trt_bgswap.engines.optimize import random_feeds
+
+    runs = max(1, min(int(job["runs"]), 2))
+    out: dict[str, Any] = {}
+    for name, plan in job["unfused"].items():
+        entry = manifest.models[name]
+        feeds = random_feeds(entry.spec, dims)
+        fused = pipeline.engines[name]
+        plain = _engine(entry.spec, plan, provider, threads)
+        t0 = time.perf_counter()
+        plain.load()
+        load = time.perf_counter() - t0
+        out[name] = {
+            "fused": time_calls(lambda: fused(**feeds), 1, runs).to_json(),
+            "unfused": time_calls(lambda: plain(**feeds), 1, runs).to_json(),
+            "unfused_session_load": load,
+        }
+        plain.unload()
     return out

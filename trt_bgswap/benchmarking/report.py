@@ -221,6 +221,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"({_x(_ratio(_median(q['pipeline_model']), _median(q['model'])))}); mask agreement on {len(q['agreement'])} real photos: "
             f"mean IoU {q['mean_iou']:.4f}, mean MAE {q['mean_mae']:.5f} (per photo in the JSON).",
         ]
+    if o.get("unfused"):
+        lines += ["", "| transformer fusions (same inputs, batch 1) | fused | exported graph, ONNX Runtime 'all' | fused / unfused |", "|---|---:|---:|---:|"]
+        for name, v in o["unfused"].items():
+            lines.append(f"| {name} | {_s(_median(v['fused']))} | {_s(_median(v['unfused']))} | {_x(_ratio(_median(v['fused']), _median(v['unfused'])))} |")
     lines += ["", "| build step | seconds |", "|---|---:|"]
     for k, v in report["timeline_seconds"].items():
         lines.append(f"| {k} | {v:.1f} |")

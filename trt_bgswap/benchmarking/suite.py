@@ -43,6 +43,7 @@ RANDOM_WEIGHTS_NOTE = (
     "quality of the int8 masks (their agreement with fp32 is what is measured)."
 )
 WORKER_TIMEOUT_S = 3 * 3600
+FUSED_MODELS = ("unet", "text_encoder")  # engines/optimize.py's DEFAULT_FUSED, timed against their unfused export
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,9 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
         **common, "export_dir": str(export_dir), "engines": plans, "provider": "cpu" if settings.backend == "cpu" else "auto",
         "batch_sizes": list(settings.batch_sizes), "accuracy_photos": list(ACCURACY_PHOTOS),
         "rmbg_fp32": {"path": str(manifest.model_path(export_dir, "rmbg")), "graph_optimization": "all", "backend": "ort"} if applied["int8_rmbg"] else None,
+        "unfused": {
+            m: {"path": str(manifest.model_path(export_dir, m)), "graph_optimization": "all", "backend": "ort"} for m in FUSED_MODELS
+        } if applied["fuse"] else None,
     }  # fmt: skip
     ours = timeline.run("time our pipeline", lambda: _worker("ours", job_ours, work))
     baseline = None
