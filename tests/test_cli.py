@@ -580,6 +580,30 @@ def test_run_exports_once_from_sources_then_reuses(tiny_models_dir: Path, export
     assert not (tmp_path / "d.png").exists()
 
 
+def test_run_exports_from_a_hub_id_offline(tiny_models_dir: Path, photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run --rmbg briaai/RMBG-1.4` offline, from a hub cache laid out as huggingface_hub does; reused by registry name."""
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--briaai--RMBG-1.4" / "snapshots" / ("c" * 40)
+    shutil.copytree(tiny_models_dir / "rmbg", snapshot, ignore=shutil.ignore_patterns("model_fp16.onnx", "model_quantized.onnx"))
+    (cache / "models--briaai--RMBG-1.4" / "refs").mkdir()
+    (cache / "models--briaai--RMBG-1.4" / "refs" / "main").write_text("c" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("TRT_BGSWAP_HOME", str(tmp_path / "home"))
+    src = photos / "chelsea.png"
+    code, lines = cli(capsys, "run", src, "--rmbg", "briaai/RMBG-1.4", "--bg-color", "white", "-o", tmp_path / "a.png")
+    assert code == 0, lines
+    assert any("exporting them once" in line for line in lines), lines
+    assert any("licence: rmbg-1.4" in line and "not licensed for commercial use" in line for line in lines), lines
+    code, lines = cli(capsys, "run", src, "--rmbg", "rmbg-1.4", "--bg-color", "white", "-o", tmp_path / "b.png")
+    assert code == 0 and any("using the exported models in" in line for line in lines), lines
+    assert not any("licence:" in line for line in lines), "the licence notice is shown once"
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    code, lines = cli(capsys, "run", src, "--rmbg", "someone/other-rmbg", "--bg-color", "white", "-o", tmp_path / "c.png")
+    assert code == 2 and "already holds models exported from" in lines[-1] and "someone/other-rmbg" in lines[-1], lines
+
+
 @pytest.mark.parametrize(
     "given,bg_color,mask,expected",
     [
