@@ -134,7 +134,7 @@ class OrtEngine(Engine):
             raise ModelError(f"{self.path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from e
         got = self.session.get_providers()
         wanted = [p for p, _ in providers]
-        log.info("%s: running on %s", self.spec.name, ", ".join(got))
+        log.debug("%s: running on %s", self.spec.name, ", ".join(got))
         if got and wanted and got[0] != wanted[0]:
             log.warning("%s: asked for %s but ONNX Runtime runs %s", self.spec.name, wanted[0], got[0])
         names = {o.name for o in self.session.get_outputs()}

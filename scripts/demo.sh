@@ -12,7 +12,7 @@ VENV="${VENV:-.venv}"
 BGSWAP="$VENV/bin/trt-bgswap"
 "$BGSWAP" tiny-models models/tiny
 "$BGSWAP" export --inpaint models/tiny/sd-inpainting --lcm-lora models/tiny/lcm-lora --rmbg models/tiny/rmbg \
-    --out models/tiny-export
+    --out models/tiny-export --force
 "$BGSWAP" run examples/astronaut.jpg --models models/tiny-export --prompt "a sunny beach, photograph" \
     --seed 42 --size 256x256 -o out/astronaut_bgswap.png --save-mask out/astronaut_mask.png --overwrite --progress
 echo "wrote out/astronaut_bgswap.png and out/astronaut_mask.png"

@@ -380,6 +380,7 @@ def cmd_mask(args: argparse.Namespace) -> int:
     if not plan:
         return _finish(report)
     masker = _load_masker(args.rmbg, args.provider, args.threads)
+    log.info("rmbg %s on %s", masker.engine.path, masker.engine.backend)
     protected = {p.resolve() for p in inputs}
 
     def work(src: Path, targets: list[Path]) -> None:
