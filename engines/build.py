@@ -33,7 +33,7 @@ from trt_bgswap.engines.ort_build import (
     ort_key,
     prepare_ort_model,
 )
-from trt_bgswap.engines.profiles import GenerationShapes, ShapeProfile, Size, model_profiles
+from trt_bgswap.engines.profiles import DimRange, GenerationShapes, ShapeProfile, Size, model_profiles, profile_from_ranges
 from trt_bgswap.engines.trt_build import TrtBuildOptions, build_plan, tensorrt_version
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,19 @@ def _extra_dims(manifest: Manifest, spec: ModelSpec) -> dict[str, int]:
             raise ModelError(f"{spec.name}: its spec has a dynamic side S but the manifest has no rmbg config; re-run `trt-bgswap export`")
         return {"S": manifest.rmbg.input_size[0]}
     return {}
+
+
+# rmbg_full (export --device-graphs) takes photos at their own size PH x PW: one dynamic profile over photo
+# sides, tuned for 1024; TensorRT sizes its scratch memory for the max (about 0.5 GB at 4096 x 4096).
+PHOTO_DIMS = ("PH", "PW")
+PHOTO_SIDE = DimRange(1, 1024, 4096)
+
+
+def photo_profiles(spec: ModelSpec) -> list[ShapeProfile] | None:
+    """The profile of a model that takes photos as they are (batch 1), or None for the generation-size models."""
+    if not set(PHOTO_DIMS) <= set(spec.symbols()):
+        return None
+    return [profile_from_ranges(spec, {s: PHOTO_SIDE if s in PHOTO_DIMS else DimRange.fixed(1) for s in spec.symbols()})]
 
 
 def _trt_model(
@@ -210,7 +223,7 @@ def build_engines(
     for name in names:
         entry = manifest.models[name]
         onnx_path = manifest.model_path(export_dir, name)
-        profiles = model_profiles(entry.spec, shapes, vae_scale_factor, _extra_dims(manifest, entry.spec))
+        profiles = photo_profiles(entry.spec) or model_profiles(entry.spec, shapes, vae_scale_factor, _extra_dims(manifest, entry.spec))
         graph_hash = onnx_graph_hash(onnx_path)
         if backend == "trt":
             key = tensorrt_key(graph_hash, options.precision, [p.to_json() for p in profiles], options.key_parts(), trt_version, cc)

@@ -39,12 +39,11 @@ import numpy as np
 from trt_bgswap.errors import ModelError
 from trt_bgswap.export.onnx_export import DATA_FILE, EXTERNAL_DATA_THRESHOLD, MODEL_FILE, check_graph_against_spec
 from trt_bgswap.manifest import InpaintConfig, ModelEntry, RmbgConfig, sha256_file
+from trt_bgswap.runtime.device_pipeline import DECODER, DEVICE_GRAPHS, ENCODER, RMBG  # noqa: F401 - the names, declared once
 from trt_bgswap.specs import ModelSpec, rmbg_full_spec, vae_decoder_image_spec, vae_encoder_sample_spec
 
 log = logging.getLogger(__name__)
 
-ENCODER, DECODER, RMBG = "vae_encoder_sample", "vae_decoder_image", "rmbg_full"
-DEVICE_GRAPHS = (ENCODER, DECODER, RMBG)
 PREFIX = "dg_"  # every tensor the wrappers add is named dg_*; a clash with the inner graph is refused
 PIXEL_SCALE = 255.0  # RMBG's reference divides 0..255 pixels by 255 (runtime.masker.PIXEL_SCALE)
 MIN_OPSET = 11  # Resize's half_pixel mode and Clip's min/max inputs

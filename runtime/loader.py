@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,9 @@ def open_engines(
     choice: BackendChoice,
     threads: int = 0,
     share_activations: bool = True,
+    names: Sequence[str] | None = None,
 ) -> dict[str, Engine]:
-    """One unloaded engine per model of the manifest, on ``choice``'s backend.
+    """One unloaded engine per model of the manifest (or of ``names`` only), on ``choice``'s backend.
 
     TensorRT engines share one CUDA stream and (``share_activations``) one activation
     block sized to the largest engine's need: the stages run one after another, so a
@@ -63,6 +65,7 @@ def open_engines(
     folder = Path(folder)
     index = read_index(folder, choice)
     engines: dict[str, Engine] = {}
+    models = {k: v for k, v in manifest.models.items() if names is None or k in names}
     if choice.engine == "trt":
         if index is None:
             raise ModelError(
@@ -74,7 +77,7 @@ def open_engines(
 
         stream = Stream()
         shared = SharedActivations() if share_activations else None
-        for name, entry in manifest.models.items():
+        for name, entry in models.items():
             if name not in index:
                 raise ModelError(f"{folder}: no TensorRT engine for {name}; re-run `trt-bgswap build {folder} --backend trt`")
             engines[name] = TrtEngine(entry.spec, folder / ENGINES_DIR / index[name]["path"], stream=stream, shared_activations=shared)
@@ -83,7 +86,7 @@ def open_engines(
         raise UsageError(f"backend {choice.name} names no ONNX Runtime provider")
     if index is None:
         log.info("no pre-optimized graphs for %s; `trt-bgswap build %s` makes sessions start faster", choice.provider, folder)
-    for name, entry in manifest.models.items():
+    for name, entry in models.items():
         built = (index or {}).get(name)
         if built is None:
             engines[name] = OrtEngine(entry.spec, folder / entry.file, provider=choice.provider, intra_op_threads=threads)

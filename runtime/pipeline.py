@@ -53,6 +53,7 @@ from trt_bgswap.specs import pipeline_dims
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from trt_bgswap.runtime.device_pipeline import DeviceChain
     from trt_bgswap.runtime.trt_loop import TrtStepLoop as DeviceStepLoop
 
 MAX_STEPS = 50
@@ -137,9 +138,12 @@ class Pipeline:
         masker: Masker | None,
         tokenizer: ClipTokenizer | None,
         step_loop: "DeviceStepLoop | None" = None,
+        device_chain: "DeviceChain | None" = None,
     ) -> None:
         self.manifest = manifest
         self.step_loop = step_loop  # the TensorRT device loop over the fused unet_step graph
+        # TensorRT: encoder -> loop -> decoder on the device, one download (runtime/device_pipeline.py)
+        self.device_chain = device_chain
         self.engines = dict(engines)
         self.masker = masker
         self.tokenizer = tokenizer
@@ -155,26 +159,37 @@ class Pipeline:
         provider: str = "auto",
         threads: int = 0,
         engines: Mapping[str, Engine] | None = None,
+        device_graphs: bool | None = None,
     ) -> "Pipeline":
         """Open an exported folder on a backend, using `trt-bgswap build`'s engines when present.
+
+        ``device_graphs``: run the export's device graphs (``export --device-graphs``: VAE and RMBG
+        with their pre/post-processing inside) instead of the host-path models; ``None`` does so
+        on TensorRT when the export has them (the generation then stays on the GPU until the image).
 
         ``provider``: ``auto`` (TensorRT engines, then ONNX Runtime CUDA, then CPU), ``trt``,
         ``tensorrt`` / ``cuda`` (ONNX Runtime execution providers) or ``cpu``. ``engines``
         overrides individual models with engines the caller made.
         """
+        from trt_bgswap.runtime.device_pipeline import device_chain_for, device_graphs_in, models_to_open
         from trt_bgswap.runtime.loader import open_engines, resolve_backend
 
         folder = Path(folder)
         manifest = Manifest.load(folder)
         choice = resolve_backend(provider)
-        built: dict[str, Engine] = open_engines(folder, manifest, choice, threads)
+        if device_graphs is None:
+            device_graphs = choice.engine == "trt" and bool(device_graphs_in(manifest))
+        names = models_to_open(manifest, device_graphs)
+        built: dict[str, Engine] = open_engines(folder, manifest, choice, threads, names=names)
         built.update(engines or {})
         step_loop = None
+        chain = None
         if choice.engine == "trt" and "unet_step" in built and not (engines and "unet_step" in engines):
             from trt_bgswap.runtime.trt_loop import TrtStepLoop
 
             step = built.pop("unet_step")
-            step_loop = TrtStepLoop(step.spec, step.path, stream=step.stream, shared_activations=step.shared)
+            chain = device_chain_for(built, step, manifest.inpaint) if device_graphs else None
+            step_loop = chain.loop if chain is not None else TrtStepLoop(step.spec, step.path, stream=step.stream, shared_activations=step.shared)
         for engine in built.values():
             engine.load()
         masker = None
@@ -185,12 +200,15 @@ class Pipeline:
         if manifest.inpaint is not None:
             tokenizer = ClipTokenizer.from_dir(folder / manifest.inpaint.tokenizer_dir)
         log.info("loaded %s (%s): %s", folder, choice.name, ", ".join(f"{k}={e.backend}" for k, e in built.items()))
-        return cls(manifest, built, masker, tokenizer, step_loop=step_loop)
+        return cls(manifest, built, masker, tokenizer, step_loop=step_loop, device_chain=chain)
 
     # --- stages (public so benchmarks can time them one by one) ---
 
     def _require_inpaint(self) -> InpaintConfig:
-        missing = [m for m in INPAINT_MODELS if m not in self.engines]
+        from trt_bgswap.runtime.device_pipeline import REPLACES
+
+        replaced = {REPLACES[g] for g in REPLACES if g in self.engines}  # a device graph stands in for its host model
+        missing = [m for m in INPAINT_MODELS if m not in self.engines and m not in replaced]
         if self.config is None or missing or self.tokenizer is None:
             raise ModelError(f"this model folder has no inpainting models ({missing or 'config'} missing); re-run `trt-bgswap export --inpaint ...`")
         return self.config
@@ -213,12 +231,19 @@ class Pipeline:
 
     def mask(self, rgb: np.ndarray) -> np.ndarray:
         """RMBG's soft alpha (float32 HxW in [0,1]) for an RGB uint8 image."""
+        if "rmbg_full" in self.engines:  # the device graph: pre/post-processing inside, the photo as it is
+            from trt_bgswap.runtime.device_pipeline import mask_with
+
+            return mask_with(self.engines["rmbg_full"], rgb)
         if self.masker is None:
             raise ModelError("this model folder has no RMBG model; re-run `trt-bgswap export --rmbg ...` or pass a mask")
         return self.masker.predict(rgb)
 
     def encode_masked_image(self, masked: np.ndarray, eps: np.ndarray) -> np.ndarray:
         cfg = self._require_inpaint()
+        if "vae_encoder_sample" in self.engines:  # the device graph draws and scales inside
+            enc = self.engines["vae_encoder_sample"]
+            return enc(sample=_cast(enc, "sample", masked), eps=_cast(enc, "eps", eps))["masked_image_latents"]
         enc = self.engines["vae_encoder"]
         out = enc(sample=_cast(enc, "sample", masked))
         latents = out["latent_mean"].astype(np.float32) + out["latent_std"].astype(np.float32) * eps
@@ -238,6 +263,11 @@ class Pipeline:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Latents -> float32 hxwx3 image in [0, 1]."""
         cfg = self._require_inpaint()
+        if "vae_decoder_image" in self.engines:  # the device graph unscales and clamps inside
+            from trt_bgswap.runtime.device_pipeline import image_hwc
+
+            dec = self.engines["vae_decoder_image"]
+            return image_hwc(dec(latents=_cast(dec, "latents", latents))["image"])
         z = latents / np.float32(cfg.vae_scaling_factor)
         if cfg.vae_shift_factor is not None:
             z = z + np.float32(cfg.vae_shift_factor)
@@ -275,7 +305,6 @@ class Pipeline:
             mask = resize_mask_for_model(mask_u8, width, height)
             masked = image * (mask < 0.5)
             latent_mask = resize_nearest(mask, (dims["h"], dims["w"]))
-            masked_latents = self.encode_masked_image(masked, noise.posterior)
 
             guided = options.guidance > 1.0
             cond = self.text_embeddings(options.prompt)
@@ -285,6 +314,9 @@ class Pipeline:
             sched = self.scheduler
             sched.set_timesteps(options.steps)
             latents = noise.latents.astype(np.float32) * np.float32(sched.init_noise_sigma)
+            if self.device_chain is not None:
+                return self._generate_on_device(masked, latents, noise, latent_mask, embeddings, options.guidance)
+            masked_latents = self.encode_masked_image(masked, noise.posterior)
             if self.step_loop is not None or "unet_step" in self.engines:
                 latents = self._denoise_fused(latents, noise, latent_mask, masked_latents, embeddings, options.guidance)
             else:
@@ -339,6 +371,33 @@ class Pipeline:
             return self.step_loop.denoise(self.scheduler.coefficients, inputs)
         return denoise(self.engines["unet_step"], self.scheduler.coefficients, inputs)
 
+    def _generate_on_device(
+        self,
+        masked: np.ndarray,
+        latents: np.ndarray,
+        noise: Noise,
+        latent_mask: np.ndarray,
+        embeddings: np.ndarray,
+        guidance: float,
+    ) -> np.ndarray:
+        """Encoder, loop and decoder on the GPU (runtime/device_pipeline.py); only the image comes back."""
+        from trt_bgswap.runtime.device_pipeline import GenerationInputs, image_hwc
+        from trt_bgswap.runtime.step_loop import check_step_scheduler
+
+        assert self.scheduler is not None and self.scheduler.coefficients is not None and self.device_chain is not None
+        check_step_scheduler(self.scheduler.config)
+        steps = len(self.scheduler.coefficients)
+        inputs = GenerationInputs(
+            np.ascontiguousarray(masked, dtype=np.float32),
+            np.ascontiguousarray(noise.posterior, dtype=np.float32),
+            latents,
+            tuple(noise.steps[: steps - 1]),
+            latent_mask,
+            embeddings,
+            guidance,
+        )
+        return image_hwc(self.device_chain.generate(self.scheduler.coefficients, inputs))
+
     def replace(
         self,
         rgb: np.ndarray,
@@ -380,6 +439,8 @@ class Pipeline:
 
     def backends(self) -> dict[str, str]:
         names = {k: e.backend for k, e in self.engines.items()}
+        if self.device_chain is not None:
+            names["unet_step"] = self.device_chain.backend
         if self.masker is not None:
             names["rmbg"] = self.masker.engine.backend
         return names

@@ -1,0 +1,291 @@
+"""The generation chain kept on the GPU: masked image in, final image out, one download.
+
+With the device graphs of an export (``export --device-graphs``,
+:mod:`trt_bgswap.export.device_graphs`) the host arithmetic between the VAE, the
+denoising loop and RMBG lives inside the graphs, so on TensorRT the data can stay on
+the device from the first upload to the final image:
+
+1. upload the preprocessed masked image and the posterior's ``eps`` into
+   ``vae_encoder_sample``; run it;
+2. its ``masked_image_latents`` go device-to-device into the fused step graph's input;
+   :meth:`TrtStepLoop.run_on_device` runs the whole LCM loop (noise, schedule, latent
+   mask and text embeddings uploaded once) and returns the final latents' address;
+3. those go device-to-device into ``vae_decoder_image``; run it;
+4. only the image (NCHW float32 in [0, 1]) comes back: one device-to-host copy.
+
+The mask is one engine call: ``rmbg_full`` takes the uint8 photo as it is and returns
+the alpha at the photo's size (one upload, one download).
+
+Every decision (which models chain into which, the dims of each engine, that linked
+tensors have the same size, the copies a generation makes) is a plain function
+(:func:`chain_plan`, :func:`mask_plan`) tested on CPU; :class:`DeviceChain` only
+executes it. The same graphs run on ONNX Runtime through the ordinary engine interface
+(``Pipeline.load(..., device_graphs=True)``), which proves the chain end to end on CPU.
+Importable without ``tensorrt``/``cuda-python``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trt_bgswap.errors import InputImageError, ModelError, UsageError
+from trt_bgswap.manifest import InpaintConfig, Manifest
+from trt_bgswap.runtime.cuda_device import Stream
+from trt_bgswap.runtime.engine import Engine
+from trt_bgswap.runtime.scheduler import LCMCoefficients
+from trt_bgswap.runtime.step_loop import STEP_MODEL, DenoiseInputs
+from trt_bgswap.runtime.trt_backend import SharedActivations, TrtEngine
+from trt_bgswap.runtime.trt_loop import StepEngine, TrtStepLoop
+from trt_bgswap.specs import ModelSpec, pipeline_dims
+
+log = logging.getLogger(__name__)
+
+ENCODER, DECODER, RMBG = "vae_encoder_sample", "vae_decoder_image", "rmbg_full"
+DEVICE_GRAPHS = (ENCODER, DECODER, RMBG)
+# the host-path model each device graph replaces (not opened when its device graph runs)
+REPLACES = {ENCODER: "vae_encoder", DECODER: "vae_decoder", RMBG: "rmbg"}
+HTOD, DTOD, DTOH = "HtoD", "DtoD", "DtoH"
+
+
+# --- the plan: plain Python, tested on CPU -------------------------------------------------------
+
+
+def device_graphs_in(manifest: Manifest) -> list[str]:
+    """The device graphs an export holds (the VAE pair counts only as a pair)."""
+    have = [name for name in DEVICE_GRAPHS if name in manifest.models]
+    if (ENCODER in have) != (DECODER in have):
+        raise ModelError(f"the export has only {[n for n in (ENCODER, DECODER) if n in have]} of the VAE device graphs; re-run `trt-bgswap export --device-graphs`")
+    return have
+
+
+def models_to_open(manifest: Manifest, device_graphs: bool) -> list[str]:
+    """Which of the manifest's models a pipeline opens: device graphs replace their host-path models, or are left out."""
+    graphs = device_graphs_in(manifest)
+    if device_graphs:
+        if not graphs:
+            raise UsageError("device_graphs=True but this export has no device graphs; re-run `trt-bgswap export --device-graphs`")
+        replaced = {REPLACES[g] for g in graphs}
+        return [name for name in manifest.models if name not in replaced]
+    return [name for name in manifest.models if name not in DEVICE_GRAPHS]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    model: str
+    tensor: str
+
+
+@dataclass(frozen=True)
+class Link:
+    """One engine's output copied device-to-device into another engine's input."""
+
+    src: Endpoint
+    dst: Endpoint
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ChainPlan:
+    """What one generation moves where: uploads, device-to-device links, downloads, and every engine's dims."""
+
+    dims: Mapping[str, Mapping[str, int]]
+    uploads: tuple[Endpoint, ...]  # host -> device, once per generation
+    links: tuple[Link, ...]
+    downloads: tuple[Endpoint, ...]
+
+    def copies(self, schedule_changed: bool) -> dict[str, int]:
+        """cudaMemcpy counts of one generation (the loop also uploads its schedule when it changed)."""
+        return {HTOD: len(self.uploads) + int(schedule_changed), DTOD: len(self.links), DTOH: len(self.downloads)}
+
+
+# The loop's own uploads (trt_loop.TrtStepLoop): its conditioning inputs except the linked one, and the noise block.
+LOOP_HOST_INPUTS = ("mask", "encoder_hidden_states", "guidance")
+LOOP_NOISE = "noise rows"  # the noise block (initial latents + step noise), one upload
+FINAL_LATENTS = "prev_latents"  # where the loop leaves the final latents (the last step's output row)
+
+
+def chain_plan(specs: Mapping[str, ModelSpec], cfg: InpaintConfig, height: int, width: int, guided: bool) -> ChainPlan:
+    """The generation chain at ``height`` x ``width``; refuses graphs whose linked tensors differ in size or dtype."""
+    for name in (ENCODER, STEP_MODEL, DECODER):
+        if name not in specs:
+            raise ModelError(f"the device chain needs the {name!r} graph; re-run `trt-bgswap export --fused-step --device-graphs`")
+    size = pipeline_dims(1, height, width, cfg.vae_scale_factor)
+    latent = {"h": size["h"], "w": size["w"]}
+    dims = {ENCODER: size, STEP_MODEL: {"B": 2 if guided else 1, **latent}, DECODER: size}
+    links = []
+    for src, dst in (
+        (Endpoint(ENCODER, "masked_image_latents"), Endpoint(STEP_MODEL, "masked_image_latents")),
+        (Endpoint(STEP_MODEL, FINAL_LATENTS), Endpoint(DECODER, "latents")),
+    ):
+        a, b = specs[src.model].tensor(src.tensor), specs[dst.model].tensor(dst.tensor)
+        na = a.nbytes(dims[src.model])
+        if (a.dtype, a.resolve(dims[src.model])) != (b.dtype, b.resolve(dims[dst.model])):
+            raise ModelError(
+                f"{src.model}.{src.tensor} is {a.dtype}{a.resolve(dims[src.model])} but {dst.model}.{dst.tensor} takes "
+                f"{b.dtype}{b.resolve(dims[dst.model])}; export the graphs together (`trt-bgswap export --fused-step --device-graphs`)"
+            )
+        links.append(Link(src, dst, na))
+    uploads = (
+        Endpoint(ENCODER, "sample"),
+        Endpoint(ENCODER, "eps"),
+        *(Endpoint(STEP_MODEL, n) for n in LOOP_HOST_INPUTS),
+        Endpoint(STEP_MODEL, LOOP_NOISE),
+    )
+    return ChainPlan(dims, uploads, tuple(links), (Endpoint(DECODER, "image"),))
+
+
+def mask_plan(spec: ModelSpec, height: int, width: int) -> ChainPlan:
+    """``rmbg_full`` on one photo: the uint8 photo up, the alpha down."""
+    batch = spec.inputs[0].shape[0]
+    dims = {"PH": height, "PW": width, **({} if isinstance(batch, int) else {str(batch): 1})}
+    return ChainPlan({RMBG: dims}, (Endpoint(RMBG, "image"),), (), (Endpoint(RMBG, "alpha"),))
+
+
+def same_stream(*streams: Stream) -> bool:
+    """Chained engines must share one stream: that alone orders a copy after the run that produced its source."""
+    return all(s is streams[0] for s in streams)
+
+
+# --- the execution: thin TensorRT / CUDA -------------------------------------------------------
+
+
+class DeviceFedStepEngine(StepEngine):
+    """The step engine, with inputs that can come from another engine's device buffer instead of the host."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        path: Path,
+        stream: Stream | None = None,
+        shared_activations: SharedActivations | None = None,
+    ) -> None:
+        super().__init__(spec, path, stream=stream, shared_activations=shared_activations, use_cuda_graph=False)
+        self.device_feeds: dict[str, int] = {}  # input name -> device address its data is copied from
+
+    def upload(self, name: str, array: np.ndarray) -> None:
+        ptr = self.device_feeds.get(name)
+        if ptr is None:
+            super().upload(name, array)
+        else:
+            self.feed_from_device(name, ptr)
+
+
+class ChainedStepLoop(TrtStepLoop):
+    """:class:`TrtStepLoop` whose conditioning inputs can be fed device-to-device (the encoder's latents)."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        plan_path: Path,
+        stream: Stream | None = None,
+        use_cuda_graph: bool = True,
+        shared_activations: SharedActivations | None = None,
+    ) -> None:
+        super().__init__(spec, plan_path, stream=stream, use_cuda_graph=use_cuda_graph, shared_activations=shared_activations)
+        self.engine = DeviceFedStepEngine(spec, plan_path, stream=stream, shared_activations=shared_activations)
+
+
+@dataclass(frozen=True)
+class GenerationInputs:
+    """One generation's host inputs to the chain (everything preprocessed; see ``Pipeline.inpaint``)."""
+
+    masked_image: np.ndarray  # (1, 3, H, W) in [-1, 1], zero where the background is repainted
+    eps: np.ndarray  # (1, C, h, w) the VAE posterior draw
+    latents: np.ndarray  # (1, C, h, w) initial latents, already times init_noise_sigma
+    step_noise: tuple[np.ndarray, ...]  # (1, C, h, w) per non-final step
+    latent_mask: np.ndarray  # (1, 1, h, w)
+    embeddings: np.ndarray  # (1 or 2, S, D)
+    guidance: float
+
+
+class DeviceChain:
+    """vae_encoder_sample -> the LCM loop -> vae_decoder_image on TensorRT, on one stream, one download."""
+
+    def __init__(self, encoder: TrtEngine, loop: ChainedStepLoop, decoder: TrtEngine, cfg: InpaintConfig) -> None:
+        self.encoder, self.loop, self.decoder, self.cfg = encoder, loop, decoder, cfg
+        self.last_plan: ChainPlan | None = None
+
+    @property
+    def backend(self) -> str:
+        return f"{self.loop.engine.backend} (device chain)"
+
+    def load(self) -> None:
+        self.encoder.load()
+        self.decoder.load()
+        self.loop.load()
+        if not same_stream(self.encoder.stream, self.loop.stream, self.decoder.stream):
+            raise UsageError("the device chain's engines run on different CUDA streams; open them with one stream (runtime.loader does)")
+
+    def generate(self, coefficients: LCMCoefficients, inputs: GenerationInputs) -> np.ndarray:
+        """The whole generation on the device; returns the (1, 3, H, W) float32 image in [0, 1]."""
+        self.load()
+        _, _, height, width = inputs.masked_image.shape
+        specs = {ENCODER: self.encoder.spec, STEP_MODEL: self.loop.engine.spec, DECODER: self.decoder.spec}
+        plan = chain_plan(specs, self.cfg, height, width, inputs.embeddings.shape[0] == 2)
+        _allocate(self.encoder, plan.dims[ENCODER])
+        self.encoder.upload("sample", inputs.masked_image)
+        self.encoder.upload("eps", inputs.eps)
+        self.encoder.run()
+        link_in, link_out = plan.links
+        # the encoder's output is copied on the device; the host array only gives the loop its shape
+        placeholder = np.zeros(inputs.latents.shape, dtype=np.float32)
+        denoise = DenoiseInputs(inputs.latents, inputs.step_noise, inputs.latent_mask, placeholder, inputs.embeddings, inputs.guidance)
+        self.loop.engine.device_feeds = {link_in.dst.tensor: self.encoder.device_ptr(link_in.src.tensor)}
+        try:
+            final = self.loop.run_on_device(coefficients, denoise)
+        finally:
+            self.loop.engine.device_feeds = {}
+        _allocate(self.decoder, plan.dims[DECODER])
+        self.decoder.feed_from_device(link_out.dst.tensor, final)
+        self.decoder.run()
+        self.last_plan = plan
+        return self.decoder.download(plan.downloads[0].tensor)
+
+    def close(self) -> None:
+        self.loop.close()
+
+
+def _allocate(engine: TrtEngine, dims: Mapping[str, int]) -> None:
+    """(Re)allocate only when the shapes change: allocation invalidates the engine's buffers and CUDA graph."""
+    if engine._dims != dict(dims):
+        engine.allocate(dims)
+
+
+def device_chain_for(
+    engines: Mapping[str, object], step: TrtEngine, cfg: InpaintConfig | None, use_cuda_graph: bool = True
+) -> DeviceChain | None:
+    """The device chain when the TensorRT engines for it were opened (else None: the pipeline runs stage by stage)."""
+    enc, dec = engines.get(ENCODER), engines.get(DECODER)
+    if cfg is None or not isinstance(enc, TrtEngine) or not isinstance(dec, TrtEngine):
+        return None
+    loop = ChainedStepLoop(step.spec, step.path, stream=step.stream, use_cuda_graph=use_cuda_graph, shared_activations=step.shared)
+    return DeviceChain(enc, loop, dec, cfg)
+
+
+def image_hwc(image: np.ndarray) -> np.ndarray:
+    """The decoder graph's (1, 3, H, W) image as the pipeline's HxWx3 (a view; no arithmetic left on the host)."""
+    if image.ndim != 4 or image.shape[0] != 1:
+        raise ModelError(f"{DECODER} returned shape {image.shape}; expected (1, 3, H, W)")
+    return image[0].transpose(1, 2, 0)
+
+
+def alpha_hw(alpha: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """``rmbg_full``'s (1, 1, PH, PW) alpha as the masker's HxW float32."""
+    if alpha.shape != (1, 1, *shape[:2]):
+        raise ModelError(f"{RMBG} returned shape {alpha.shape} for a {shape[1]}x{shape[0]} photo; expected (1, 1, {shape[0]}, {shape[1]})")
+    return alpha[0, 0]
+
+
+def mask_with(engine: Engine, rgb: np.ndarray) -> np.ndarray:
+    """HxW float32 alpha of a uint8 HxWx3 photo from ``rmbg_full`` (any backend): one upload, one download on TensorRT."""
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
+        desc = f"{rgb.dtype} array of shape {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
+        raise InputImageError(f"RMBG takes a non-empty uint8 HxWx3 RGB array, got a {desc}; convert the image to RGB uint8 first")
+    plan = mask_plan(engine.spec, rgb.shape[0], rgb.shape[1])
+    out = engine(**{plan.uploads[0].tensor: np.ascontiguousarray(rgb)[None]})
+    return alpha_hw(out[plan.downloads[0].tensor], rgb.shape)
