@@ -252,3 +252,31 @@ def test_vae_graphs_keep_weights_of_the_host_graphs(device_dir: Path, name: str)
     outer_w = {t.name: numpy_helper.to_array(t) for t in outer.graph.initializer}
     for t in inner.graph.initializer:
         np.testing.assert_array_equal(outer_w[t.name], numpy_helper.to_array(t), err_msg=f"{name}: weight {t.name}")
+
+
+def test_rmbg_full_around_an_fp16_graph(device_dir: Path, tmp_path: Path) -> None:
+    """fp16 weights behind fp32 I/O (export --precision fp16): the wrapper feeds and reads the same fp32 boundary."""
+    from trt_bgswap.export.fp16 import convert_to_fp16
+
+    manifest = Manifest.load(device_dir)
+    assert manifest.rmbg is not None
+    half = tmp_path / "rmbg-fp16.onnx"
+    onnx.save_model(convert_to_fp16(device_dir / manifest.models["rmbg"].file), str(half))
+    masker = Masker(OrtEngine(manifest.models["rmbg"].spec, half, provider="cpu"), manifest.rmbg)
+    model, spec = rmbg_full_graph(onnx.load(str(half)), manifest.rmbg)
+    entry = save_graph(model, spec, tmp_path / RMBG, "fp16")
+    rgb = photo("chelsea")
+    err = max_err(OrtEngine(entry.spec, tmp_path / entry.file, provider="cpu")(image=rgb[None])["alpha"][0, 0], masker.predict(rgb))
+    assert err <= ALPHA_TOL, f"alpha (fp16 net): max abs err {err:.3g} vs Masker.predict on the same fp16 graph"
+    assert check_onnx_for_tensorrt(tmp_path / entry.file, entry.spec).ok
+
+
+def test_rmbg_full_normalises_each_image_of_a_batch(device_dir: Path) -> None:
+    masker = Masker.from_export(device_dir, Manifest.load(device_dir), provider="cpu")
+    rmbg_full = engine_for(device_dir, RMBG)
+    photos = [np.ascontiguousarray(data.astronaut()[:300, :400]), np.ascontiguousarray(data.coffee()[:300, :400])]
+    got = rmbg_full(image=np.stack(photos))["alpha"]
+    for i, rgb in enumerate(photos):
+        err = max_err(got[i, 0], masker.predict(rgb))
+        assert err <= ALPHA_TOL, f"batch item {i}: max abs err {err:.3g} vs Masker.predict of that image alone"
+        assert got[i, 0].min() == 0.0 and got[i, 0].max() == 1.0, f"batch item {i} is not min-max normalised on its own"
