@@ -229,7 +229,10 @@ def test_device_graph_inpaint_equals_host_with_given_mask_and_noise(host: Pipeli
 
 @pytest.fixture()
 def emulated_device(monkeypatch: pytest.MonkeyPatch) -> "emulation.EmulatedCudart":
-    """tests/test_trt_loop_gpu.py's emulation, with output-only dims (the decoder's H, W) derived as a plan records them."""
+    """tests/test_trt_loop_gpu.py's emulation, with output-only dims (the decoder's H, W) derived as a plan records them.
+
+    ``derived`` maps an output-only symbol to ``[source symbol, mul, div]``: the value TensorRT would report.
+    """
     from trt_bgswap.runtime import cuda_device
 
     cuda = emulation.EmulatedCudart()
@@ -248,7 +251,7 @@ def emulated_device(monkeypatch: pytest.MonkeyPatch) -> "emulation.EmulatedCudar
 
                 def dims(shapes: dict) -> dict:
                     d = from_inputs(shapes)
-                    return {**d, **{k: d[src] * factor for k, (src, factor) in derived.items()}}
+                    return {**d, **{k: d[src] * mul // div for k, (src, mul, div) in derived.items()}}
 
                 ctx._dims = dims
                 ctx.get_tensor_shape = lambda name: engine.spec.tensor(name).resolve(dims({t.name: ctx.shapes[t.name] for t in engine.spec.inputs}))
@@ -284,7 +287,7 @@ def emulated_plans(device_export: Path, manifest: Manifest, tmp_path_factory: py
             "onnx": str(device_export / manifest.models[name].file),
             "spec": spec.to_json(),
             "profiles": [p.to_json() for p in profiles],
-            "derived": {"H": ["h", cfg.vae_scale_factor], "W": ["w", cfg.vae_scale_factor]} if name == DECODER else {},
+            "derived": {"H": ["h", cfg.vae_scale_factor, 1], "W": ["w", cfg.vae_scale_factor, 1]} if name == DECODER else {},
         }
         plans[name] = folder / f"{name}.plan"
         plans[name].write_text(json.dumps(plan))
@@ -383,28 +386,63 @@ def test_emulated_mask_is_one_upload_and_one_download(emulated_device, emulated_
         engine.close()
 
 
-def test_emulated_pipeline_replace_downloads_only_the_image_and_the_alpha(
-    emulated_device, emulated_plans: dict[str, Path], device_export: Path, manifest: Manifest, host: Pipeline  # noqa: ANN001
-) -> None:
-    from trt_bgswap.runtime.trt_backend import TrtEngine
+@pytest.fixture(scope="module")
+def emulated_trt_folder(device_export: Path, manifest: Manifest, emulated_plans: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An export folder as `trt-bgswap build --backend trt` leaves it: manifest, tokenizer, engines/index-trt.json -> (emulated) plans."""
+    import shutil
 
-    chain = emulated_chain(emulated_plans, manifest, use_cuda_graph=True)
-    stream = chain.encoder.stream  # one stream for every engine, as runtime.loader opens them
-    engines = {
-        "text_encoder": TrtEngine(manifest.models["text_encoder"].spec, emulated_plans["text_encoder"], stream=stream),
-        "unet": host.engines["unet"],  # present as in a real export; the chain does not call it
-        RMBG: TrtEngine(manifest.models[RMBG].spec, emulated_plans[RMBG], stream=stream),
-        ENCODER: chain.encoder,
-        DECODER: chain.decoder,
-    }
-    pipe = Pipeline(manifest, engines, None, host.tokenizer, step_loop=chain.loop, device_chain=chain)
+    cfg = manifest.inpaint
+    assert cfg is not None
+    folder = tmp_path_factory.mktemp("emulated-trt") / "export"
+    (folder / "engines").mkdir(parents=True)
+    shutil.copy(device_export / "manifest.json", folder / "manifest.json")
+    shutil.copytree(device_export / cfg.tokenizer_dir, folder / cfg.tokenizer_dir)
+    size = pipeline_dims(1, HEIGHT, WIDTH, cfg.vae_scale_factor)
+    index = {}
+    for name, entry in manifest.models.items():
+        plan = folder / "engines" / f"{name}.plan"
+        if name in emulated_plans:
+            shutil.copy(emulated_plans[name], plan)
+        else:  # the host-path models, for device_graphs=False
+            batches = (1, 2) if name == "unet" else (1,)
+            extra = {"S": manifest.rmbg.input_size[0]} if name == "rmbg" and manifest.rmbg else {}
+            profiles = [profile_from_ranges(entry.spec, {s: DimRange.fixed(v) for s, v in {**size, **extra, "B": b}.items()}) for b in batches]
+            f = cfg.vae_scale_factor
+            derived = {"H": ["h", f, 1], "W": ["w", f, 1]} if name == "vae_decoder" else {}
+            derived.update({"h": ["H", 1, f], "w": ["W", 1, f]} if name == "vae_encoder" else {})
+            plan.write_text(json.dumps({"onnx": str(device_export / entry.file), "spec": entry.spec.to_json(), "profiles": [p.to_json() for p in profiles], "derived": derived}))
+        index[name] = {"path": plan.name}
+    (folder / "engines" / "index-trt.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.fixture()
+def trt_machine(monkeypatch: pytest.MonkeyPatch, emulated_device) -> "emulation.EmulatedCudart":  # noqa: ANN001
+    """A machine that reports a CUDA device and tensorrt (the emulation), so `auto` and `trt` pick TensorRT."""
+    from trt_bgswap.runtime.backends import Availability
+
+    monkeypatch.setattr(Availability, "probe", classmethod(lambda cls: cls(cuda_devices=1, tensorrt=True, ort_providers=("CPUExecutionProvider",))))
+    return emulated_device
+
+
+def test_emulated_trt_load_picks_the_device_chain_and_replace_downloads_only_alpha_and_image(
+    trt_machine, emulated_trt_folder: Path, host: Pipeline  # noqa: ANN001
+) -> None:
+    from trt_bgswap.runtime.device_pipeline import same_stream
+
+    pipe = Pipeline.load(emulated_trt_folder, provider="auto")
+    chain = pipe.device_chain
+    assert chain is not None and pipe.step_loop is chain.loop, "TensorRT + device graphs must run the device chain"
+    assert set(pipe.engines) == {"text_encoder", "unet", *DEVICE_GRAPHS}, sorted(pipe.engines)
+    assert same_stream(*(e.stream for e in pipe.engines.values() if hasattr(e, "stream")), chain.loop.stream)
     rgb = data.chelsea()
     options = GenerationOptions(prompt=PROMPT, negative_prompt="blurry", steps=3, guidance=2.0, seed=4, size=(WIDTH, HEIGHT))
+    counts = trt_machine.counts
     try:
         pipe.text_embeddings(PROMPT), pipe.text_embeddings("blurry")  # prompts encoded (and cached) beforehand
-        before = dict(emulated_device.counts)
+        before = dict(counts)
         got = pipe.replace(rgb, options)
-        delta = {k: emulated_device.counts[k] - before[k] for k in (HTOD, DTOD, DTOH)}
+        delta = {k: counts[k] - before[k] for k in (HTOD, DTOD, DTOH)}
         assert delta[DTOH] == 2, f"a replace must download the alpha and the generated image only: {delta}"
         assert delta[DTOD] == 2, f"encoder -> loop and loop -> decoder stay on the device: {delta}"
         assert delta[HTOD] == 1 + 7, f"the photo once, then the generation's seven uploads: {delta}"
@@ -416,8 +454,26 @@ def test_emulated_pipeline_replace_downloads_only_the_image_and_the_alpha(
         assert "device chain" in pipe.backends()[STEP_MODEL]
     finally:
         chain.close()
-        for name in ("text_encoder", RMBG, ENCODER, DECODER):
-            engines[name].close()
+        for engine in pipe.engines.values():
+            engine.unload()
+
+
+def test_emulated_trt_load_without_device_graphs_keeps_the_host_path(trt_machine, emulated_trt_folder: Path, host: Pipeline) -> None:  # noqa: ANN001
+    pipe = Pipeline.load(emulated_trt_folder, provider="trt", device_graphs=False)
+    assert pipe.device_chain is None and pipe.step_loop is not None
+    assert not set(DEVICE_GRAPHS) & set(pipe.engines) and pipe.masker is not None
+    rgb = data.coffee()
+    options = GenerationOptions(prompt=PROMPT, steps=2, guidance=1.0, seed=9, size=(WIDTH, HEIGHT))
+    try:
+        got, want = pipe.replace(rgb, options), host.replace(rgb, options)
+        assert got.generated is not None and want.generated is not None
+        err = max_err(got.generated, want.generated)
+        assert err <= IMAGE_TOL, f"host path on (emulated) TensorRT: generated image max abs err {err:.3g}"
+    finally:
+        pipe.step_loop.close()
+        for engine in pipe.engines.values():
+            engine.unload()
+        pipe.masker.engine.unload()
 
 
 # --- on a GPU --------------------------------------------------------------------------------
