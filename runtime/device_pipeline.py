@@ -40,7 +40,7 @@ from trt_bgswap.runtime.engine import Engine
 from trt_bgswap.runtime.scheduler import LCMCoefficients
 from trt_bgswap.runtime.step_loop import STEP_MODEL, DenoiseInputs
 from trt_bgswap.runtime.trt_backend import SharedActivations, TrtEngine
-from trt_bgswap.runtime.trt_loop import StepEngine, TrtStepLoop
+from trt_bgswap.runtime.trt_loop import CONDITIONING_TENSORS, StepEngine, TrtStepLoop
 from trt_bgswap.specs import ModelSpec, pipeline_dims
 
 log = logging.getLogger(__name__)
@@ -103,10 +103,12 @@ class ChainPlan:
         return {HTOD: len(self.uploads) + int(schedule_changed), DTOD: len(self.links), DTOH: len(self.downloads)}
 
 
+LINKED_INPUT = "masked_image_latents"  # the step graph's input the encoder's output feeds on the device
 # The loop's own uploads (trt_loop.TrtStepLoop): its conditioning inputs except the linked one, and the noise block.
-LOOP_HOST_INPUTS = ("mask", "encoder_hidden_states", "guidance")
+LOOP_HOST_INPUTS = tuple(n for n in CONDITIONING_TENSORS if n != LINKED_INPUT)
 LOOP_NOISE = "noise rows"  # the noise block (initial latents + step noise), one upload
 FINAL_LATENTS = "prev_latents"  # where the loop leaves the final latents (the last step's output row)
+ENCODER_HOST_INPUTS = ("sample", "eps")  # the masked image and the posterior draw
 
 
 def chain_plan(specs: Mapping[str, ModelSpec], cfg: InpaintConfig, height: int, width: int, guided: bool) -> ChainPlan:
@@ -119,7 +121,7 @@ def chain_plan(specs: Mapping[str, ModelSpec], cfg: InpaintConfig, height: int, 
     dims = {ENCODER: size, STEP_MODEL: {"B": 2 if guided else 1, **latent}, DECODER: size}
     links = []
     for src, dst in (
-        (Endpoint(ENCODER, "masked_image_latents"), Endpoint(STEP_MODEL, "masked_image_latents")),
+        (Endpoint(ENCODER, "masked_image_latents"), Endpoint(STEP_MODEL, LINKED_INPUT)),
         (Endpoint(STEP_MODEL, FINAL_LATENTS), Endpoint(DECODER, "latents")),
     ):
         a, b = specs[src.model].tensor(src.tensor), specs[dst.model].tensor(dst.tensor)
@@ -131,8 +133,7 @@ def chain_plan(specs: Mapping[str, ModelSpec], cfg: InpaintConfig, height: int, 
             )
         links.append(Link(src, dst, na))
     uploads = (
-        Endpoint(ENCODER, "sample"),
-        Endpoint(ENCODER, "eps"),
+        *(Endpoint(ENCODER, n) for n in ENCODER_HOST_INPUTS),
         *(Endpoint(STEP_MODEL, n) for n in LOOP_HOST_INPUTS),
         Endpoint(STEP_MODEL, LOOP_NOISE),
     )
@@ -228,8 +229,10 @@ class DeviceChain:
         specs = {ENCODER: self.encoder.spec, STEP_MODEL: self.loop.engine.spec, DECODER: self.decoder.spec}
         plan = chain_plan(specs, self.cfg, height, width, inputs.embeddings.shape[0] == 2)
         _allocate(self.encoder, plan.dims[ENCODER])
-        self.encoder.upload("sample", inputs.masked_image)
-        self.encoder.upload("eps", inputs.eps)
+        host = {"sample": inputs.masked_image, "eps": inputs.eps}
+        for endpoint in plan.uploads:
+            if endpoint.model == ENCODER:
+                self.encoder.upload(endpoint.tensor, host[endpoint.tensor])
         self.encoder.run()
         link_in, link_out = plan.links
         # the encoder's output is copied on the device; the host array only gives the loop its shape
