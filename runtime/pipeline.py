@@ -180,6 +180,8 @@ class Pipeline:
         if device_graphs is None:
             device_graphs = choice.engine == "trt" and bool(device_graphs_in(manifest))
         names = models_to_open(manifest, device_graphs)
+        if "unet_step" in names:  # the fused step graph is what runs; the plain UNet would only take memory
+            names = [n for n in names if n != "unet"]
         built: dict[str, Engine] = open_engines(folder, manifest, choice, threads, names=names)
         built.update(engines or {})
         step_loop = None
@@ -208,6 +210,8 @@ class Pipeline:
         from trt_bgswap.runtime.device_pipeline import REPLACES
 
         replaced = {REPLACES[g] for g in REPLACES if g in self.engines}  # a device graph stands in for its host model
+        if "unet_step" in self.engines or self.step_loop is not None:
+            replaced.add("unet")  # the fused step graph stands in for the UNet
         missing = [m for m in INPAINT_MODELS if m not in self.engines and m not in replaced]
         if self.config is None or missing or self.tokenizer is None:
             raise ModelError(f"this model folder has no inpainting models ({missing or 'config'} missing); re-run `trt-bgswap export --inpaint ...`")
