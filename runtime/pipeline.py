@@ -194,6 +194,7 @@ class Pipeline:
             step_loop = chain.loop if chain is not None else TrtStepLoop(step.spec, step.path, stream=step.stream, shared_activations=step.shared)
         for engine in built.values():
             engine.load()
+        log.info("loaded %s (%s): %s", folder, choice.name, ", ".join(f"{k}={e.backend}" for k, e in built.items()))
         masker = None
         rmbg = built.pop("rmbg", None)
         if rmbg is not None and manifest.rmbg is not None:
@@ -201,7 +202,6 @@ class Pipeline:
         tokenizer = None
         if manifest.inpaint is not None:
             tokenizer = ClipTokenizer.from_dir(folder / manifest.inpaint.tokenizer_dir)
-        log.info("loaded %s (%s): %s", folder, choice.name, ", ".join(f"{k}={e.backend}" for k, e in built.items()))
         return cls(manifest, built, masker, tokenizer, step_loop=step_loop, device_chain=chain)
 
     # --- stages (public so benchmarks can time them one by one) ---
