@@ -32,7 +32,7 @@ from trt_bgswap.errors import BackendUnavailable, ModelError
 
 log = logging.getLogger(__name__)
 
-SMALL_TENSOR_ELEMENTS = 4096  # external initializers up to this size are read (shape inference may need their values)
+SMALL_TENSOR_ELEMENTS = 65536  # external initializers up to this size (biases, norms, shape constants) are read; shape inference may need their values
 COUNTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", "MultiHeadAttention", "Attention")
 
 
