@@ -89,3 +89,24 @@ def test_pipeline_with_fused_step_graph_matches_host_loop(fused_dir: Path, expor
     opts = GenerationOptions("a wooden table", steps=4, guidance=guidance, seed=9, size=(192, 128))
     err = float(np.abs(host.inpaint(rgb, mask, opts) - fused.inpaint(rgb, mask, opts)).max())
     assert err < 1e-5, f"guidance={guidance}: fused step graph differs from the host loop by {err:.3g}"
+
+
+def test_cli_build_cpu_fast_is_what_run_opens(exported_dir: Path, tmp_path: Path) -> None:
+    """`build --cpu-fast --rmbg-int8` writes the index the runtime reads: run opens the fused and int8 graphs."""
+    from PIL import Image
+
+    from trt_bgswap.cli import main
+
+    folder = tmp_path / "export"
+    shutil.copytree(exported_dir, folder)
+    photos = tmp_path / "calib"
+    photos.mkdir()
+    for name in ("astronaut", "coffee"):
+        Image.fromarray(getattr(data, name)()[::4, ::4]).save(photos / f"{name}.png")
+    assert main(["-q", "build", str(folder), "--cpu-fast", "--rmbg-int8", "--calibration", str(photos)]) == 0
+    p = Pipeline.load(folder, provider="cpu")
+    assert p.engines["unet"].path.name == "model.fused.onnx"
+    assert p.masker.engine.path.name == "model.int8.onnx"
+    r = p.replace(data.chelsea()[::2, ::2].copy(), GenerationOptions("a garden", steps=1, seed=1, size=(128, 128)))
+    assert r.image.shape == (150, 226, 3)
+    assert main(["-q", "build", str(folder), "--rmbg-int8"]) == 2  # calibration photos are required

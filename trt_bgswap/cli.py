@@ -423,6 +423,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     else:
         choice = resolve_backend(args.provider)
         backend, provider = "ort", choice.provider or "cpu"
+    if args.cpu_fast or args.rmbg_int8:
+        if backend != "ort" or provider != "cpu":
+            raise UsageError("--cpu-fast and --rmbg-int8 build for ONNX Runtime on the CPU: use --backend ort --provider cpu")
+        return _build_cpu_fast(args)
     report = build_engines(
         Path(args.dir),
         backend=backend,
@@ -433,6 +437,24 @@ def cmd_build(args: argparse.Namespace) -> int:
         provider=provider or "cpu",
     )
     log.info("engines in %s (%d rebuilt, %d reused)", report.out_dir, len(report.rebuilt), len(report.models) - len(report.rebuilt))
+    return 0
+
+
+def _build_cpu_fast(args: argparse.Namespace) -> int:
+    """The benchmark's CPU fast path: fused attention/LayerNorm graphs, optionally a static-int8 RMBG."""
+    from trt_bgswap.engines.optimize import build_cpu_fast
+    from trt_bgswap.runtime.image_io import read_image
+
+    images = []
+    if args.rmbg_int8:
+        if not args.calibration:
+            raise UsageError("--rmbg-int8 needs --calibration DIR: a folder of a few typical photos to calibrate on")
+        paths, problems = collect_inputs([args.calibration], recursive=False)
+        if problems or not paths:
+            raise UsageError(f"--calibration {args.calibration}: no readable photos there")
+        images = [read_image(p).rgb for p in paths]
+    build_cpu_fast(Path(args.dir), rmbg_int8=args.rmbg_int8, calibration_images=images, size=args.size[0] if args.size else None)
+    log.info("CPU fast path built in %s", Path(args.dir) / "engines")
     return 0
 
 
@@ -700,6 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--size", type=parse_size, action="append", help="generation size WxH (repeatable)")
     b.add_argument("--dynamic", help="dynamic size range MIN..MAX, e.g. 256..768")
     b.add_argument("--opt-level", type=_int_range("--opt-level", 0, 5), default=3, help="TensorRT builder optimization level")
+    b.add_argument("--cpu-fast", action="store_true", help="CPU: also fuse attention/LayerNorm with ONNX Runtime's transformer optimizer (parity-checked)")
+    b.add_argument("--rmbg-int8", action="store_true", help="CPU: static-int8 (QDQ) RMBG, about 2x faster; needs --calibration")
+    b.add_argument("--calibration", help="folder of typical photos for --rmbg-int8 calibration")
     b.set_defaults(func=cmd_build)
 
     i = sub.add_parser("info", help="versions, backends, GPU and cache contents")
