@@ -87,16 +87,15 @@ FULL_NAMES = ("sd-inpainting", "lcm-lora", "rmbg")
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    from trt_bgswap.export.tiny_sd import _write_json as write_json
+
+    write_json(path, obj)
 
 
 def _save(state: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
+    from trt_bgswap.export.tiny_sd import _save_safetensors
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+    _save_safetensors(state, path, metadata)
 
 
 def write_full_sd_inpainting(folder: str | Path, seed: int = 0) -> Path:
