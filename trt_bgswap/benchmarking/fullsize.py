@@ -30,7 +30,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from trt_bgswap.atomic import atomic_path, write_text_atomic
+from trt_bgswap.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
