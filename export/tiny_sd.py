@@ -132,6 +132,21 @@ def _perturb_constant_params(module: Any, generator: Any) -> None:
                 p.add_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
 
 
+# model_index.json of the SD1.5-inpainting diffusers layout (safety checker left out, as diffusers allows)
+SD15_INPAINT_MODEL_INDEX: dict[str, Any] = {
+    "_class_name": "StableDiffusionInpaintPipeline",
+    "_diffusers_version": "0.6.0",
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -198,18 +213,7 @@ def write_tiny_sd_inpainting(folder: str | Path, seed: int = 0) -> Path:
     _write_json(folder / "scheduler" / "scheduler_config.json", dict(SD15_SCHEDULER_CONFIG))
     _write_json(
         folder / "model_index.json",
-        {
-            "_class_name": "StableDiffusionInpaintPipeline",
-            "_diffusers_version": "0.6.0",
-            "feature_extractor": [None, None],
-            "requires_safety_checker": False,
-            "safety_checker": [None, None],
-            "scheduler": ["diffusers", "PNDMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        },
+        dict(SD15_INPAINT_MODEL_INDEX),
     )
     log.info("tiny SD-1.5 inpainting written to %s", folder)
     return folder

@@ -104,7 +104,7 @@ def write_full_sd_inpainting(folder: str | Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from trt_bgswap.export.tiny_sd import SD15_SCHEDULER_CONFIG
+    from trt_bgswap.export.tiny_sd import SD15_INPAINT_MODEL_INDEX, SD15_SCHEDULER_CONFIG
     from trt_bgswap.export.tiny_tokenizer import write_tiny_clip_tokenizer
 
     folder = Path(folder)
@@ -143,18 +143,7 @@ def write_full_sd_inpainting(folder: str | Path, seed: int = 0) -> Path:
     _write_json(folder / "scheduler" / "scheduler_config.json", dict(SD15_SCHEDULER_CONFIG))
     _write_json(
         folder / "model_index.json",
-        {
-            "_class_name": "StableDiffusionInpaintPipeline",
-            "_diffusers_version": "0.6.0",
-            "feature_extractor": [None, None],
-            "requires_safety_checker": False,
-            "safety_checker": [None, None],
-            "scheduler": ["diffusers", "PNDMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        },
+        dict(SD15_INPAINT_MODEL_INDEX),
     )
     return folder
 
