@@ -108,31 +108,43 @@ def _cosine_betas(n: int) -> np.ndarray:
     return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), COSINE_MAX_BETA) for i in range(n)], dtype=np.float32)
 
 
-def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-    """Shift/scale sqrt(alphas_cumprod) so the last timestep has zero SNR (Lin et al. 2023, Algorithm 1)."""
-    alphas_bar_sqrt = np.sqrt(np.cumprod((np.float32(1) - betas).astype(np.float64)).astype(np.float32))
+def cumprod_alphas(betas: np.ndarray) -> np.ndarray:
+    """float32 cumulative product of (1 - beta); torch's CPU cumprod accumulates float32 in double, so does this."""
+    return np.cumprod((np.float32(1) - betas).astype(np.float64)).astype(np.float32)
+
+
+def rescaled_alphas_bar(betas: np.ndarray) -> np.ndarray:
+    """Zero-terminal-SNR alphas_bar: sqrt(alphas_cumprod) shifted/scaled so the last one is 0 (Lin et al. 2023, Algorithm 1)."""
+    alphas_bar_sqrt = np.sqrt(cumprod_alphas(betas))
     first, last = alphas_bar_sqrt[0].copy(), alphas_bar_sqrt[-1].copy()
     alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
-    alphas_bar = alphas_bar_sqrt**2
+    return alphas_bar_sqrt**2
+
+
+def betas_from_alphas_bar(alphas_bar: np.ndarray) -> np.ndarray:
+    """Undo the cumulative product: beta_t = 1 - alphas_bar_t / alphas_bar_(t-1)."""
     alphas = np.concatenate([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
     return (np.float32(1) - alphas).astype(np.float32)
 
 
-def alphas_cumprod(config: LCMConfig) -> np.ndarray:
-    """float32 cumulative product of (1 - beta) over the training timesteps."""
+def schedule_betas(config: LCMConfig) -> np.ndarray:
+    """The float32 betas of the training schedule, before any zero-SNR rescaling."""
     n = config.num_train_timesteps
     if config.trained_betas is not None:
-        betas = np.asarray(config.trained_betas, dtype=np.float32)
-    elif config.beta_schedule == "linear":
-        betas = _torch_like_linspace(config.beta_start, config.beta_end, n)
-    elif config.beta_schedule == "scaled_linear":  # latent diffusion's schedule: linear in sqrt(beta)
-        betas = _torch_like_linspace(config.beta_start**0.5, config.beta_end**0.5, n) ** 2
-    else:
-        betas = _cosine_betas(n)
+        return np.asarray(config.trained_betas, dtype=np.float32)
+    if config.beta_schedule == "linear":
+        return _torch_like_linspace(config.beta_start, config.beta_end, n)
+    if config.beta_schedule == "scaled_linear":  # latent diffusion's schedule: linear in sqrt(beta)
+        return _torch_like_linspace(config.beta_start**0.5, config.beta_end**0.5, n) ** 2
+    return _cosine_betas(n)
+
+
+def alphas_cumprod(config: LCMConfig) -> np.ndarray:
+    """float32 cumulative product of (1 - beta) over the training timesteps."""
+    betas = schedule_betas(config)
     if config.rescale_betas_zero_snr:
-        betas = _rescale_zero_terminal_snr(betas)
-    # torch's CPU cumprod accumulates float32 in double; do the same.
-    return np.cumprod((np.float32(1) - betas).astype(np.float64)).astype(np.float32)
+        betas = betas_from_alphas_bar(rescaled_alphas_bar(betas))
+    return cumprod_alphas(betas)
 
 
 def boundary_scalings(timestep: int, timestep_scaling: float) -> tuple[float, float]:
