@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from trt_bgswap.atomic import make_staging_dir
 from trt_bgswap.errors import ModelError, UsageError
 from trt_bgswap.export.onnx_export import DATA_FILE, DEFAULT_OPSET, check_precision, require_export_stack
 from trt_bgswap.manifest import InpaintConfig, Manifest, ModelEntry, RmbgConfig, sha256_file
@@ -207,7 +208,7 @@ def export_models(
         lora_path = lora_file(lcm_lora_src)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    stage = make_staging_dir(out_dir.parent, f".{out_dir.name}.")
     try:
         models: dict[str, ModelEntry] = {}
         sources: dict[str, Any] = {}

@@ -60,6 +60,12 @@ FULL_CHROMA_QUALITY = 90
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+ALPHA_SUFFIXES = frozenset({".png", ".webp"})  # output formats that keep an alpha channel (cut-outs)
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})  # what batch inputs are
+# EXIF tags an output must not carry over: the orientation (already applied to the pixels) and, unless
+# asked, the GPS position (a privacy leak when results are shared).
+EXIF_ORIENTATION = 0x0112
+EXIF_GPS_IFD = 0x8825
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview
 
 
@@ -78,6 +84,16 @@ class LoadedImage:
     def size(self) -> tuple[int, int]:
         """(width, height), as PIL reports it."""
         return (self.rgb.shape[1], self.rgb.shape[0])
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What an image file's header says, read without decoding its pixels."""
+
+    size: tuple[int, int]  # (width, height) as stored (before EXIF orientation)
+    format: str | None
+    mode: str
+    has_alpha: bool  # a transparency channel or colour key; it may still be fully opaque
 
 
 def _one_line(text: object) -> str:
@@ -229,8 +245,8 @@ def _upright(label: str, im: Image.Image) -> Image.Image:
         return im
 
 
-def _decode(buf: io.BytesIO, label: str, max_pixels: int, min_side: int) -> tuple[Image.Image, str | None, int]:
-    """Open (header only), check the size, then decode the first frame."""
+def _open_header(buf: io.BytesIO, label: str, max_pixels: int, min_side: int) -> Image.Image:
+    """Open (header only) and check the declared size: a decompression bomb never allocates."""
     try:
         im = Image.open(buf)
     except Image.DecompressionBombError as e:
@@ -258,12 +274,19 @@ def _decode(buf: io.BytesIO, label: str, max_pixels: int, min_side: int) -> tupl
         ) from None
     except Exception as e:  # noqa: BLE001 - any header parse failure means a damaged file
         raise _corrupt(label, None, e) from None
-    fmt = im.format
     try:
         size = im.size
     except Exception as e:  # noqa: BLE001
-        raise _corrupt(label, fmt, e) from None
+        raise _corrupt(label, im.format, e) from None
     _check_size(label, size, max_pixels, min_side)
+    return im
+
+
+def _decode(buf: io.BytesIO, label: str, max_pixels: int, min_side: int) -> tuple[Image.Image, str | None, int]:
+    """Open (header only), check the size, then decode the first frame."""
+    im = _open_header(buf, label, max_pixels, min_side)
+    fmt = im.format
+    size = im.size
     frames = _frames(im)
     try:
         im.load()
@@ -276,6 +299,20 @@ def _decode(buf: io.BytesIO, label: str, max_pixels: int, min_side: int) -> tupl
     if frames > 1:
         log.warning("%s: %d frames (animated or multi-page); using the first", label, frames)
     return im, fmt, frames
+
+
+def probe_image(src: ImageSource, max_pixels: int | None = DEFAULT_MAX_PIXELS, *, min_side: int = MIN_SIDE, name: str | None = None) -> ImageInfo:
+    """The checks of :func:`read_image` that need only the header (readable, an image, within the size limits).
+
+    A batch probes every input before loading a model, so a missing or unreadable photo is
+    reported at once; damage inside the pixel data still shows only when it is decoded.
+    """
+    cap = _max_pixels(max_pixels)
+    buf, label, _ = _open_bytes(src, name)
+    with _pillow_warnings(label):
+        im = _open_header(buf, label, cap, min_side)
+        has_alpha = im.mode in ALPHA_MODES or "transparency" in im.info
+        return ImageInfo(size=im.size, format=im.format, mode=im.mode, has_alpha=has_alpha)
 
 
 @contextlib.contextmanager
@@ -381,6 +418,23 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def output_exif(exif: bytes | None, keep_gps: bool = False) -> bytes | None:
+    """The input's EXIF for an output: camera, date and the rest kept; orientation dropped (the pixels are
+    upright), GPS dropped unless asked. Unreadable EXIF is dropped with a log line, never an error."""
+    if not exif:
+        return None
+    try:
+        data = Image.Exif()
+        data.load(exif)
+        data.pop(EXIF_ORIENTATION, None)
+        if not keep_gps:
+            data.pop(EXIF_GPS_IFD, None)
+        return data.tobytes() if len(data) else None
+    except Exception as e:  # noqa: BLE001 - metadata must never cost the image
+        log.warning("EXIF metadata unreadable (%s); the output is written without it", _one_line(e))
+        return None
+
+
 def write_image(
     path: str | os.PathLike,
     image: np.ndarray,
@@ -388,6 +442,7 @@ def write_image(
     overwrite: bool = False,
     protected: Iterable[str | os.PathLike] = (),
     icc: bytes | None = None,
+    exif: bytes | None = None,
 ) -> Path:
     """Encode by extension and write atomically; refuses inputs (``protected``) and, unless asked, existing files.
 
@@ -425,6 +480,8 @@ def write_image(
         options["subsampling"] = 0
     if icc:
         options["icc_profile"] = icc
+    if exif:
+        options["exif"] = exif
     pil = to_pil(image)
     try:
         with atomic_path(target) as tmp:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +42,7 @@ from trt_bgswap.runtime.composite import (
     solid_background,
     upscale_background,
 )
+from trt_bgswap.runtime.color_management import ColorSpace
 from trt_bgswap.runtime.engine import Engine
 from trt_bgswap.runtime.mask_ops import MaskOptions, inpaint_mask, refine_alpha
 from trt_bgswap.runtime.masker import Masker
@@ -60,6 +61,9 @@ MAX_STEPS = 50
 MAX_GUIDANCE = 30.0
 PROMPT_CACHE_SIZE = 64
 INPAINT_MODELS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+MASK_STAGE, GENERATE_STAGE = "mask", "generate"
+STAGES = (MASK_STAGE, GENERATE_STAGE)
+MASK_MODELS = ("rmbg", "rmbg_full")
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,17 @@ class Pipeline:
         self._prompt_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.RLock()
         self.scheduler = LCMScheduler.from_config(self.config.scheduler) if self.config else None
+        self._open_masker: Callable[[], Pipeline] | None = None  # opens the mask stage on first use when load() left it out
+
+    @classmethod
+    def without_models(cls) -> "Pipeline":
+        """A pipeline that opens nothing: solid colours behind the caller's own masks."""
+        return cls(Manifest(precision="none", opset=None, models={}, inpaint=None, rmbg=None), {}, None, None)
+
+    @classmethod
+    def with_masker(cls, masker: Masker) -> "Pipeline":
+        """A pipeline around a masker opened on its own (an RMBG .onnx file): masks and solid colours."""
+        return cls(Manifest(precision="none", opset=None, models={}, inpaint=None, rmbg=masker.cfg), {}, masker, None)
 
     @classmethod
     def load(
@@ -160,8 +175,13 @@ class Pipeline:
         threads: int = 0,
         engines: Mapping[str, Engine] | None = None,
         device_graphs: bool | None = None,
+        stages: Collection[str] = STAGES,
     ) -> "Pipeline":
         """Open an exported folder on a backend, using `trt-bgswap build`'s engines when present.
+
+        ``stages``: which work this pipeline will do (``mask``, ``generate``); models of the other
+        stage are not opened (a solid-colour run opens no UNet), and a later ``mask`` call opens
+        the masker on first use.
 
         ``device_graphs``: run the export's device graphs (``export --device-graphs``: VAE and RMBG
         with their pre/post-processing inside) instead of the host-path models; ``None`` does so
@@ -179,7 +199,10 @@ class Pipeline:
         choice = resolve_backend(provider)
         if device_graphs is None:
             device_graphs = choice.engine == "trt" and bool(device_graphs_in(manifest))
-        names = models_to_open(manifest, device_graphs)
+        unknown = sorted(set(stages) - set(STAGES))
+        if unknown:
+            raise UsageError(f"stages={sorted(stages)}: {unknown} unknown; choose from {list(STAGES)}")
+        names = [n for n in models_to_open(manifest, device_graphs) if (MASK_STAGE if n in MASK_MODELS else GENERATE_STAGE) in stages]
         if "unet_step" in names:  # the fused step graph is what runs; the plain UNet would only take memory
             names = [n for n in names if n != "unet"]
         built: dict[str, Engine] = open_engines(folder, manifest, choice, threads, names=names)
@@ -200,9 +223,12 @@ class Pipeline:
         if rmbg is not None and manifest.rmbg is not None:
             masker = Masker(rmbg, manifest.rmbg)
         tokenizer = None
-        if manifest.inpaint is not None:
+        if manifest.inpaint is not None and GENERATE_STAGE in stages:
             tokenizer = ClipTokenizer.from_dir(folder / manifest.inpaint.tokenizer_dir)
-        return cls(manifest, built, masker, tokenizer, step_loop=step_loop, device_chain=chain)
+        pipe = cls(manifest, built, masker, tokenizer, step_loop=step_loop, device_chain=chain)
+        if MASK_STAGE not in stages:
+            pipe._open_masker = lambda: cls.load(folder, provider, threads, device_graphs=device_graphs, stages=(MASK_STAGE,))
+        return pipe
 
     # --- stages (public so benchmarks can time them one by one) ---
 
@@ -233,8 +259,22 @@ class Pipeline:
             self._prompt_cache.popitem(last=False)
         return out
 
+    @property
+    def can_mask(self) -> bool:
+        """Whether this pipeline has (or opens on first use) a masker."""
+        if self._open_masker is not None:
+            return self.manifest.rmbg is not None and any(m in self.manifest.models for m in MASK_MODELS)
+        return self.masker is not None or "rmbg_full" in self.engines
+
     def mask(self, rgb: np.ndarray) -> np.ndarray:
         """RMBG's soft alpha (float32 HxW in [0,1]) for an RGB uint8 image."""
+        if self._open_masker is not None:
+            with self._lock:
+                if self._open_masker is not None:
+                    other = self._open_masker()
+                    self.masker = other.masker
+                    self.engines.update({k: e for k, e in other.engines.items() if k in MASK_MODELS})
+                    self._open_masker = None
         if "rmbg_full" in self.engines:  # the device graph: pre/post-processing inside, the photo as it is
             from trt_bgswap.runtime.device_pipeline import mask_with
 
@@ -410,19 +450,27 @@ class Pipeline:
         alpha: np.ndarray | None = None,
         background_color: tuple[int, int, int] | None = None,
         noise: Noise | None = None,
+        color_space: ColorSpace | None = None,
     ) -> Result:
-        """The whole job for one image: mask (or the given alpha), new background, composite."""
+        """The whole job for one image: mask (or the given alpha), new background, composite.
+
+        ``color_space``: the photo's ICC space; the masker and the generation see the photo in
+        sRGB, and the new background (solid or generated, both sRGB) is converted into the
+        photo's space before the subject is put back, so the output keeps the photo's profile.
+        """
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise UsageError(f"image array must be uint8 HxWx3 RGB, got {rgb.dtype} {rgb.shape}")
+        cs = color_space or ColorSpace()
+        model_rgb = cs.to_srgb(rgb)
         mask_options = mask_options or MaskOptions()
-        raw = self.mask(rgb) if alpha is None else alpha
+        raw = self.mask(model_rgb) if alpha is None else alpha
         if raw.shape != rgb.shape[:2]:
             raise UsageError(f"mask is {raw.shape[1]}x{raw.shape[0]} but the image is {rgb.shape[1]}x{rgb.shape[0]}; give a mask of the image's size")
         a = refine_alpha(raw, mask_options)
         repaint = inpaint_mask(a, mask_options)
         h, w = rgb.shape[:2]
         if background_color is not None:
-            out = composite(rgb, solid_background(background_color, w, h), a)
+            out = composite(rgb, solid_background(cs.color_from_srgb(background_color), w, h), a)
             return Result(out, a, repaint, None, None, None, self.backends())
         if options is None:
             raise UsageError("give a prompt (GenerationOptions) or a background colour")
@@ -435,8 +483,8 @@ class Pipeline:
             seed=seed,
             size=options.size,
         )
-        generated = self.inpaint(rgb, repaint, options, noise)
-        background = upscale_background(generated, w, h)
+        generated = self.inpaint(model_rgb, repaint, options, noise)
+        background = cs.from_srgb(upscale_background(generated, w, h))
         out = composite(rgb, background, a)
         gsize = (generated.shape[1], generated.shape[0])
         return Result(out, a, repaint, generated, seed if noise is None else None, gsize, self.backends())

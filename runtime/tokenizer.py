@@ -87,7 +87,7 @@ def _vocab_and_merges(folder: Path) -> tuple[dict[str, int], list[tuple[str, str
         vocab = _read_json(vocab_file)
         merges = _read_merges(merges_file)
     else:
-        raise ModelError(f"{folder}: no vocab.json + merges.txt (or tokenizer.json); pass the model's tokenizer/ folder")
+        raise ModelError(f"{folder}: no vocab.json + merges.txt (or tokenizer.json); re-run `trt-bgswap export` to write the model folder again")
     if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
         raise ModelError(f"{folder}: vocab must map token strings to integer ids; re-export the model folder")
     return vocab, merges, normalized  # type: ignore[return-value]
@@ -129,7 +129,7 @@ class ClipTokenizer:
         """Load a ``tokenizer/`` folder; ``max_length`` defaults to its ``model_max_length``."""
         folder = Path(folder)
         if not folder.is_dir():
-            raise ModelError(f"{folder}: tokenizer folder not found; pass the model's tokenizer/ folder")
+            raise ModelError(f"{folder}: tokenizer folder not found; re-run `trt-bgswap export` to write the model folder again")
         vocab, merges, file_flags = _vocab_and_merges(folder)
         specials = _special_tokens(folder)
         config_file = folder / "tokenizer_config.json"
@@ -137,7 +137,10 @@ class ClipTokenizer:
             config = _read_json(config_file) if config_file.is_file() else {}
             value = config.get("model_max_length") if isinstance(config, dict) else None
             if not isinstance(value, int):
-                raise ModelError(f"{config_file}: no integer model_max_length ({value!r}); pass max_length (77 for CLIP)")
+                raise ModelError(
+                    f"{config_file}: no integer model_max_length ({value!r}); re-run `trt-bgswap export` from a source whose "
+                    "tokenizer_config.json has it (the text encoder's max_position_embeddings, 77 for CLIP)"
+                )
             max_length = value
         ids = {}
         for key, token in specials.items():

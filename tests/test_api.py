@@ -62,7 +62,7 @@ def test_array_in_array_out_and_same_pixels_for_every_kind(swapper: BackgroundRe
     assert isinstance(arr.cutout, np.ndarray) and arr.cutout.shape == (*rgb.shape[:2], 4)
     path = tmp_path / "coffee.png"
     Image.fromarray(rgb).save(path)
-    for kind, image in (("PIL", Image.fromarray(rgb)), ("path", path), ("str path", str(path)), ("RGBA array", np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)]))):
+    for kind, image in (("PIL", Image.fromarray(rgb)), ("path", path), ("str path", str(path)), ("opaque RGBA array", np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]))):
         got = swapper.replace(image, "a beach", seed=9).image
         diff = int(np.abs(np.asarray(got).astype(int) - arr.image.astype(int)).max())
         assert diff == 0, f"{kind} input: differs from the array result by {diff}"

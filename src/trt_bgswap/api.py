@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -28,10 +29,11 @@ from PIL import Image
 
 from trt_bgswap.colors import RGB, parse_color
 from trt_bgswap.errors import ModelError, UsageError
+from trt_bgswap.runtime.color_management import ColorSpace
 from trt_bgswap.runtime.composite import check_generation_size
 from trt_bgswap.runtime.image_io import DEFAULT_MAX_PIXELS, MIN_SIDE, from_pil, read_image
 from trt_bgswap.runtime.mask_ops import MaskOptions
-from trt_bgswap.runtime.pipeline import GenerationOptions, Noise, Pipeline, Result
+from trt_bgswap.runtime.pipeline import STAGES, GenerationOptions, Noise, Pipeline, Result
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +65,37 @@ def _check_array_size(what: str, h: int, w: int, max_pixels: int | None) -> None
         raise UsageError(f"{what} is {w}x{h} = {h * w} px, above the limit of {cap} px; downscale it or raise max_pixels")
 
 
-def _as_rgb(image: ImageLike, max_pixels: int | None) -> tuple[np.ndarray, bool]:
-    """uint8 RGB array from any accepted input, and whether to answer with PIL images."""
+@dataclass(frozen=True)
+class Photo:
+    """An input as the pipeline takes it, with what came with it."""
+
+    rgb: np.ndarray  # uint8 HxWx3
+    alpha: np.ndarray | None  # float32 HxW when the input carries transparency (RGBA/LA/colour key)
+    icc: bytes | None  # the ICC profile its pixels are in (None: sRGB)
+    exif: bytes | None
+    as_pil: bool  # answer with PIL images (PIL or path in) or arrays (array in)
+
+    @property
+    def cutout_alpha(self) -> np.ndarray | None:
+        """The input's own alpha when it hides something (an all-opaque channel is no cut-out)."""
+        return self.alpha if self.alpha is not None and float(self.alpha.min()) < 1.0 else None
+
+
+def load_photo(path: str | Path, max_pixels: int | None = None) -> Photo:
+    """Read a photo file once (with the CLI's checks) to run several jobs on it."""
+    return _as_photo(path, max_pixels)
+
+
+def _as_photo(image: "ImageLike | Photo", max_pixels: int | None) -> Photo:
+    """uint8 RGB (+ its alpha, profile and EXIF) from any accepted input."""
+    if isinstance(image, Photo):
+        return image
     if isinstance(image, (str, Path)):
-        return read_image(image, max_pixels=max_pixels).rgb, True
+        loaded = read_image(image, max_pixels=max_pixels)
+        return Photo(loaded.rgb, loaded.alpha, loaded.icc, loaded.exif, True)
     if isinstance(image, Image.Image):  # same conversions as files: EXIF orientation, 16-bit and float scaling
-        return from_pil(image, max_pixels=max_pixels).rgb, True
+        loaded = from_pil(image, max_pixels=max_pixels)
+        return Photo(loaded.rgb, loaded.alpha, loaded.icc, loaded.exif, True)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise UsageError(f"image array has dtype {image.dtype}; pass uint8 RGB (HxWx3), RGBA (HxWx4) or grey (HxW)")
@@ -76,10 +103,11 @@ def _as_rgb(image: ImageLike, max_pixels: int | None) -> tuple[np.ndarray, bool]
             image = image[..., 0]
         if image.ndim == 2:
             _check_array_size("image array", image.shape[0], image.shape[1], max_pixels)
-            return np.repeat(image[..., None], 3, axis=2), False
+            return Photo(np.repeat(image[..., None], 3, axis=2), None, None, None, False)
         if image.ndim == 3 and image.shape[2] in (3, 4):
             _check_array_size("image array", image.shape[0], image.shape[1], max_pixels)
-            return np.ascontiguousarray(image[..., :3]), False
+            alpha = image[..., 3].astype(np.float32) / 255.0 if image.shape[2] == 4 else None
+            return Photo(np.ascontiguousarray(image[..., :3]), alpha, None, None, False)
         raise UsageError(f"image array has shape {image.shape}; pass HxW, HxWx3 or HxWx4")
     raise UsageError(f"unsupported image type {type(image).__name__}; pass a PIL image, a numpy array or a path")
 
@@ -132,13 +160,20 @@ class BackgroundReplacer:
 
     def __init__(
         self,
-        models: str | Path,
+        models: str | Path | None,
         provider: str = "auto",
         threads: int = 0,
         max_pixels: int | None = None,
         pipeline: Pipeline | None = None,
+        stages: Collection[str] = STAGES,
     ) -> None:
-        self.pipeline = pipeline if pipeline is not None else Pipeline.load(Path(models).expanduser(), provider=provider, threads=threads)
+        """``models``: an exported folder, or None for solid colours behind your own masks (nothing is loaded).
+
+        ``stages``: the work this instance does (``mask``, ``generate``); the other stage's models are not opened.
+        """
+        if pipeline is None:
+            pipeline = Pipeline.without_models() if models is None else Pipeline.load(Path(models).expanduser(), provider=provider, threads=threads, stages=stages)
+        self.pipeline = pipeline
         self.max_pixels = max_pixels
         self._lock = threading.Lock()
 
@@ -162,7 +197,7 @@ class BackgroundReplacer:
             raise UsageError("give a prompt (--prompt) for a generated background or a colour (--bg-color) for a solid one")
         if prompt is not None and bg_color is not None:
             raise UsageError("a prompt and bg_color are alternatives (generated or solid background); give one of them")
-        if not has_mask and self.pipeline.masker is None:
+        if not has_mask and not self.pipeline.can_mask:
             raise ModelError("the model folder has no RMBG model; pass your own mask (--mask / mask=) or re-export with --rmbg")
         if bg_color is not None:
             return None, parse_color(bg_color)
@@ -187,7 +222,7 @@ class BackgroundReplacer:
 
     def replace(
         self,
-        image: ImageLike,
+        image: "ImageLike | Photo",
         prompt: str | None = None,
         *,
         negative_prompt: str = "",
@@ -199,11 +234,14 @@ class BackgroundReplacer:
         mask: ImageLike | None = None,
         mask_options: MaskOptions | None = None,
         noise: Noise | None = None,
+        use_alpha: bool = True,
     ) -> Output:
         """Replace the background behind the subject: a prompt generates it, ``bg_color`` paints it.
 
-        ``mask`` (white = subject) replaces RMBG; ``mask_options`` refines either
-        (threshold, grow, feather, band). ``seed`` None draws one (reported in the output).
+        ``mask`` (white = subject) replaces RMBG; an input that is already a cut-out (its alpha
+        hides something) is its own mask unless ``use_alpha=False``; ``mask_options`` refines
+        either (threshold, grow, feather, band). ``seed`` None draws one (reported in the output).
+        A wide-gamut photo keeps its ICC profile: the new background is converted into its space.
         """
         options, color = self.check_options(
             prompt,
@@ -213,33 +251,60 @@ class BackgroundReplacer:
             seed=seed,
             size=size,
             bg_color=bg_color,
-            has_mask=mask is not None,
+            has_mask=True,  # checked below, once the input's own alpha is known
         )
         if mask_options is not None:
             mask_options.validate()
-        rgb, as_pil = _as_rgb(image, self.max_pixels)
-        alpha = _as_alpha(mask, (rgb.shape[1], rgb.shape[0])) if mask is not None else None
+        photo = _as_photo(image, self.max_pixels)
+        rgb = photo.rgb
+        alpha = self._given_alpha(photo, mask, use_alpha)
         with self._lock:
-            result = self.pipeline.replace(rgb, options, mask_options=mask_options, alpha=alpha, background_color=color, noise=noise)
-        return self._output(result, as_pil, rgb)
+            result = self.pipeline.replace(
+                rgb, options, mask_options=mask_options, alpha=alpha, background_color=color, noise=noise, color_space=ColorSpace(photo.icc)
+            )
+        return self._output(result, photo)
 
-    def mask(self, image: ImageLike) -> Image.Image | np.ndarray:
-        """RMBG's soft alpha: an 8-bit L image for PIL/path input, float32 HxW in [0,1] for arrays."""
-        rgb, as_pil = _as_rgb(image, self.max_pixels)
+    def _given_alpha(self, photo: Photo, mask: ImageLike | None, use_alpha: bool) -> np.ndarray | None:
+        """The subject alpha the caller gave (a mask, or the input's own transparency), or None: the masker runs."""
+        if mask is not None:
+            return _as_alpha(mask, (photo.rgb.shape[1], photo.rgb.shape[0]))
+        alpha = photo.cutout_alpha if use_alpha else None
+        if alpha is not None:
+            log.info("the input is a cut-out: its own alpha is the subject mask (use_alpha=False / --ignore-alpha runs the masker)")
+        elif not self.pipeline.can_mask:
+            raise ModelError("the model folder has no RMBG model; pass your own mask (--mask / mask=) or re-export with --rmbg")
+        return alpha
+
+    def source_alpha(self, image: "ImageLike | Photo", mask: ImageLike | None = None, use_alpha: bool = True) -> np.ndarray:
+        """The subject's alpha before refinement (float32 HxW): the given mask, the input's own alpha, or RMBG's.
+
+        What ``replace(mask=...)`` takes: a batch computes it once for several results of one photo.
+        """
+        photo = _as_photo(image, self.max_pixels)
+        alpha = self._given_alpha(photo, mask, use_alpha)
+        if alpha is not None:
+            return alpha
         with self._lock:
-            alpha = self.pipeline.mask(rgb)
-        return Image.fromarray(alpha_to_u8(alpha), "L") if as_pil else alpha
+            return self.pipeline.mask(ColorSpace(photo.icc).to_srgb(photo.rgb))
+
+    def mask(self, image: "ImageLike | Photo") -> Image.Image | np.ndarray:
+        """RMBG's soft alpha: an 8-bit L image for PIL/path input, float32 HxW in [0,1] for arrays."""
+        photo = _as_photo(image, self.max_pixels)
+        with self._lock:
+            alpha = self.pipeline.mask(ColorSpace(photo.icc).to_srgb(photo.rgb))
+        return Image.fromarray(alpha_to_u8(alpha), "L") if photo.as_pil else alpha
 
     @staticmethod
-    def _output(result: Result, as_pil: bool, rgb: np.ndarray) -> Output:
-        cutout = np.dstack([rgb, alpha_to_u8(result.alpha)])
-        if as_pil:
-            return Output(
-                image=Image.fromarray(result.image, "RGB"),
-                alpha=Image.fromarray(alpha_to_u8(result.alpha), "L"),
-                cutout=Image.fromarray(cutout, "RGBA"),
-                seed=result.seed,
-                generation_size=result.generation_size,
-                result=result,
-            )
+    def _output(result: Result, photo: Photo) -> Output:
+        a8 = alpha_to_u8(result.alpha)
+        cutout = np.dstack([photo.rgb, a8])
+        if photo.as_pil:
+            image = Image.fromarray(result.image, "RGB")
+            rgba = Image.fromarray(cutout, "RGBA")
+            for im in (image, rgba):
+                if photo.icc:
+                    im.info["icc_profile"] = photo.icc
+                if photo.exif:
+                    im.info["exif"] = photo.exif
+            return Output(image=image, alpha=Image.fromarray(a8, "L"), cutout=rgba, seed=result.seed, generation_size=result.generation_size, result=result)
         return Output(result.image, result.alpha, cutout, result.seed, result.generation_size, result)

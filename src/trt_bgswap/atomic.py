@@ -42,6 +42,17 @@ def atomic_path(target: str | os.PathLike[str], suffix: str | None = None) -> It
         raise
 
 
+def make_staging_dir(parent: str | os.PathLike[str], prefix: str) -> Path:
+    """A new temporary folder in ``parent``, to be renamed into place, with the permissions a plain mkdir gives.
+
+    ``tempfile.mkdtemp`` makes owner-only (0700) folders; a finished export renamed from one
+    would stay unreadable to the other users of an appliance.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(path, 0o777 & ~_UMASK)
+    return path
+
+
 def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> None:
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)

@@ -1,6 +1,6 @@
 """Measuring the pipeline: stage timers, FLOPs from ONNX graphs, the PyTorch baseline, reports.
 
-Used by ``trt-bgswap bench`` (:mod:`trt_bgswap.bench`) and ``benchmarks/``. Nothing
+Used by ``trt-bgswap bench`` (:mod:`trt_bgswap.cli.bench_command`) and ``benchmarks/``. Nothing
 here is imported by the runtime; modules that need torch/diffusers import them inside
 functions, so ``import trt_bgswap.benchmarking.<module>`` stays light.
 """

@@ -1,6 +1,6 @@
 """`trt-bgswap bench`: where the time goes, side by side with the PyTorch baseline, in one run.
 
-Registered by :func:`trt_bgswap.cli.main` through :func:`add_bench_parser`; the work is done
+One of the CLI's command modules (:mod:`trt_bgswap.cli.main` lists them); the work is done
 by :mod:`trt_bgswap.benchmarking.suite` (imported only when the command runs, so the CLI
 stays light). ``--mode tiny`` (the default) runs in seconds on tiny random models and is
 what the test suite checks; ``--mode full`` builds the published architectures with random
@@ -14,7 +14,6 @@ import logging
 import shlex
 from pathlib import Path
 
-from trt_bgswap.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +43,16 @@ def _count(name: str, lo: int):  # noqa: ANN202 - argparse type factory
     return parse
 
 
-def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:  # type: ignore[type-arg]
-    for action in parser._actions:  # argparse keeps its sub-command table here; there is no public accessor
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    raise UsageError("the trt-bgswap parser has no sub-commands to add `bench` to")
+NAME = "bench"
+HELP = "benchmark every stage against the PyTorch baseline (latency, memory, FLOPs, cold start)"
 
 
-def add_bench_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``bench`` sub-command (documented options) to the CLI's top-level parser."""
-    b = _subparsers(parser).add_parser(
-        "bench",
-        help="benchmark every stage against the PyTorch baseline (latency, memory, FLOPs, cold start)",
+def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
+    """The ``bench`` sub-command and its documented options."""
+    b = sub.add_parser(
+        NAME,
+        help=HELP,
+        parents=parents,
         description=(
             "Time every stage of the pipeline (RMBG, text encoder, VAE encode, each UNet step, VAE decode, "
             "pre/post-processing and composite, pipeline overhead) and end to end, with warm-up then "
@@ -91,7 +88,6 @@ def add_bench_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     b.add_argument("--no-cold-start", action="store_true", help="skip the cold-start subprocess runs")
     b.add_argument("--note", default="", help="a remark recorded with the machine (e.g. 'other processes were running')")
     b.set_defaults(func=run_bench)
-    return b
 
 
 def command_line(args: argparse.Namespace) -> str:

@@ -1,0 +1,21 @@
+"""`trt-bgswap info`: versions, backends, GPUs and what the caches hold."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+NAME = "info"
+HELP = "versions, backends, GPU and cache contents"
+
+
+def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
+    i = sub.add_parser(NAME, help=HELP, parents=parents)
+    i.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from trt_bgswap.info import info_text
+
+    sys.stdout.write(info_text() + "\n")
+    return 0

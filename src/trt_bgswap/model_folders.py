@@ -1,0 +1,194 @@
+"""Which exported folder a job runs on, and exporting one from model sources when there is none yet.
+
+The policy the CLI's ``run`` and the Python API share:
+
+- a folder holding a ``manifest.json`` is used as it is; sources named again must be the
+  ones it was exported from (another source is refused, never silently ignored);
+- a missing or empty folder with sources given is exported once, then reused;
+- a model the job has no use for is left out of an automatic export (a solid colour needs
+  no inpainting models, the user's own mask no RMBG), and a model not named is the
+  registry default (:data:`trt_bgswap.registry.DEFAULTS`).
+
+Sources are local paths, hub ids (``org/name[@revision]``) or registry names; ``"none"``
+leaves a model out. Exporting imports the export stack (torch) lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from trt_bgswap.errors import UsageError
+from trt_bgswap.manifest import MANIFEST_NAME, Manifest
+from trt_bgswap.registry import DEFAULTS, VARIANTS
+
+log = logging.getLogger(__name__)
+
+NONE = "none"  # a source value that leaves that model out
+
+
+@dataclass(frozen=True)
+class SourceSlot:
+    """One model an export is made from: its registry family, CLI option and keyword."""
+
+    family: str
+    option: str
+    key: str
+    what: str  # what a local source of it looks like, for help texts
+
+
+SOURCE_SLOTS = (
+    SourceSlot("sd-inpainting", "--inpaint", "inpaint", "SD inpainting diffusers folder"),
+    SourceSlot("lcm-lora", "--lcm-lora", "lcm_lora", "LCM-LoRA safetensors (file or folder)"),
+    SourceSlot("rmbg", "--rmbg", "rmbg", "RMBG ONNX file or safetensors folder"),
+)
+
+
+def source_value(value: str | None) -> str | None:
+    """A source as given, or None when it is absent or ``none``."""
+    return None if value is None or value.strip().lower() == NONE else value
+
+
+def with_defaults(given: dict[str, str], need_inpaint: bool, need_rmbg: bool) -> dict[str, str]:
+    """A model not named is the registry default, unless the job has no use for it (the LCM-LoRA goes with inpainting)."""
+    sources = dict(given)
+    sources.setdefault("inpaint", DEFAULTS["sd-inpainting"] if need_inpaint else NONE)
+    sources.setdefault("lcm_lora", NONE if source_value(sources["inpaint"]) is None else DEFAULTS["lcm-lora"])
+    sources.setdefault("rmbg", DEFAULTS["rmbg"] if need_rmbg else NONE)
+    return sources
+
+
+def export_sources(
+    sources: dict[str, str | None],
+    out: Path,
+    *,
+    precision: str = "fp32",
+    opset: int = 17,
+    offline: bool = False,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    fused_step: bool = False,
+    device_graphs: bool = False,
+) -> Manifest:
+    """Resolve the sources (local paths, hub ids, registry names; 'none' leaves one out) and export them to ``out``."""
+    from trt_bgswap.export.exporter import export_models
+    from trt_bgswap.export.sources import resolve_source
+
+    values = {slot.key: source_value(sources.get(slot.key)) for slot in SOURCE_SLOTS}
+    if values["inpaint"] is None and values["lcm_lora"] is not None:  # checked before anything is downloaded
+        raise UsageError("--lcm-lora is fused into the inpainting model: give --inpaint SRC too, or --lcm-lora none")
+    if values["inpaint"] is None and values["rmbg"] is None:
+        raise UsageError("nothing to export: give --inpaint SRC, --rmbg SRC or both (a local folder, a hub id or a registry name)")
+    resolved: dict[str, Path | None] = {}
+    for slot in SOURCE_SLOTS:
+        value = values[slot.key]
+        resolved[slot.key] = None if value is None else resolve_source(value, family=slot.family, offline=offline, allow_pickle=allow_pickle)
+    return export_models(
+        resolved["inpaint"],
+        resolved["lcm_lora"],
+        resolved["rmbg"],
+        out,
+        precision=precision,
+        opset=opset,
+        overwrite=overwrite,
+        fused_step=fused_step,
+        device_graphs=device_graphs,
+    )
+
+
+def recorded_matches(value: str, recorded: dict[str, object] | None) -> bool:
+    """Whether a source given again is the one an export was made from (a local path, a hub id or a registry name)."""
+    if recorded is None:
+        return False
+    path = Path(str(recorded.get("path", "")))
+    local = Path(value).expanduser()
+    if local.exists():
+        given = local.resolve()
+        return path == given or given in path.parents
+    base = value.partition("@")[0]
+    repo_id = VARIANTS[base].repo_id if base in VARIANTS else base
+    return f"models--{repo_id.replace('/', '--')}" in path.parts
+
+
+def check_sources_match(folder: Path, given: dict[str, str]) -> None:
+    """Refuse sources that differ from the ones ``folder`` was exported from."""
+    recorded = Manifest.load(folder).sources
+    for slot in SOURCE_SLOTS:
+        value = source_value(given.get(slot.key))
+        if value is not None and not recorded_matches(value, recorded.get(slot.family)):
+            was = (recorded.get(slot.family) or {}).get("path", "nothing")
+            raise UsageError(
+                f"{folder} already holds models exported from {was} for {slot.option}, not {value}; "
+                f"pass --models NEWDIR to export these sources there, or delete {folder} to re-export"
+            )
+
+
+def is_export(folder: Path) -> bool:
+    return (folder / MANIFEST_NAME).is_file()
+
+
+def check_model_folder(folder: Path, given: dict[str, str]) -> None:
+    """The checks of :func:`folder_for_job` that need no export: run before any image is read or model loaded."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--models {folder}: is a file, not a folder; give the folder an export was written to (or a new one)")
+    if is_export(folder):
+        if given:
+            check_sources_match(folder, given)
+        return
+    if not given:
+        raise UsageError(
+            f"{folder} holds no exported models; make them with `trt-bgswap export --out {folder}` (hub ids or local folders), "
+            f"give `run` the sources (--inpaint/--lcm-lora/--rmbg) to export them there now, "
+            f"or `trt-bgswap tiny-models DIR` and export those for an offline smoke test"
+        )
+    if folder.exists() and any(folder.iterdir()):
+        raise UsageError(f"--models {folder}: the folder is not empty and holds no export (no manifest.json); give an empty or new folder")
+
+
+def folder_for_job(
+    folder: Path,
+    given: dict[str, str],
+    *,
+    need_inpaint: bool,
+    need_rmbg: bool,
+    opset: int = 17,
+    offline: bool = False,
+    allow_pickle: bool = False,
+) -> Path:
+    """The exported folder a job loads: ``folder`` as it is, or exported there now from ``given`` sources."""
+    check_model_folder(folder, given)
+    if is_export(folder):
+        log.info("using the exported models in %s", folder)
+        return folder
+    sources = with_defaults(given, need_inpaint=need_inpaint, need_rmbg=need_rmbg)
+    log.info("no exported models in %s yet: exporting them once (later runs reuse them)", folder)
+    if folder.exists():
+        folder.rmdir()  # empty: the exporter moves its finished folder into place
+    export_sources(sources, folder, opset=opset, offline=offline, allow_pickle=allow_pickle)
+    return folder
+
+
+def masker_source(src: str | None) -> Path:
+    """Where `mask --rmbg SRC` finds its model: an .onnx file, an exported folder, a model folder or a hub id/registry name."""
+    from trt_bgswap.paths import default_export_dir
+
+    if src is None:
+        folder = default_export_dir()
+        if not is_export(folder):
+            raise UsageError(f"no --rmbg given and {folder} holds no exported models; give --rmbg SRC (an .onnx file, a folder or a hub id)")
+        return folder
+    p = Path(src).expanduser()
+    if p.is_file() and p.suffix.lower() == ".onnx":
+        return p
+    if is_export(p):
+        return p
+    if p.is_dir() and (p / "onnx" / "model.onnx").is_file():
+        return p / "onnx" / "model.onnx"
+    if p.is_dir():
+        raise UsageError(f"--rmbg {src}: no RMBG ONNX model here; give an .onnx file, an exported folder, or a folder with onnx/model.onnx")
+    if p.exists():
+        raise UsageError(f"--rmbg {src}: not an ONNX file; give an .onnx file, an exported folder or a hub id")
+    from trt_bgswap.export.sources import resolve_source
+
+    return masker_source(str(resolve_source(src, family="rmbg")))
