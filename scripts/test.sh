@@ -3,8 +3,5 @@
 # The constraints file pins the CPU torch wheel and the library versions the suite was verified with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${VENV:-.venv}"
-[[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -c constraints/test.txt -e '.[export,test]'
+source scripts/venv.sh export,test   # what it downloads: see scripts/venv.sh
 exec "$VENV/bin/python" -m pytest "$@"
