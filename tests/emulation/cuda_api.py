@@ -149,6 +149,8 @@ class Device:
         self.counts: Counter = Counter()
         self.freed: dict[int, int] = {}  # base -> size of every freed block (addresses are never reused)
         self.strict_handles = False  # True: int(handle) raises, as cuda-bindings may do after the deprecation
+        # called with (stream, op) after work is recorded into a capture: lets a test act "meanwhile" (another thread allocating)
+        self.during_capture: list[Callable[[int, Op], None]] = []
 
     # --- driver and errors -----------------------------------------------------------------
 
@@ -263,7 +265,11 @@ class Device:
                 if capture.invalidated:
                     return self.err.cudaErrorStreamCaptureInvalidated
                 capture.ops.append(op)
-                return self.err.cudaSuccess
+        if capture is not None:
+            for hook in list(self.during_capture):  # outside the lock: a hook may run CUDA calls in another thread
+                hook(stream, op)
+            return self.err.cudaSuccess
+        with self.lock:
             if stream == 0:  # the legacy default stream orders itself after every blocking stream
                 self.synchronize_all()
                 self._check_hazards(stream, op)
@@ -716,6 +722,15 @@ def runtime_module(device: Device, version: str, name: str = "cuda.bindings.runt
         if c is None:
             return ok(status.cudaStreamCaptureStatusNone)
         return ok(status.cudaStreamCaptureStatusInvalidated if c.invalidated else status.cudaStreamCaptureStatusActive)
+
+    @needs_context
+    def cudaStreamGetCaptureInfo(stream: Any) -> tuple:  # noqa: N802
+        """(status, id, graph, dependencies, [edge data in 13.x,] count): the emulation fills status and id."""
+        _, state = cudaStreamIsCapturing(stream)
+        c = device.captures.get(_raw(device, stream))
+        values = [state, id(c) if c is not None else 0, None, []]
+        values += [[]] * (arity("cudaStreamGetCaptureInfo") - 1 - len(values) - 1) + [0]
+        return ok(*values)
 
     @needs_context
     def cudaGraphInstantiate(graph: Any, flags: int) -> tuple:  # noqa: N802

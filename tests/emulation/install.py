@@ -83,9 +83,14 @@ class Emulation:
         gc.collect()
         return self.device.report()
 
-    def build_plan(self, onnx_path: Path, plan_path: Path, profiles: list[dict], strongly_typed: bool = True) -> Path:
-        """A plan of ``onnx_path`` built through the emulated builder API (not the product's), for runtime tests."""
-        plan_path.write_bytes(emulated_plan(self.trt, onnx_path, profiles, strongly_typed))
+    def build_plan(self, onnx_path: Path, plan_path: Path, profiles: list[Any], strongly_typed: bool = True) -> Path:
+        """A plan of ``onnx_path`` built through the emulated builder API (not the product's), for runtime tests.
+
+        ``profiles``: one ``{input: (min, opt, max)}`` per optimization profile, or objects with ``.tensors``
+        (name, min, opt, max), such as the product's ``ShapeProfile``.
+        """
+        as_dicts = [p if isinstance(p, dict) else {t.name: (t.min, t.opt, t.max) for t in p.tensors} for p in profiles]
+        plan_path.write_bytes(emulated_plan(self.trt, onnx_path, as_dicts, strongly_typed))
         return plan_path
 
     @staticmethod
