@@ -511,3 +511,20 @@ def test_emulated_shared_activation_growth_forces_a_recapture(emulated_multi_enq
         loop.close()
         other.close()
     assert not emulated.leaks(), f"left behind after close: {emulated.leaks()}"
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10: the loop keeps one CUDA-graph slot, so alternating guidance 1 and 2 (batch 1 and 2) re-captures on every call")
+def test_emulated_alternating_guidance_replays_both_graphs(tmp_path: Path) -> None:
+    from emulation import STACKS
+
+    with emulate(STACKS[-1], allow=UNDOCUMENTED_MULTI_ENQUEUE) as emulated:  # not version-specific: one release is enough
+        loop = TrtStepLoop(TOY, toy_plan(emulated, tmp_path, static_profiles()), use_cuda_graph=True)
+        try:
+            actions = []
+            for seed, batch in enumerate((1, 2, 1, 2)):
+                inputs = inputs_for_spec(TOY, {"B": batch, "h": 3, "w": 5}, 2, seed=seed, guidance=1.0 if batch == 1 else 2.0)
+                loop.denoise(coefficients(2), inputs)
+                actions.append(loop.last_action)
+        finally:
+            loop.close()
+    assert actions == [GRAPH_CAPTURE, GRAPH_CAPTURE, GRAPH_REPLAY, GRAPH_REPLAY], actions

@@ -788,7 +788,7 @@ class _IExecutionContext(_Base):
         if inputs is None:
             _log(logger, "ERROR", "enqueueV3: not all input shapes are specified")
             return False
-        if self._memory is None:
+        if self._memory is None and self._needed() > 0:  # "Setting memory to nullptr is acceptable if the reported size is 0"
             _log(logger, "ERROR", "enqueueV3: the context has no device memory (USER_MANAGED: call set_device_memory first)")
             return False
         missing = [n for n in self.engine._by_name if not self._addresses.get(n)]
@@ -811,7 +811,7 @@ class _IExecutionContext(_Base):
                 if spans[i].overlaps(Span(spans[o].base, spans[o].start, spans[o].end, True)):
                     raise UndocumentedBehaviour(f"{self.engine.name}: output {o} aliases input {i}; TensorRT documents no in-place execution")
         scratch = ()
-        if self._memory[1]:
+        if self._memory is not None and self._memory[1]:
             scratch = (device.span(self._memory[0], self._needed(), True, f"{self.engine.name} activation memory"),)
         capture = device.captures.get(stream)
         if capture is not None:
