@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from emulation import STACKS, Emulation, Hazard, Machine, NotEmulated, StackSpec, UndocumentedBehaviour, emulate
+from emulation import STACKS, Emulation, Hazard, NotEmulated, StackSpec, UndocumentedBehaviour, emulate
 from emulation.api_data import cuda_releases, tensorrt_releases
 from emulation.tensorrt_api import IMPLEMENTATIONS
 from onnx import TensorProto, helper, numpy_helper

@@ -38,14 +38,13 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-import enum
 import itertools
 import threading
 import traceback
 import types
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -677,25 +676,23 @@ def runtime_module(device: Device, version: str, name: str = "cuda.bindings.runt
         device.events[e] = (s, device.enqueued[s])
         return ok()
 
-    @needs_context
-    def cudaStreamWaitEvent(stream: Any, event: Any, flags: int = 0) -> tuple:  # noqa: N802
-        e, s = _raw(device, event), _raw(device, stream)
-        if e not in device.events or s not in device.queues:
-            return fail("cudaStreamWaitEvent", err.cudaErrorInvalidResourceHandle)
-        if device.events[e] is not None:  # later work on `stream` is ordered after the recorded work: run that work now
+    def _complete(fn: str, e: int, valid: bool) -> tuple:
+        """Run the work recorded before event ``e`` (what waiting on it orders); the event must exist."""
+        if e not in device.events or not valid:
+            return fail(fn, err.cudaErrorInvalidResourceHandle)
+        if device.events[e] is not None:
             recorded, position = device.events[e]
             device.flush(recorded, upto=position)
         return ok()
 
     @needs_context
+    def cudaStreamWaitEvent(stream: Any, event: Any, flags: int = 0) -> tuple:  # noqa: N802
+        # later work on `stream` is ordered after the recorded work: the emulation runs that work now
+        return _complete("cudaStreamWaitEvent", _raw(device, event), _raw(device, stream) in device.queues)
+
+    @needs_context
     def cudaEventSynchronize(event: Any) -> tuple:  # noqa: N802
-        e = _raw(device, event)
-        if e not in device.events:
-            return fail("cudaEventSynchronize", err.cudaErrorInvalidResourceHandle)
-        if device.events[e] is not None:
-            recorded, position = device.events[e]
-            device.flush(recorded, upto=position)
-        return ok()
+        return _complete("cudaEventSynchronize", _raw(device, event), True)
 
     @needs_context
     def cudaEventDestroy(event: Any) -> tuple:  # noqa: N802
@@ -787,7 +784,3 @@ def utils_module(device: Device, version: str) -> types.ModuleType:
         if n in api["utils"]:
             setattr(mod, n, f)
     return mod
-
-
-def release_names(version: str) -> Iterable[str]:
-    return cuda_releases()[version]["functions"]
