@@ -451,6 +451,7 @@ def test_emulated_trt_load_picks_the_device_chain_and_replace_downloads_only_alp
             engine.unload()
 
 
+@pytest.mark.parametrize("emulated_stack", [STACKS[-1]], ids=lambda s: s.id)  # the host path's TensorRT calls are the device chain's: one release is enough
 def test_emulated_trt_load_without_device_graphs_keeps_the_host_path(trt_machine: Emulation, trt_folder_store, host: Pipeline) -> None:  # noqa: ANN001
     pipe = Pipeline.load(trt_folder_store(trt_machine.spec), provider="trt", device_graphs=False)
     assert pipe.device_chain is None and pipe.step_loop is not None
