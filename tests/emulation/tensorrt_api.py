@@ -788,6 +788,8 @@ class _IExecutionContext(_Base):
         if inputs is None:
             _log(logger, "ERROR", "enqueueV3: not all input shapes are specified")
             return False
+        if self._memory is None and self._strategy == self._trt.ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE and not self._own_memory():
+            return False  # ON_PROFILE_CHANGE allocates at the first enqueue: a cudaMalloc, prohibited inside a capture
         if self._memory is None and self._needed() > 0:  # "Setting memory to nullptr is acceptable if the reported size is 0"
             _log(logger, "ERROR", "enqueueV3: the context has no device memory (USER_MANAGED: call set_device_memory first)")
             return False
