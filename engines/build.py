@@ -12,14 +12,12 @@ file in the output folder records, per model, what to load and how.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from trt_bgswap.atomic import write_text_atomic
+from trt_bgswap.build_index import ENGINES_DIR, ORT, TRT, IndexEntry, write_index
 from trt_bgswap.errors import ModelError, UsageError
 from trt_bgswap.manifest import Manifest
 from trt_bgswap.specs import ModelSpec
@@ -33,14 +31,14 @@ from trt_bgswap.engines.ort_build import (
     ort_key,
     prepare_ort_model,
 )
-from trt_bgswap.engines.profiles import DimRange, GenerationShapes, ShapeProfile, Size, model_profiles, profile_from_ranges
+from trt_bgswap.engines.profiles import DimRange, GenerationShapes, Size, model_profiles, profile_from_ranges
+from trt_bgswap.runtime.trt_shapes import ShapeProfile
 from trt_bgswap.engines.trt_build import TrtBuildOptions, build_plan, tensorrt_version
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("trt", "ort")
+BACKENDS = (TRT, ORT)
 PLAN_NAME = "model.plan"
-DEFAULT_OUT = "engines"  # inside the export folder unless out_dir is given
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,7 @@ class BuiltModel:
     """One model's build result: what to load, how, and whether it came from the cache."""
 
     model: str
-    backend: str  # "trt" | "ort"
+    backend: str  # TRT | ORT
     path: Path  # TensorRT plan, pre-optimized graph, or (TensorRT EP) the original graph
     cache_hit: bool
     reasons: tuple[str, ...]  # why it was (re)built; empty on a hit
@@ -57,21 +55,11 @@ class BuiltModel:
     graph_optimization: str | None = None  # level to open ``path`` with (ONNX Runtime)
     provider_options: dict[str, dict[str, str]] | None = None
 
-    def to_json(self, root: Path) -> dict[str, Any]:
-        try:
-            path = str(self.path.resolve().relative_to(root.resolve()))
-        except ValueError:
-            path = str(self.path.resolve())
-        return {
-            "backend": self.backend,
-            "path": path,
-            "cache_hit": self.cache_hit,
-            "reasons": list(self.reasons),
-            "profiles": [p.to_json() for p in self.profiles],
-            "provider": self.provider,
-            "graph_optimization": self.graph_optimization,
-            "provider_options": self.provider_options,
-        }
+    def index_entry(self) -> IndexEntry:
+        return IndexEntry(
+            self.path, self.backend, self.provider, self.graph_optimization, self.provider_options, self.cache_hit, self.reasons,
+            tuple(p.to_json() for p in self.profiles),
+        )
 
 
 @dataclass(frozen=True)
@@ -86,10 +74,6 @@ class BuildReport:
     @property
     def rebuilt(self) -> list[str]:
         return [k for k, m in self.models.items() if not m.cache_hit]
-
-
-def index_name(backend: str, provider: str | None) -> str:
-    return f"index-{backend}.json" if backend == "trt" else f"index-ort-{provider}.json"
 
 
 def _shapes(manifest: Manifest, sizes: Sequence[Size], batches: Sequence[int], dynamic: tuple[Size, Size] | None) -> tuple[GenerationShapes, int]:
@@ -200,7 +184,7 @@ def build_engines(
     if unknown:
         raise UsageError(f"models {unknown} are not in {export_dir} (has {sorted(manifest.models)})")
     shapes, vae_scale_factor = _shapes(manifest, sizes, batches, dynamic)
-    out = Path(out_dir) if out_dir is not None else export_dir / DEFAULT_OUT
+    out = Path(out_dir) if out_dir is not None else export_dir / ENGINES_DIR
     cache = EngineCache(out)
     workspace = workspace_mb * (1 << 20) if workspace_mb is not None else None
     trt_precision = precision or "fp16"
@@ -235,8 +219,7 @@ def build_engines(
                 name, "ort", art.model_path, art.cache_hit, art.reasons, tuple(profiles), art.provider, art.graph_optimization, art.provider_options
             )
 
-    index = out / index_name(backend, provider if backend == "ort" else None)
-    write_text_atomic(index, json.dumps({k: m.to_json(out) for k, m in built.items()}, indent=2, sort_keys=True) + "\n")
+    index = write_index(out, backend, provider if backend == ORT else None, {k: m.index_entry() for k, m in built.items()})
     hits = sum(m.cache_hit for m in built.values())
     log.info("build %s: %d model(s), %d reused from the cache, %d built; index %s", backend, len(built), hits, len(built) - hits, index)
     return BuildReport(export_dir, out, backend, provider if backend == "ort" else None, built, index)

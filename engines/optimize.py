@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from trt_bgswap.atomic import write_text_atomic
+from trt_bgswap.build_index import ENGINES_DIR, ORT, write_index
 from trt_bgswap.errors import BackendUnavailable, ModelError, UsageError
 from trt_bgswap.manifest import Manifest
 from trt_bgswap.specs import ModelSpec, pipeline_dims
@@ -345,7 +346,7 @@ def build_cpu_fast(
     special = set(fuse) | ({"rmbg"} if rmbg_int8 else set())
     plain = [m for m in manifest.models if m not in special]
     report = build_engines(export_dir, backend="ort", provider="cpu", models=plain or None, out_dir=out_dir) if plain else None
-    out = Path(out_dir) if out_dir is not None else export_dir / "engines"
+    out = Path(out_dir) if out_dir is not None else export_dir / ENGINES_DIR
     cache = EngineCache(out)
     symbols: dict[str, int] = {"B": 1}
     if manifest.inpaint is not None:
@@ -361,7 +362,6 @@ def build_cpu_fast(
     models: dict[str, BuiltModel] = dict(report.models) if report is not None else {}
     for name, e in entries.items():
         models[name] = BuiltModel(name, "ort", e.path, e.cache_hit, (), (), "cpu", e.graph_optimization, {})
-    index = out / "index-ort-cpu.json"
-    write_text_atomic(index, json.dumps({k: m.to_json(out) for k, m in models.items()}, indent=2, sort_keys=True) + "\n")
+    index = write_index(out, ORT, "cpu", {k: m.index_entry() for k, m in models.items()})
     full = BuildReport(export_dir, out, "ort", "cpu", models, index)
     return full, entries

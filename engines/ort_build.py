@@ -35,7 +35,8 @@ from trt_bgswap.errors import BackendUnavailable, UsageError
 from trt_bgswap.runtime.ort_backend import PROVIDER_NAMES, available_providers
 
 from trt_bgswap.engines.cache import CacheKey, EngineCache, external_data_files, onnxruntime_key
-from trt_bgswap.engines.profiles import ShapeProfile, envelope
+from trt_bgswap.engines.profiles import envelope
+from trt_bgswap.runtime.trt_shapes import ShapeProfile
 
 log = logging.getLogger(__name__)
 

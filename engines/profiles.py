@@ -20,12 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from trt_bgswap.errors import UsageError
+from trt_bgswap.runtime.trt_shapes import ShapeProfile, TensorProfile
 from trt_bgswap.specs import ModelSpec, pipeline_dims
 
-Shape = tuple[int, ...]
 Size = tuple[int, int]  # (width, height) in pixels, as the CLI's --size WxH
 
 # Models whose batch doubles when classifier-free guidance runs (batch order [uncond, cond]);
@@ -48,51 +47,6 @@ class DimRange:
     @classmethod
     def fixed(cls, value: int) -> "DimRange":
         return cls(value, value, value)
-
-
-@dataclass(frozen=True)
-class TensorProfile:
-    """min/opt/max shapes of one input tensor."""
-
-    name: str
-    min: Shape
-    opt: Shape
-    max: Shape
-
-    def contains(self, shape: Sequence[int]) -> bool:
-        shape = tuple(shape)
-        return len(shape) == len(self.min) and all(lo <= s <= hi for lo, s, hi in zip(self.min, shape, self.max))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
-
-
-@dataclass(frozen=True)
-class ShapeProfile:
-    """One TensorRT optimization profile: a :class:`TensorProfile` per model input, in spec order."""
-
-    tensors: tuple[TensorProfile, ...]
-
-    @property
-    def is_static(self) -> bool:
-        return all(t.min == t.opt == t.max for t in self.tensors)
-
-    def tensor(self, name: str) -> TensorProfile:
-        for t in self.tensors:
-            if t.name == name:
-                return t
-        raise UsageError(f"profile has no input {name!r} (has {[t.name for t in self.tensors]})")
-
-    def contains(self, shapes: Mapping[str, Sequence[int]]) -> bool:
-        """Whether every input shape lies inside this profile (what TensorRT's set_input_shape accepts)."""
-        return all(t.name in shapes and t.contains(shapes[t.name]) for t in self.tensors)
-
-    def to_json(self) -> list[dict[str, Any]]:
-        return [t.to_json() for t in self.tensors]
-
-    @classmethod
-    def from_json(cls, d: Sequence[Mapping[str, Any]]) -> "ShapeProfile":
-        return cls(tuple(TensorProfile(t["name"], tuple(t["min"]), tuple(t["opt"]), tuple(t["max"])) for t in d))
 
 
 def profile_from_ranges(spec: ModelSpec, ranges: Mapping[str, DimRange]) -> ShapeProfile:
@@ -207,21 +161,6 @@ def model_profiles(
         if p not in unique:
             unique.append(p)
     return unique
-
-
-def select_profile(profiles: Sequence[ShapeProfile], shapes: Mapping[str, Sequence[int]]) -> int:
-    """Index of the first profile accepting these input shapes (TensorRT's set_optimization_profile_async)."""
-    for i, p in enumerate(profiles):
-        if p.contains(shapes):
-            return i
-    ranges = "; ".join(
-        ", ".join(f"{t.name} {list(t.min)}..{list(t.max)}" for t in p.tensors) for p in profiles
-    )
-    got = ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
-    raise UsageError(
-        f"input shapes ({got}) fit none of the engine's profiles ({ranges}); "
-        "rebuild with `trt-bgswap build --size WxH` for this size or a --dynamic range covering it"
-    )
 
 
 def envelope(profiles: Sequence[ShapeProfile]) -> ShapeProfile:

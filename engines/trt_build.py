@@ -30,7 +30,7 @@ from trt_bgswap.atomic import write_bytes_atomic
 from trt_bgswap.errors import ModelError, UsageError
 from trt_bgswap.runtime.trt_backend import import_tensorrt
 
-from trt_bgswap.engines.profiles import ShapeProfile
+from trt_bgswap.runtime.trt_shapes import ShapeProfile
 
 log = logging.getLogger(__name__)
 

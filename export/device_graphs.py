@@ -39,8 +39,7 @@ import numpy as np
 from trt_bgswap.errors import ModelError
 from trt_bgswap.export.onnx_export import DATA_FILE, EXTERNAL_DATA_THRESHOLD, MODEL_FILE, check_graph_against_spec
 from trt_bgswap.manifest import InpaintConfig, ModelEntry, RmbgConfig, sha256_file
-from trt_bgswap.runtime.device_pipeline import DECODER, DEVICE_GRAPHS, ENCODER, RMBG  # noqa: F401 - the names, declared once
-from trt_bgswap.specs import ModelSpec, rmbg_full_spec, vae_decoder_image_spec, vae_encoder_sample_spec
+from trt_bgswap.specs import RMBG_FULL, VAE_DECODER_IMAGE, VAE_ENCODER_SAMPLE, ModelSpec, rmbg_full_spec, vae_decoder_image_spec, vae_encoder_sample_spec
 
 log = logging.getLogger(__name__)
 
@@ -283,11 +282,11 @@ def export_device_graphs(
     if inpaint is not None and "vae_encoder" in models and "vae_decoder" in models:
         enc, dec = models["vae_encoder"], models["vae_decoder"]
         model, spec = vae_encoder_sample_graph(onnx.load(str(export_dir / enc.file)), inpaint)
-        out[ENCODER] = save_graph(model, spec, export_dir / ENCODER, enc.precision)
+        out[VAE_ENCODER_SAMPLE] = save_graph(model, spec, export_dir / VAE_ENCODER_SAMPLE, enc.precision)
         model, spec = vae_decoder_image_graph(onnx.load(str(export_dir / dec.file)), inpaint)
-        out[DECODER] = save_graph(model, spec, export_dir / DECODER, dec.precision)
+        out[VAE_DECODER_IMAGE] = save_graph(model, spec, export_dir / VAE_DECODER_IMAGE, dec.precision)
     if rmbg is not None and "rmbg" in models:
         entry = models["rmbg"]
         model, spec = rmbg_full_graph(onnx.load(str(export_dir / entry.file)), rmbg)
-        out[RMBG] = save_graph(model, spec, export_dir / RMBG, entry.precision)
+        out[RMBG_FULL] = save_graph(model, spec, export_dir / RMBG_FULL, entry.precision)
     return out

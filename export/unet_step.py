@@ -31,7 +31,7 @@ from trt_bgswap.export.onnx_export import DEFAULT_OPSET, export_onnx
 from trt_bgswap.export.unet import downsample_factor, load_unet
 from trt_bgswap.manifest import ModelEntry
 from trt_bgswap.runtime.scheduler import COEFFICIENT_NAMES, LCMConfig
-from trt_bgswap.runtime.step_loop import check_step_scheduler
+from trt_bgswap.runtime.denoise import check_step_scheduler
 from trt_bgswap.specs import ModelSpec, unet_step_spec
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def export_unet_step_module(
     """Export a loaded (LoRA-fused, eval) diffusers UNet as the fused step graph ``out_dir/model.onnx``.
 
     The caller vouches that the scheduler predicts epsilon without clipping
-    (:func:`trt_bgswap.runtime.step_loop.check_step_scheduler`); :func:`export_unet_step` checks it.
+    (:func:`trt_bgswap.runtime.denoise.check_step_scheduler`); :func:`export_unet_step` checks it.
     """
     spec = spec_for(unet, max_length)
     return export_onnx(wrap(unet), spec, sample_inputs(unet, spec), out_dir, precision=precision, opset=opset, external_data=external_data)

@@ -1,60 +1,15 @@
-"""Generation-size policy, resizing to and from it, and the final composite.
+"""The final composite: the original subject over the new background, with the compositing alpha.
 
-Policy (documented in the README): the image is generated at about the model's
-native area (``default_size``², 512² for SD1.5) with the input's aspect ratio,
-each side rounded to the model's size multiple (VAE factor x UNet downsampling,
-64 for SD1.5), then the generated background is resized up (Lanczos) to the
-input's full size. The subject is never resampled: the composite takes the
-ORIGINAL full-resolution pixels wherever RMBG's alpha says subject.
-
-Resizing for the UNet's inputs follows diffusers' ``VaeImageProcessor`` exactly
-(Pillow Lanczos on 8-bit images and masks), so results match the reference.
+The subject is never resampled: wherever the alpha is 1 the output is the input's pixels, bit
+for bit; the generated background is resized up (Lanczos) to the photo's full size.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from PIL import Image
 
 from trt_bgswap.errors import UsageError
-
-MAX_ASPECT = 4.0  # beyond this the model's native area gives a side below one size multiple
-
-
-def generation_size(width: int, height: int, default_size: int, multiple: int) -> tuple[int, int]:
-    """(width, height) to generate at: the native area, the input's aspect, sides rounded to ``multiple``."""
-    if width <= 0 or height <= 0:
-        raise UsageError(f"image size {width}x{height}: both sides must be positive")
-    aspect = width / height
-    aspect = min(max(aspect, 1 / MAX_ASPECT), MAX_ASPECT)
-    area = float(default_size * default_size)
-    gw = math.sqrt(area * aspect)
-    gh = gw / aspect
-    return (max(multiple, int(round(gw / multiple)) * multiple), max(multiple, int(round(gh / multiple)) * multiple))
-
-
-def check_generation_size(width: int, height: int, multiple: int, limit: int = 2048) -> None:
-    if width % multiple or height % multiple:
-        raise UsageError(f"--size {width}x{height}: both sides must be multiples of {multiple} for this model")
-    if not (multiple <= width <= limit and multiple <= height <= limit):
-        raise UsageError(f"--size {width}x{height}: sides must be between {multiple} and {limit} pixels")
-
-
-def resize_rgb_for_model(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
-    """uint8 HxWx3 -> float32 [-1, 1] NCHW at (height, width), as diffusers' image processor does it."""
-    im = Image.fromarray(rgb, "RGB").resize((width, height), resample=Image.Resampling.LANCZOS)
-    x = np.asarray(im, dtype=np.float32) / 255.0
-    return (2.0 * x - 1.0).transpose(2, 0, 1)[None]
-
-
-def resize_mask_for_model(mask_u8: np.ndarray, width: int, height: int) -> np.ndarray:
-    """uint8 HxW (255 = repaint) -> binary float32 N1HW at (height, width), as diffusers' mask processor does it."""
-    im = Image.fromarray(mask_u8, "L").resize((width, height), resample=Image.Resampling.LANCZOS)
-    m = np.asarray(im, dtype=np.float32) / 255.0
-    m = np.where(m < 0.5, np.float32(0.0), np.float32(1.0))
-    return m[None, None]
 
 
 def to_uint8(image01: np.ndarray) -> np.ndarray:

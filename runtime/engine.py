@@ -47,7 +47,18 @@ class Engine(ABC):
         """Run once on already-validated feeds."""
 
     def unload(self) -> None:
-        """Free the model's memory (for small devices that load engines one at a time)."""
+        """Free the model's memory (for small devices that load engines one at a time); ``load`` brings it back."""
+
+    def close(self) -> None:
+        """Free everything the engine holds for good (sessions, device buffers, streams it made)."""
+        self.unload()
+
+    def __enter__(self) -> "Engine":
+        self.load()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __call__(self, **feeds: np.ndarray) -> dict[str, np.ndarray]:
         dims = self.spec.infer_dims(feeds)

@@ -27,7 +27,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Protocol, Union
 
 import numpy as np
 
@@ -37,7 +37,7 @@ from trt_bgswap.registry import DEFAULTS, get_variant
 from trt_bgswap.runtime.engine import Engine
 from trt_bgswap.runtime.ort_backend import OrtEngine
 from trt_bgswap.runtime.resize import resize_bilinear
-from trt_bgswap.specs import ModelSpec, TensorSpec, rmbg_spec
+from trt_bgswap.specs import RMBG, RMBG_FULL, ModelSpec, RmbgFullIO, TensorSpec, rmbg_spec
 
 log = logging.getLogger(__name__)
 
@@ -217,9 +217,9 @@ class Masker:
     ) -> "Masker":
         """The ``rmbg`` model of an exported folder, with the constants its manifest recorded."""
         folder = Path(folder)
-        if manifest.rmbg is None or "rmbg" not in manifest.models:
+        if manifest.rmbg is None or RMBG not in manifest.models:
             raise ModelError(f"{folder}: the export has no RMBG model; re-run `trt-bgswap export` with --rmbg")
-        entry = manifest.models["rmbg"]
+        entry = manifest.models[RMBG]
         engine = OrtEngine(entry.spec, folder / entry.file, provider=provider, intra_op_threads=intra_op_threads)
         engine.load()
         return cls(engine, manifest.rmbg)
@@ -245,6 +245,9 @@ class Masker:
             return y
         log.warning("RMBG returned a constant mask (%.4g); min-max normalisation skipped", lo)
         return np.full((height, width), np.clip(lo, 0.0, 1.0), np.float32)
+
+    def close(self) -> None:
+        self.engine.close()
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Normalised Bx3xSxS in, the main mask Bx1xSxS out (float32)."""
@@ -273,3 +276,43 @@ def _check_rgb(rgb: Any) -> None:
         raise InputImageError(f"RMBG takes a uint8 HxWx3 RGB array, got a {desc}; convert the image to RGB uint8 first")
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise InputImageError(f"RMBG got an empty image of shape {rgb.shape}")
+
+
+class DeviceMasker:
+    """``rmbg_full`` (export --device-graphs): RMBG with its pre/post-processing inside one graph.
+
+    It takes the uint8 photo as it is and returns the alpha at the photo's size: on TensorRT
+    one upload and one download, nothing on the host in between.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        batch = engine.spec.inputs[0].shape[0]
+        self._batch_dims = {} if isinstance(batch, int) else {str(batch): 1}
+
+    def predict(self, rgb: np.ndarray) -> np.ndarray:
+        """uint8 HxWx3 -> float32 HxW alpha in [0, 1]."""
+        _check_rgb(rgb)
+        out = self.engine(**{RmbgFullIO.IMAGE: np.ascontiguousarray(rgb)[None]})[RmbgFullIO.ALPHA]
+        if out.shape != (1, 1, *rgb.shape[:2]):
+            raise ModelError(f"{RMBG_FULL} returned shape {out.shape} for a {rgb.shape[1]}x{rgb.shape[0]} photo; expected (1, 1, {rgb.shape[0]}, {rgb.shape[1]})")
+        return out[0, 0]
+
+    def predict_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Photos differ in size, so the graph takes them one by one."""
+        return [self.predict(im) for im in images]
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class MaskStage(Protocol):
+    """What the pipeline asks of a masker: the subject's alpha of a photo."""
+
+    engine: Engine
+
+    def predict(self, rgb: np.ndarray) -> np.ndarray: ...
+
+    def predict_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]: ...
+
+    def close(self) -> None: ...

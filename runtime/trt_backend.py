@@ -7,7 +7,7 @@ Inference" in the TensorRT developer guide): ``trt.Runtime.deserialize_cuda_engi
 ``set_tensor_address`` and ``execute_async_v3`` on one CUDA stream. Around it:
 
 - device buffers are allocated once per shape and reused; a buffer is only
-  reallocated when a tensor outgrows it (:func:`trt_bgswap.engines.buffers.reallocations`);
+  reallocated when a tensor outgrows it (:func:`trt_bgswap.runtime.trt_shapes.reallocations`);
 - :meth:`TrtEngine.run` executes on the device buffers without host copies, and
   :meth:`TrtEngine.device_ptr` / :meth:`TrtEngine.feed_from_device` pass one
   engine's output to the next engine on the device;
@@ -16,7 +16,7 @@ Inference" in the TensorRT developer guide): ``trt.Runtime.deserialize_cuda_engi
   ``ExecutionContextAllocationStrategy.USER_MANAGED`` and given memory with
   ``set_device_memory``), and engines can be unloaded/reloaded for small GPUs;
 - optionally the execution is captured once into a CUDA graph and replayed, for
-  static profiles only (:func:`trt_bgswap.engines.buffers.cuda_graph_eligibility`).
+  static profiles only (:func:`trt_bgswap.runtime.trt_shapes.cuda_graph_eligibility`).
 
 The profile choice, buffer sizes and graph eligibility are plain Python tested
 on CPU; this module imports without ``tensorrt``/``cuda-python`` and raises
@@ -32,8 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from trt_bgswap.engines.buffers import buffer_plan, complete_dims, cuda_graph_eligibility, reallocations
-from trt_bgswap.engines.profiles import ShapeProfile, TensorProfile, select_profile
 from trt_bgswap.errors import BackendUnavailable, ModelError, UsageError
 from trt_bgswap.runtime.cuda_device import (
     INSTALL_HINT,
@@ -45,6 +43,7 @@ from trt_bgswap.runtime.cuda_device import (
     copy_to_host,
 )
 from trt_bgswap.runtime.engine import Engine
+from trt_bgswap.runtime.trt_shapes import ShapeProfile, TensorProfile, buffer_plan, complete_dims, cuda_graph_eligibility, reallocations, select_profile
 from trt_bgswap.specs import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -81,7 +80,7 @@ class SharedActivations:
 
     TensorRT lets a context run on user-managed scratch memory; engines that
     never run concurrently can share one block sized to the largest need
-    (:meth:`trt_bgswap.engines.buffers.MemoryPlan.shared_activation_bytes`).
+    (the largest need; see :func:`trt_bgswap.runtime.trt_shapes.aligned`).
     """
 
     def __init__(self) -> None:

@@ -1,6 +1,6 @@
 """The denoising loop kept on the GPU: the fused UNet-step TensorRT engine run step after step on device buffers.
 
-Same loop as :func:`trt_bgswap.runtime.step_loop.denoise` (its reference), with no
+Same loop as :class:`trt_bgswap.runtime.denoise.FusedStepDenoiser` (its reference), with no
 host round trip between steps:
 
 - one device block per (shape, steps) holds every step-varying tensor
@@ -35,19 +35,17 @@ from pathlib import Path
 
 import numpy as np
 
-from trt_bgswap.engines.buffers import DEVICE_ALIGNMENT, GraphEligibility, aligned, cuda_graph_eligibility
+from trt_bgswap.runtime.trt_shapes import DEVICE_ALIGNMENT, GraphEligibility, aligned, cuda_graph_eligibility
 from trt_bgswap.errors import BackendUnavailable, ModelError, UsageError
 from trt_bgswap.runtime.cuda_device import CudaGraph, DeviceBuffer, Stream, copy_to_device, copy_to_host
-from trt_bgswap.runtime.scheduler import COEFFICIENT_NAMES, LCMCoefficients
-from trt_bgswap.runtime.step_loop import STEP_MODEL, DenoiseInputs, step_feeds
+from trt_bgswap.runtime.scheduler import COEFFICIENT_NAMES, LCMCoefficients, LCMScheduler
+from trt_bgswap.runtime.denoise import DenoiseInputs, schedule_of, step_feeds
 from trt_bgswap.runtime.trt_backend import SharedActivations, TrtEngine
-from trt_bgswap.specs import ModelSpec
+from trt_bgswap.specs import UNET_STEP, ModelSpec, StepIO
 
 log = logging.getLogger(__name__)
 
-# Tensors re-pointed at every step; the others (conditioning) stay bound to the engine's own buffers.
-LOOP_TENSORS = ("latents", "noise", "timestep", "coefficients", "prev_latents", "denoised")
-CONDITIONING_TENSORS = ("mask", "masked_image_latents", "encoder_hidden_states", "guidance")
+STEP_MODEL = UNET_STEP
 GRAPH_EAGER, GRAPH_CAPTURE, GRAPH_REPLAY = "eager", "capture", "replay"
 
 
@@ -125,11 +123,11 @@ def loop_layout(spec: ModelSpec, dims: Mapping[str, int], steps: int, alignment:
         raise ModelError(f"the device loop runs the {STEP_MODEL!r} graph, not {spec.name!r}")
     if steps < 1:
         raise UsageError(f"steps={steps}: the loop needs at least one step")
-    sample = _row(spec, "latents", dims)
-    for name in ("noise", "prev_latents", "denoised"):
+    sample = _row(spec, StepIO.LATENTS, dims)
+    for name in (StepIO.NOISE, StepIO.PREV_LATENTS, StepIO.DENOISED):
         if _row(spec, name, dims) != sample:
             raise ModelError(f"{spec.name}: {name} is {_row(spec, name, dims)} bytes but latents are {sample}; the step graph must keep the sample's shape")
-    if spec.tensor("coefficients").resolve(dims) != (len(COEFFICIENT_NAMES),):
+    if spec.tensor(StepIO.COEFFICIENTS).resolve(dims) != (len(COEFFICIENT_NAMES),):
         raise ModelError(f"{spec.name}: coefficients input is {spec.tensor('coefficients').shape}, the scheduler has {len(COEFFICIENT_NAMES)}")
 
     offset = 0
@@ -140,8 +138,8 @@ def loop_layout(spec: ModelSpec, dims: Mapping[str, int], steps: int, alignment:
         offset = r.end
         return r
 
-    timestep = region(_row(spec, "timestep", dims), steps)
-    coefficients = region(_row(spec, "coefficients", dims), steps)
+    timestep = region(_row(spec, StepIO.TIMESTEP, dims), steps)
+    coefficients = region(_row(spec, StepIO.COEFFICIENTS, dims), steps)
     noise = region(sample, steps + 1)
     latents = region(sample, 2)
     denoised = region(sample, 1)
@@ -149,7 +147,7 @@ def loop_layout(spec: ModelSpec, dims: Mapping[str, int], steps: int, alignment:
 
 
 def step_bindings(layout: LoopLayout, index: int) -> dict[str, int]:
-    """Block offsets each :data:`LOOP_TENSORS` entry points at during step ``index``.
+    """Block offsets each ``StepIO.LOOP`` tensor points at during step ``index``.
 
     Step 0 reads the initial latents from noise row 0; step ``i > 0`` reads the latents
     row step ``i - 1`` wrote; step ``i`` writes latents row ``i % 2`` (never the row it
@@ -159,18 +157,18 @@ def step_bindings(layout: LoopLayout, index: int) -> dict[str, int]:
         raise IndexError(f"step {index} outside 0..{layout.steps - 1}")
     read = layout.noise.at(0) if index == 0 else layout.latents.at((index - 1) % 2)
     return {
-        "latents": read,
-        "noise": layout.noise.at(index + 1),
-        "timestep": layout.timestep.at(index),
-        "coefficients": layout.coefficients.at(index),
-        "prev_latents": layout.latents.at(index % 2),
-        "denoised": layout.denoised.at(0),
+        StepIO.LATENTS: read,
+        StepIO.NOISE: layout.noise.at(index + 1),
+        StepIO.TIMESTEP: layout.timestep.at(index),
+        StepIO.COEFFICIENTS: layout.coefficients.at(index),
+        StepIO.PREV_LATENTS: layout.latents.at(index % 2),
+        StepIO.DENOISED: layout.denoised.at(0),
     }
 
 
 def final_latents_offset(layout: LoopLayout) -> int:
     """Where the last step leaves the final latents."""
-    return step_bindings(layout, layout.steps - 1)["prev_latents"]
+    return step_bindings(layout, layout.steps - 1)[StepIO.PREV_LATENTS]
 
 
 def _put_rows(block: np.ndarray, region: Region, base: int, rows: Sequence[np.ndarray]) -> None:
@@ -322,7 +320,7 @@ class TrtStepLoop:
         dims = self.engine.spec.infer_dims(feeds)
         layout = self._prepare(dims, coefficients)
         assert self._block is not None and self._graph is not None
-        for name in CONDITIONING_TENSORS:
+        for name in StepIO.CONDITIONING:
             self.engine.upload(name, feeds[name])
         copy_to_device(self._block.ptr + layout.noise_bytes[0], pack_noise(layout, inputs), self.stream)
 
@@ -345,7 +343,7 @@ class TrtStepLoop:
         assert self._block is not None
         shared = self.engine.shared
         scratch = shared.buffer.ptr if shared is not None and shared.buffer is not None else 0
-        return (self._block.ptr, *(self.engine.device_ptr(n) for n in CONDITIONING_TENSORS), scratch)
+        return (self._block.ptr, *(self.engine.device_ptr(n) for n in StepIO.CONDITIONING), scratch)
 
     def _capture(self, key: GraphKey) -> None:
         assert self._graph is not None
@@ -359,8 +357,12 @@ class TrtStepLoop:
         self._graph_key = key
         log.info("%s: captured the %d-step loop into a CUDA graph for %s", STEP_MODEL, key.steps, dict(key.dims))
 
-    def denoise(self, coefficients: LCMCoefficients, inputs: DenoiseInputs) -> np.ndarray:
-        """The whole loop on the GPU; only the final latents come back to the host."""
+    def denoise(self, scheduler: LCMScheduler, inputs: DenoiseInputs) -> np.ndarray:
+        """The denoising stage: the scheduler's schedule, on the GPU."""
+        return self.denoise_with(schedule_of(scheduler), inputs)
+
+    def denoise_with(self, coefficients: LCMCoefficients, inputs: DenoiseInputs) -> np.ndarray:
+        """The whole loop on the GPU for one schedule table; only the final latents come back to the host."""
         ptr = self.run_on_device(coefficients, inputs)
         out = np.empty(inputs.latents.shape, dtype=np.float32)
         copy_to_host(out, ptr, self.stream)

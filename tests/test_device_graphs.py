@@ -1,6 +1,6 @@
 """export/device_graphs.py: each device graph vs the host computation it replaces, on ONNX Runtime CPU.
 
-- ``vae_encoder_sample`` vs ``Pipeline.encode_masked_image`` (VAE encoder graph + numpy draw/scale),
+- ``vae_encoder_sample`` vs the host VAE encoder stage (VAE encoder graph + numpy draw/scale),
 - ``vae_decoder_image`` vs ``Pipeline.decode`` (numpy unscale + VAE decoder graph + numpy clamp),
 - ``rmbg_full`` vs ``Masker.predict`` (RMBG-1.4's reference pre/post-processing in numpy around the net),
 
@@ -25,10 +25,6 @@ from skimage import data
 from trt_bgswap.engines.onnx_check import check_onnx_for_tensorrt
 from trt_bgswap.errors import ModelError
 from trt_bgswap.export.device_graphs import (
-    DECODER,
-    DEVICE_GRAPHS,
-    ENCODER,
-    RMBG,
     export_device_graphs,
     rmbg_full_graph,
     save_graph,
@@ -39,6 +35,10 @@ from trt_bgswap.manifest import Manifest, RmbgConfig
 from trt_bgswap.runtime.masker import Masker
 from trt_bgswap.runtime.ort_backend import OrtEngine
 from trt_bgswap.runtime.pipeline import Pipeline
+from trt_bgswap.specs import DEVICE_GRAPHS
+from trt_bgswap.specs import RMBG_FULL as RMBG
+from trt_bgswap.specs import VAE_DECODER_IMAGE as DECODER
+from trt_bgswap.specs import VAE_ENCODER_SAMPLE as ENCODER
 
 VAE_TOL = 1e-5
 ALPHA_TOL = 1.0 / 255.0
@@ -89,8 +89,8 @@ def with_shift(host: Pipeline, shift: float | None, folder: Path, tmp_path: Path
     """The host pipeline and the two VAE device graphs, for a config with the given shift factor."""
     assert host.config is not None
     cfg = dataclasses.replace(host.config, vae_shift_factor=shift)
-    pipe = Pipeline(host.manifest, host.engines, None, host.tokenizer)
-    pipe.config = cfg
+    assert host.stages.text_encoder is not None
+    pipe = Pipeline.from_engines(dataclasses.replace(host.manifest, inpaint=cfg), host.engines, host.stages.text_encoder.tokenizer)
     manifest = Manifest.load(folder)
     enc_model, enc_spec = vae_encoder_sample_graph(onnx.load(str(folder / manifest.models["vae_encoder"].file)), cfg)
     dec_model, dec_spec = vae_decoder_image_graph(onnx.load(str(folder / manifest.models["vae_decoder"].file)), cfg)
@@ -120,7 +120,7 @@ def test_vae_encoder_sample_equals_host_encode(host: Pipeline, device_dir: Path,
     image = photo("chelsea")[: size[0], : size[1]].transpose(2, 0, 1)[None].astype(np.float32) / 127.5 - 1.0
     masked = image * (rng.random((1, 1, *size)) < 0.5)  # a masked image, as the pipeline feeds it
     eps = rng.standard_normal((1, pipe.config.latent_channels, size[0] // f, size[1] // f)).astype(np.float32)
-    want = pipe.encode_masked_image(masked.astype(np.float32), eps)
+    want = pipe.stages.generator.encoder.encode(masked.astype(np.float32), eps)
     got = encoder(sample=masked.astype(np.float32), eps=eps)["masked_image_latents"]
     err = max_err(got, want)
     assert got.shape == want.shape and err <= VAE_TOL, f"masked_image_latents {got.shape}: max abs err {err:.3g} vs host encode (tol {VAE_TOL})"
@@ -136,7 +136,7 @@ def test_vae_decoder_image_equals_host_decode(host: Pipeline, device_dir: Path, 
     f = pipe.config.vae_scale_factor
     rng = np.random.default_rng(size[0] * size[1])
     latents = (rng.standard_normal((1, pipe.config.latent_channels, size[0] // f, size[1] // f)) * 3).astype(np.float32)
-    want = pipe.decode(latents)  # float32 HxWx3 in [0, 1]
+    want = pipe.stages.generator.decoder.decode(latents)  # float32 HxWx3 in [0, 1]
     got = decoder(latents=latents)["image"]
     assert got.shape == (1, 3, *size), f"image shape {got.shape}"
     err = max_err(got[0].transpose(1, 2, 0), want)

@@ -34,7 +34,7 @@ def test_pipeline_uses_preoptimized_graphs(built_dir: Path, exported_dir: Path) 
     engines_dir = (built_dir / "engines").resolve()
     for name, engine in fast.engines.items():
         assert engines_dir in engine.path.resolve().parents, f"{name} opened {engine.path}, not the built graph"
-    assert engines_dir in fast.masker.engine.path.resolve().parents
+    assert engines_dir in fast.stages.masker.engine.path.resolve().parents
     rgb = data.chelsea()[::2, ::2].copy()
     opts = GenerationOptions("a garden", steps=2, seed=3, size=(128, 128))
     a = plain.replace(rgb, opts)
@@ -47,7 +47,7 @@ def test_pipeline_uses_preoptimized_graphs(built_dir: Path, exported_dir: Path) 
 def test_without_build_opens_exported_graphs(exported_dir: Path) -> None:
     manifest = Manifest.load(exported_dir)
     engines = open_engines(exported_dir, manifest, BackendChoice("cpu", "ort", "cpu", "test"))
-    assert {k: e.path for k, e in engines.items()} == {k: exported_dir / v.file for k, v in manifest.models.items()}
+    assert {k: e.path for k, e in engines.engines.items()} == {k: exported_dir / v.file for k, v in manifest.models.items()}
 
 
 def test_trt_without_plans_names_the_build_command(exported_dir: Path) -> None:
@@ -106,7 +106,7 @@ def test_cli_build_cpu_fast_is_what_run_opens(exported_dir: Path, tmp_path: Path
     assert main(["-q", "build", str(folder), "--cpu-fast", "--rmbg-int8", "--calibration", str(photos)]) == 0
     p = Pipeline.load(folder, provider="cpu")
     assert p.engines["unet"].path.name == "model.fused.onnx"
-    assert p.masker.engine.path.name == "model.int8.onnx"
+    assert p.stages.masker.engine.path.name == "model.int8.onnx"
     r = p.replace(data.chelsea()[::2, ::2].copy(), GenerationOptions("a garden", steps=1, seed=1, size=(128, 128)))
     assert r.image.shape == (150, 226, 3)
     assert main(["-q", "build", str(folder), "--rmbg-int8"]) == 2  # calibration photos are required

@@ -150,19 +150,20 @@ def _bilinear_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 @pytest.mark.parametrize("slip", ["mask averaged, not nearest", "masked pixels -1, not 0", "padding token 0, not eos"])
 def test_common_slips_break_parity(reference_pipe, exported_dir: Path, photo_and_mask, monkeypatch, slip: str) -> None:
     """Each classic porting mistake, injected into a fresh runtime, moves the output by more than 1e-2."""
-    import trt_bgswap.runtime.pipeline as pipeline_module
+    import trt_bgswap.runtime.preprocess as preprocess_module
 
     rgb, mask = photo_and_mask
     expected, noise = _reference(reference_pipe, rgb, mask, 2.0, seed=7, negative=None)
     rt = Pipeline.load(exported_dir, provider="cpu")
     if slip.startswith("mask averaged"):
-        monkeypatch.setattr(pipeline_module, "resize_nearest", _bilinear_mask)
+        monkeypatch.setattr(preprocess_module, "resize_nearest", _bilinear_mask)
     elif slip.startswith("masked pixels"):
-        original = rt.encode_masked_image
-        hole = pipeline_module.resize_mask_for_model(mask, WIDTH, HEIGHT) >= 0.5
-        monkeypatch.setattr(rt, "encode_masked_image", lambda masked, eps: original(np.where(hole, -1.0, masked).astype(np.float32), eps))
+        encoder = rt.stages.generator.encoder
+        original = encoder.encode
+        hole = preprocess_module.resize_mask_for_model(mask, WIDTH, HEIGHT) >= 0.5
+        monkeypatch.setattr(encoder, "encode", lambda masked, eps: original(np.where(hole, -1.0, masked).astype(np.float32), eps))
     else:
-        monkeypatch.setattr(rt.tokenizer, "pad_id", 0)
+        monkeypatch.setattr(rt.stages.text_encoder.tokenizer, "pad_id", 0)
     options = GenerationOptions(PROMPT, steps=STEPS, guidance=2.0, size=(WIDTH, HEIGHT))
     err = float(np.abs(rt.inpaint(rgb, mask, options, noise) - expected).max())
     assert err > 1e-2, f"slip '{slip}' moved the output by only {err:.3g}: the parity test could not tell"

@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 from skimage import data
 
 from trt_bgswap.errors import ModelError
-from trt_bgswap.export.fp16 import convert_to_fp16
 from trt_bgswap.export.isnet import RSU4, RSU7, BriaRMBG, _upsample_like
 from trt_bgswap.export.rmbg import export_rmbg, graph_precision, load_rmbg_weights, prune_to_outputs
 from trt_bgswap.export.tiny_rmbg import TINY_CHANNEL_DIVISOR, TINY_INPUT_SIZE, random_isnet, write_tiny_rmbg

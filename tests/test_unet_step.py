@@ -1,6 +1,6 @@
 """The fused "UNet + LCM step" graph: parity with the pipeline's numpy loop, with its PyTorch source, and its device plan.
 
-- The fused graph on ONNX Runtime CPU, driven by :func:`runtime.step_loop.denoise`,
+- The fused graph on ONNX Runtime CPU, driven by :func:`runtime.denoise.fused_denoise`,
   reproduces the final latents of :meth:`runtime.pipeline.Pipeline.inpaint`'s loop
   (separate UNet graph + numpy ``lcm_step``) on the same photo, prompt and noise, for
   1, 2 and 4 steps without and with classifier-free guidance (1e-5 max abs).
@@ -30,8 +30,9 @@ from trt_bgswap.manifest import Manifest, ModelEntry
 from trt_bgswap.runtime.ort_backend import OrtEngine
 from trt_bgswap.runtime.pipeline import GenerationOptions, Noise, Pipeline
 from trt_bgswap.runtime.scheduler import COEFFICIENT_NAMES, LCMConfig, LCMScheduler
-from trt_bgswap.runtime.step_loop import DenoiseInputs, check_step_scheduler, denoise
-from trt_bgswap.specs import pipeline_dims, unet_step_spec
+from trt_bgswap.runtime.denoise import DenoiseInputs, check_step_scheduler
+from trt_bgswap.runtime.denoise import fused_denoise as denoise
+from trt_bgswap.specs import StepIO, pipeline_dims, unet_step_spec
 
 WIDTH, HEIGHT = 192, 128  # non-square, multiples of the tiny model's size multiple
 PROMPT = "a sunny beach with palm trees, photograph"
@@ -100,7 +101,8 @@ def _pipeline_loop(pipe: Pipeline, photo_and_mask, steps: int, guidance: float, 
     noise = Noise.from_seed(seed, (1, cfg.latent_channels, d["h"], d["w"]), steps)
     calls: list[tuple[np.ndarray, float, np.ndarray]] = []
     decoded: list[np.ndarray] = []
-    real_unet, real_decode = pipe.unet, pipe.decode
+    stages = pipe.stages.generator
+    real_unet, real_decode = stages.denoiser.unet, stages.decoder.decode
 
     def recording_unet(sample: np.ndarray, timestep: float, embeddings: np.ndarray) -> np.ndarray:
         calls.append((sample.copy(), timestep, embeddings.copy()))
@@ -110,8 +112,8 @@ def _pipeline_loop(pipe: Pipeline, photo_and_mask, steps: int, guidance: float, 
         decoded.append(latents.copy())
         return real_decode(latents)
 
-    monkeypatch.setattr(pipe, "unet", recording_unet)
-    monkeypatch.setattr(pipe, "decode", recording_decode)
+    monkeypatch.setattr(stages.denoiser, "unet", recording_unet)
+    monkeypatch.setattr(stages.decoder, "decode", recording_decode)
     pipe.inpaint(rgb, mask, GenerationOptions(PROMPT, steps=steps, guidance=guidance, size=(WIDTH, HEIGHT)), noise)
     assert len(calls) == steps and len(decoded) == 1
     c = cfg.latent_channels
@@ -276,7 +278,6 @@ def test_denoise_inputs_are_checked(bad: str) -> None:
 def test_device_plan_emulated_on_host_equals_step_loop(step_engine: OrtEngine, manifest: Manifest, steps: int, batch: int) -> None:
     """trt_loop's layout, bindings and packed uploads, executed on a host byte block, give the step loop's result exactly."""
     from trt_bgswap.runtime.trt_loop import (
-        CONDITIONING_TENSORS,
         final_latents_offset,
         loop_layout,
         pack_noise,
@@ -307,7 +308,7 @@ def test_device_plan_emulated_on_host_equals_step_loop(step_engine: OrtEngine, m
         "encoder_hidden_states": inputs.embeddings,
         "guidance": np.array([inputs.guidance], dtype=np.float32),
     }
-    assert set(conditioning) == set(CONDITIONING_TENSORS)
+    assert set(conditioning) == set(StepIO.CONDITIONING)
     for i in range(steps):
         bound = step_bindings(layout, i)
         feeds = {**conditioning, **{n: view(off, n).copy() for n, off in bound.items() if n in spec.input_names}}

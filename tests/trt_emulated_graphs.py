@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from trt_bgswap.engines.profiles import ShapeProfile, TensorProfile
+from trt_bgswap.runtime.trt_shapes import ShapeProfile, TensorProfile
 from trt_bgswap.specs import ModelSpec, TensorSpec
 
 SPEC = ModelSpec("tiny", (TensorSpec("x", "float32", ("B", 4)),), (TensorSpec("y", "float32", ("B", 4)),))

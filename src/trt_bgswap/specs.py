@@ -35,6 +35,86 @@ DTYPES: dict[str, np.dtype] = {
     "uint8": np.dtype(np.uint8),
     "bool": np.dtype(np.bool_),
 }
+# The same dtypes by their onnx.TensorProto names (the one map from spec dtypes to ONNX; no onnx import here).
+ONNX_TYPES: dict[str, str] = {"float32": "FLOAT", "float16": "FLOAT16", "int32": "INT32", "int64": "INT64", "uint8": "UINT8", "bool": "BOOL"}
+
+# --- Graph names: the manifest's model keys, the export's sub-folders and the build index's keys. ---
+
+TEXT_ENCODER = "text_encoder"
+UNET = "unet"
+UNET_STEP = "unet_step"  # UNet + guidance + LCM step in one graph (export --fused-step)
+VAE_ENCODER = "vae_encoder"
+VAE_DECODER = "vae_decoder"
+RMBG = "rmbg"
+VAE_ENCODER_SAMPLE = "vae_encoder_sample"  # device graphs (export --device-graphs): host arithmetic inside
+VAE_DECODER_IMAGE = "vae_decoder_image"
+RMBG_FULL = "rmbg_full"
+
+HOST_GRAPHS = (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER, RMBG)
+INPAINT_GRAPHS = (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)
+DEVICE_GRAPHS = (VAE_ENCODER_SAMPLE, VAE_DECODER_IMAGE, RMBG_FULL)
+# the host-path graph each device graph stands in for (not opened when its device graph runs)
+DEVICE_GRAPH_REPLACES = {VAE_ENCODER_SAMPLE: VAE_ENCODER, VAE_DECODER_IMAGE: VAE_DECODER, RMBG_FULL: RMBG}
+MASK_GRAPHS = (RMBG, RMBG_FULL)
+
+
+# --- Tensor names, per graph (the spec functions below declare them; code refers to them here). ---
+
+
+class TextEncoderIO:
+    INPUT_IDS = "input_ids"
+    HIDDEN_STATES = "last_hidden_state"
+
+
+class UnetIO:
+    SAMPLE = "sample"
+    TIMESTEP = "timestep"
+    ENCODER_HIDDEN_STATES = "encoder_hidden_states"
+    OUT_SAMPLE = "out_sample"
+
+
+class StepIO:
+    """unet_step: one whole LCM step; its inputs fall in two groups the device loop treats differently."""
+
+    LATENTS = "latents"
+    MASK = "mask"
+    MASKED_IMAGE_LATENTS = "masked_image_latents"
+    ENCODER_HIDDEN_STATES = "encoder_hidden_states"
+    TIMESTEP = "timestep"
+    GUIDANCE = "guidance"
+    COEFFICIENTS = "coefficients"
+    NOISE = "noise"
+    PREV_LATENTS = "prev_latents"
+    DENOISED = "denoised"
+    LOOP = (LATENTS, NOISE, TIMESTEP, COEFFICIENTS, PREV_LATENTS, DENOISED)  # change at every step
+    CONDITIONING = (MASK, MASKED_IMAGE_LATENTS, ENCODER_HIDDEN_STATES, GUIDANCE)  # fixed for a generation
+
+
+class VaeEncoderIO:
+    SAMPLE = "sample"
+    MEAN = "latent_mean"
+    STD = "latent_std"
+
+
+class VaeDecoderIO:
+    LATENTS = "latent_sample"
+    SAMPLE = "sample"
+
+
+class VaeEncoderSampleIO:
+    SAMPLE = "sample"
+    EPS = "eps"
+    LATENTS = "masked_image_latents"
+
+
+class VaeDecoderImageIO:
+    LATENTS = "latents"
+    IMAGE = "image"
+
+
+class RmbgFullIO:
+    IMAGE = "image"
+    ALPHA = "alpha"
 
 
 class SpecError(ValueError):
@@ -185,22 +265,22 @@ class ModelSpec:
 def text_encoder_spec(max_length: int, hidden_size: int) -> ModelSpec:
     """CLIP text encoder: token ids in (int32, friendlier to TensorRT), last hidden state out."""
     return ModelSpec(
-        "text_encoder",
-        inputs=(TensorSpec("input_ids", "int32", ("B", max_length)),),
-        outputs=(TensorSpec("last_hidden_state", "float32", ("B", max_length, hidden_size)),),
+        TEXT_ENCODER,
+        inputs=(TensorSpec(TextEncoderIO.INPUT_IDS, "int32", ("B", max_length)),),
+        outputs=(TensorSpec(TextEncoderIO.HIDDEN_STATES, "float32", ("B", max_length, hidden_size)),),
     )
 
 
 def unet_spec(in_channels: int, out_channels: int, max_length: int, hidden_size: int, dtype: str = "float32") -> ModelSpec:
     """Inpainting UNet: 9 input channels = latents + mask + masked-image latents."""
     return ModelSpec(
-        "unet",
+        UNET,
         inputs=(
-            TensorSpec("sample", dtype, ("B", in_channels, "h", "w")),
-            TensorSpec("timestep", dtype, ("B",)),
-            TensorSpec("encoder_hidden_states", dtype, ("B", max_length, hidden_size)),
+            TensorSpec(UnetIO.SAMPLE, dtype, ("B", in_channels, "h", "w")),
+            TensorSpec(UnetIO.TIMESTEP, dtype, ("B",)),
+            TensorSpec(UnetIO.ENCODER_HIDDEN_STATES, dtype, ("B", max_length, hidden_size)),
         ),
-        outputs=(TensorSpec("out_sample", dtype, ("B", out_channels, "h", "w")),),
+        outputs=(TensorSpec(UnetIO.OUT_SAMPLE, dtype, ("B", out_channels, "h", "w")),),
     )
 
 
@@ -214,20 +294,20 @@ def unet_step_spec(latent_channels: int, max_length: int, hidden_size: int, num_
     """
     latent_shape: tuple[Dim, ...] = (1, latent_channels, "h", "w")
     return ModelSpec(
-        "unet_step",
+        UNET_STEP,
         inputs=(
-            TensorSpec("latents", "float32", latent_shape),
-            TensorSpec("mask", "float32", (1, 1, "h", "w")),
-            TensorSpec("masked_image_latents", "float32", latent_shape),
-            TensorSpec("encoder_hidden_states", "float32", ("B", max_length, hidden_size)),
-            TensorSpec("timestep", "float32", (1,)),
-            TensorSpec("guidance", "float32", (1,)),
-            TensorSpec("coefficients", "float32", (num_coefficients,)),
-            TensorSpec("noise", "float32", latent_shape),
+            TensorSpec(StepIO.LATENTS, "float32", latent_shape),
+            TensorSpec(StepIO.MASK, "float32", (1, 1, "h", "w")),
+            TensorSpec(StepIO.MASKED_IMAGE_LATENTS, "float32", latent_shape),
+            TensorSpec(StepIO.ENCODER_HIDDEN_STATES, "float32", ("B", max_length, hidden_size)),
+            TensorSpec(StepIO.TIMESTEP, "float32", (1,)),
+            TensorSpec(StepIO.GUIDANCE, "float32", (1,)),
+            TensorSpec(StepIO.COEFFICIENTS, "float32", (num_coefficients,)),
+            TensorSpec(StepIO.NOISE, "float32", latent_shape),
         ),
         outputs=(
-            TensorSpec("prev_latents", "float32", latent_shape),
-            TensorSpec("denoised", "float32", latent_shape),
+            TensorSpec(StepIO.PREV_LATENTS, "float32", latent_shape),
+            TensorSpec(StepIO.DENOISED, "float32", latent_shape),
         ),
     )
 
@@ -235,20 +315,20 @@ def unet_step_spec(latent_channels: int, max_length: int, hidden_size: int, num_
 def vae_encoder_spec(image_channels: int, latent_channels: int, dtype: str = "float32") -> ModelSpec:
     """VAE encoder: the posterior's mean and std, so the caller controls the sample drawn."""
     return ModelSpec(
-        "vae_encoder",
-        inputs=(TensorSpec("sample", dtype, ("B", image_channels, "H", "W")),),
+        VAE_ENCODER,
+        inputs=(TensorSpec(VaeEncoderIO.SAMPLE, dtype, ("B", image_channels, "H", "W")),),
         outputs=(
-            TensorSpec("latent_mean", dtype, ("B", latent_channels, "h", "w")),
-            TensorSpec("latent_std", dtype, ("B", latent_channels, "h", "w")),
+            TensorSpec(VaeEncoderIO.MEAN, dtype, ("B", latent_channels, "h", "w")),
+            TensorSpec(VaeEncoderIO.STD, dtype, ("B", latent_channels, "h", "w")),
         ),
     )
 
 
 def vae_decoder_spec(image_channels: int, latent_channels: int, dtype: str = "float32") -> ModelSpec:
     return ModelSpec(
-        "vae_decoder",
-        inputs=(TensorSpec("latent_sample", dtype, ("B", latent_channels, "h", "w")),),
-        outputs=(TensorSpec("sample", dtype, ("B", image_channels, "H", "W")),),
+        VAE_DECODER,
+        inputs=(TensorSpec(VaeDecoderIO.LATENTS, dtype, ("B", latent_channels, "h", "w")),),
+        outputs=(TensorSpec(VaeDecoderIO.SAMPLE, dtype, ("B", image_channels, "H", "W")),),
     )
 
 
@@ -256,7 +336,7 @@ def rmbg_spec(input_size: int | None, input_name: str = "input", output_name: st
     """RMBG / IS-Net: normalised RGB in, the main (sigmoid) mask out. Side outputs are not part of the spec."""
     s: Dim = input_size if input_size is not None else "S"
     return ModelSpec(
-        "rmbg",
+        RMBG,
         inputs=(TensorSpec(input_name, "float32", ("B", 3, s, s)),),
         outputs=(TensorSpec(output_name, "float32", ("B", 1, s, s)),),
     )
@@ -268,21 +348,21 @@ def rmbg_spec(input_size: int | None, input_name: str = "input", output_name: st
 def vae_encoder_sample_spec(image_channels: int, latent_channels: int) -> ModelSpec:
     """VAE encoder + posterior draw + scaling: masked image and eps in, UNet-ready masked-image latents out."""
     return ModelSpec(
-        "vae_encoder_sample",
+        VAE_ENCODER_SAMPLE,
         inputs=(
-            TensorSpec("sample", "float32", ("B", image_channels, "H", "W")),
-            TensorSpec("eps", "float32", ("B", latent_channels, "h", "w")),
+            TensorSpec(VaeEncoderSampleIO.SAMPLE, "float32", ("B", image_channels, "H", "W")),
+            TensorSpec(VaeEncoderSampleIO.EPS, "float32", ("B", latent_channels, "h", "w")),
         ),
-        outputs=(TensorSpec("masked_image_latents", "float32", ("B", latent_channels, "h", "w")),),
+        outputs=(TensorSpec(VaeEncoderSampleIO.LATENTS, "float32", ("B", latent_channels, "h", "w")),),
     )
 
 
 def vae_decoder_image_spec(image_channels: int, latent_channels: int) -> ModelSpec:
     """Unscaling + VAE decoder + [-1, 1] -> [0, 1] clamp: scaled latents in, the image (NCHW, float32) out."""
     return ModelSpec(
-        "vae_decoder_image",
-        inputs=(TensorSpec("latents", "float32", ("B", latent_channels, "h", "w")),),
-        outputs=(TensorSpec("image", "float32", ("B", image_channels, "H", "W")),),
+        VAE_DECODER_IMAGE,
+        inputs=(TensorSpec(VaeDecoderImageIO.LATENTS, "float32", ("B", latent_channels, "h", "w")),),
+        outputs=(TensorSpec(VaeDecoderImageIO.IMAGE, "float32", ("B", image_channels, "H", "W")),),
     )
 
 
@@ -294,9 +374,9 @@ def rmbg_full_spec(batch: Dim = "B") -> ModelSpec:
     graphs that fix it).
     """
     return ModelSpec(
-        "rmbg_full",
-        inputs=(TensorSpec("image", "uint8", (batch, "PH", "PW", 3)),),
-        outputs=(TensorSpec("alpha", "float32", (batch, 1, "PH", "PW")),),
+        RMBG_FULL,
+        inputs=(TensorSpec(RmbgFullIO.IMAGE, "uint8", (batch, "PH", "PW", 3)),),
+        outputs=(TensorSpec(RmbgFullIO.ALPHA, "float32", (batch, 1, "PH", "PW")),),
     )
 
 

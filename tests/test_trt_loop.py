@@ -17,7 +17,7 @@ device loop with the ONNX Runtime step loop, CUDA-graph replay with eager execut
 and check buffer reuse. They need ``tensorrt``, ``cuda-python`` and an NVIDIA GPU and
 are skipped with the reason otherwise (``pytest -ra`` lists them as SKIPPED); they run
 unchanged on a GPU machine: ``pip install 'trt-bgswap[trt]' --extra-index-url
-https://pypi.nvidia.com`` then ``pytest tests/test_trt_loop_gpu.py``.
+https://pypi.nvidia.com`` then ``pytest tests/test_trt_loop.py``.
 """
 
 from __future__ import annotations
@@ -33,16 +33,15 @@ import pytest
 from emulation import Emulation, StackSpec, UndocumentedBehaviour, emulate
 from onnx import TensorProto, helper, numpy_helper
 
-from trt_bgswap.engines.buffers import DEVICE_ALIGNMENT, GraphEligibility, cuda_graph_eligibility
+from trt_bgswap.runtime.trt_shapes import DEVICE_ALIGNMENT, GraphEligibility, cuda_graph_eligibility
 from trt_bgswap.engines.profiles import DimRange, profile_from_ranges
 from trt_bgswap.errors import BackendUnavailable, ModelError, UsageError
 from trt_bgswap.runtime.scheduler import COEFFICIENT_NAMES, LCMScheduler
-from trt_bgswap.runtime.step_loop import DenoiseInputs
+from trt_bgswap.runtime.denoise import DenoiseInputs
 from trt_bgswap.runtime.trt_loop import (
     GRAPH_CAPTURE,
     GRAPH_EAGER,
     GRAPH_REPLAY,
-    LOOP_TENSORS,
     GraphKey,
     TrtStepLoop,
     final_latents_offset,
@@ -52,7 +51,7 @@ from trt_bgswap.runtime.trt_loop import (
     pack_schedule,
     step_bindings,
 )
-from trt_bgswap.specs import ModelSpec, unet_spec, unet_step_spec
+from trt_bgswap.specs import StepIO, ModelSpec, unet_spec, unet_step_spec
 
 LATENT, MAX_LENGTH, HIDDEN = 4, 77, 32
 SPEC = unet_step_spec(LATENT, MAX_LENGTH, HIDDEN, len(COEFFICIENT_NAMES))
@@ -116,7 +115,7 @@ def test_bindings_ping_pong_without_aliasing(steps: int) -> None:
     written_by_previous = None
     for i in range(steps):
         b = step_bindings(layout, i)
-        assert set(b) == set(LOOP_TENSORS)
+        assert set(b) == set(StepIO.LOOP)
         assert all(off % DEVICE_ALIGNMENT == 0 for off in b.values())
         assert b["latents"] == (layout.noise.at(0) if i == 0 else written_by_previous), f"step {i} does not read what step {i - 1} wrote"
         assert b["prev_latents"] != b["latents"], f"step {i} writes the buffer it reads"
@@ -189,7 +188,7 @@ def test_graph_action_captures_once_replays_and_recaptures_on_any_change() -> No
 
 def test_modules_import_without_tensorrt_torch_or_cuda() -> None:
     code = (
-        "import sys, trt_bgswap.runtime.trt_loop, trt_bgswap.runtime.step_loop\n"
+        "import sys, trt_bgswap.runtime.trt_loop, trt_bgswap.runtime.denoise\n"
         "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers', 'tensorrt', 'cuda'))))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -202,7 +201,7 @@ def test_using_the_loop_without_tensorrt_says_how_to_install(tmp_path: Path) -> 
     loop = TrtStepLoop(SPEC, tmp_path / "model.plan")
     assert "not loaded" in loop.backend
     with pytest.raises(BackendUnavailable, match=r"trt-bgswap\[trt\]"):
-        loop.denoise(coefficients(2), inputs_for(SIZES[0], 2))
+        loop.denoise_with(coefficients(2), inputs_for(SIZES[0], 2))
 
 
 # --- on a GPU --------------------------------------------------------------------------------
@@ -251,7 +250,7 @@ def plans(step_onnx, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 
 def reference(step_onnx, coeff, inputs: DenoiseInputs) -> np.ndarray:  # noqa: ANN001
     from trt_bgswap.runtime.ort_backend import OrtEngine
-    from trt_bgswap.runtime.step_loop import denoise
+    from trt_bgswap.runtime.denoise import fused_denoise as denoise
 
     path, entry = step_onnx
     return denoise(OrtEngine(entry.spec, path, provider="cpu"), coeff, inputs)
@@ -275,7 +274,7 @@ def test_device_loop_matches_onnxruntime_step_loop(step_onnx, plans, steps: int,
     coeff = coefficients(steps)
     loop = TrtStepLoop(entry.spec, plans[precision], use_cuda_graph=False)
     try:
-        got = loop.denoise(coeff, inputs)
+        got = loop.denoise_with(coeff, inputs)
         assert loop.last_action == GRAPH_EAGER
     finally:
         loop.close()
@@ -293,7 +292,7 @@ def test_cuda_graph_replay_equals_eager_and_reuses_buffers(step_onnx, plans) -> 
         actions, blocks = [], []
         for steps, seed in ((4, 1), (4, 2), (4, 3), (2, 4), (2, 5)):  # new noise each time; then a shorter schedule
             inputs, coeff = inputs_for(dims, steps, seed=seed, guidance=2.0), coefficients(steps)
-            want, got = eager.denoise(coeff, inputs), graphed.denoise(coeff, inputs)
+            want, got = eager.denoise_with(coeff, inputs), graphed.denoise_with(coeff, inputs)
             err = float(np.max(np.abs(got - want)))
             assert err == 0.0, f"CUDA-graph loop ({graphed.last_action}) differs from eager by {err:.3g} ({steps} steps, seed {seed})"
             actions.append(graphed.last_action)
@@ -382,7 +381,7 @@ def static_profiles(batches: tuple[int, ...] = (1, 2), h: int = 3, w: int = 5) -
 
 def toy_reference(folder: Path, coeff, inputs: DenoiseInputs) -> np.ndarray:  # noqa: ANN001
     from trt_bgswap.runtime.ort_backend import OrtEngine
-    from trt_bgswap.runtime.step_loop import denoise
+    from trt_bgswap.runtime.denoise import fused_denoise as denoise
 
     return denoise(OrtEngine(TOY, folder / "unet_step.onnx", provider="cpu"), coeff, inputs)
 
@@ -396,7 +395,7 @@ def test_emulated_device_loop_equals_step_loop(emulated: Emulation, tmp_path: Pa
     coeff = coefficients(steps)
     loop = TrtStepLoop(TOY, plan, use_cuda_graph=False)
     try:
-        got = loop.denoise(coeff, inputs)
+        got = loop.denoise_with(coeff, inputs)
     finally:
         loop.close()
     want = toy_reference(tmp_path, coeff, inputs)
@@ -431,7 +430,7 @@ def test_emulated_loop_capture_uses_only_documented_graph_patterns(emulated: Emu
     loop = TrtStepLoop(TOY, plan, use_cuda_graph=True)
     try:
         inputs, coeff = inputs_for_spec(TOY, {"B": 1, "h": 3, "w": 5}, 2, seed=1), coefficients(2)
-        loop.denoise(coeff, inputs)
+        loop.denoise_with(coeff, inputs)
         assert loop.last_action == GRAPH_CAPTURE
     finally:
         loop.close()
@@ -448,7 +447,7 @@ def test_emulated_cuda_graph_replay_equals_eager_with_one_upload_per_schedule(em
         for steps, seed in ((4, 1), (4, 2), (4, 3), (2, 4), (2, 5), (4, 6)):
             before = dict(counts)
             inputs, coeff = inputs_for_spec(TOY, dims, steps, seed=seed), coefficients(steps)
-            got = loop.denoise(coeff, inputs)
+            got = loop.denoise_with(coeff, inputs)
             err = float(np.max(np.abs(got - toy_reference(tmp_path, coeff, inputs))))
             assert err == 0.0, f"{loop.last_action} ({steps} steps, seed {seed}) differs from the step loop by {err:.3g}"
             delta = {k: counts[k] - before.get(k, 0) for k in counts}
@@ -474,7 +473,7 @@ def test_emulated_dynamic_profile_runs_eagerly(emulated: Emulation, tmp_path: Pa
     try:
         for dims in ({"B": 1, "h": 3, "w": 5}, {"B": 2, "h": 4, "w": 6}):
             inputs, coeff = inputs_for_spec(TOY, dims, 2, seed=dims["h"]), coefficients(2)
-            got = loop.denoise(coeff, inputs)
+            got = loop.denoise_with(coeff, inputs)
             assert loop.last_action == GRAPH_EAGER
             assert float(np.max(np.abs(got - toy_reference(tmp_path, coeff, inputs)))) == 0.0
     finally:
@@ -502,7 +501,7 @@ def test_emulated_shared_activation_growth_forces_a_recapture(emulated_multi_enq
             if seed == 2:
                 other.load()  # grows the shared block
             inputs, coeff = inputs_for_spec(TOY, dims, 3, seed=seed), coefficients(3)
-            got = loop.denoise(coeff, inputs)
+            got = loop.denoise_with(coeff, inputs)
             assert float(np.max(np.abs(got - toy_reference(tmp_path, coeff, inputs)))) == 0.0
             actions.append(loop.last_action)
         assert shared.nbytes == need[1]
@@ -523,7 +522,7 @@ def test_emulated_alternating_guidance_replays_both_graphs(tmp_path: Path) -> No
             actions = []
             for seed, batch in enumerate((1, 2, 1, 2)):
                 inputs = inputs_for_spec(TOY, {"B": batch, "h": 3, "w": 5}, 2, seed=seed, guidance=1.0 if batch == 1 else 2.0)
-                loop.denoise(coefficients(2), inputs)
+                loop.denoise_with(coefficients(2), inputs)
                 actions.append(loop.last_action)
         finally:
             loop.close()

@@ -13,13 +13,10 @@ the device from the first upload to the final image:
 3. those go device-to-device into ``vae_decoder_image``; run it;
 4. only the image (NCHW float32 in [0, 1]) comes back: one device-to-host copy.
 
-The mask is one engine call: ``rmbg_full`` takes the uint8 photo as it is and returns
-the alpha at the photo's size (one upload, one download).
-
-Every decision (which models chain into which, the dims of each engine, that linked
-tensors have the same size, the copies a generation makes) is a plain function
-(:func:`chain_plan`, :func:`mask_plan`) tested on CPU; :class:`DeviceChain` only
-executes it. The same graphs run on ONNX Runtime through the ordinary engine interface
+Every decision (the dims of each engine, that linked tensors have the same size, the
+copies a generation makes) is a plain function (:func:`chain_plan`) tested on CPU;
+:class:`DeviceChain` only executes it. The same graphs run on ONNX Runtime through the
+ordinary engine interface and :class:`~trt_bgswap.runtime.generator.StageGenerator`
 (``Pipeline.load(..., device_graphs=True)``), which proves the chain end to end on CPU.
 Importable without ``tensorrt``/``cuda-python``.
 """
@@ -27,51 +24,30 @@ Importable without ``tensorrt``/``cuda-python``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from trt_bgswap.errors import InputImageError, ModelError, UsageError
-from trt_bgswap.manifest import InpaintConfig, Manifest
+from trt_bgswap.errors import ModelError, UsageError
+from trt_bgswap.manifest import InpaintConfig
 from trt_bgswap.runtime.cuda_device import Stream
-from trt_bgswap.runtime.engine import Engine
-from trt_bgswap.runtime.scheduler import LCMCoefficients
-from trt_bgswap.runtime.step_loop import STEP_MODEL, DenoiseInputs
+from trt_bgswap.runtime.denoise import schedule_of
+from trt_bgswap.runtime.generator import GenerationInputs
+from trt_bgswap.runtime.scheduler import LCMScheduler
 from trt_bgswap.runtime.trt_backend import SharedActivations, TrtEngine
-from trt_bgswap.runtime.trt_loop import CONDITIONING_TENSORS, StepEngine, TrtStepLoop
-from trt_bgswap.specs import ModelSpec, pipeline_dims
+from trt_bgswap.runtime.trt_loop import StepEngine, TrtStepLoop
+from trt_bgswap.runtime.vae import image_hwc
+from trt_bgswap.specs import UNET_STEP, VAE_DECODER_IMAGE, VAE_ENCODER_SAMPLE, ModelSpec, StepIO, VaeDecoderImageIO, VaeEncoderSampleIO, pipeline_dims
 
 log = logging.getLogger(__name__)
 
-ENCODER, DECODER, RMBG = "vae_encoder_sample", "vae_decoder_image", "rmbg_full"
-DEVICE_GRAPHS = (ENCODER, DECODER, RMBG)
-# the host-path model each device graph replaces (not opened when its device graph runs)
-REPLACES = {ENCODER: "vae_encoder", DECODER: "vae_decoder", RMBG: "rmbg"}
+ENCODER, DECODER, STEP_MODEL = VAE_ENCODER_SAMPLE, VAE_DECODER_IMAGE, UNET_STEP
 HTOD, DTOD, DTOH = "HtoD", "DtoD", "DtoH"
 
 
 # --- the plan: plain Python, tested on CPU -------------------------------------------------------
-
-
-def device_graphs_in(manifest: Manifest) -> list[str]:
-    """The device graphs an export holds (the VAE pair counts only as a pair)."""
-    have = [name for name in DEVICE_GRAPHS if name in manifest.models]
-    if (ENCODER in have) != (DECODER in have):
-        raise ModelError(f"the export has only {[n for n in (ENCODER, DECODER) if n in have]} of the VAE device graphs; re-run `trt-bgswap export --device-graphs`")
-    return have
-
-
-def models_to_open(manifest: Manifest, device_graphs: bool) -> list[str]:
-    """Which of the manifest's models a pipeline opens: device graphs replace their host-path models, or are left out."""
-    graphs = device_graphs_in(manifest)
-    if device_graphs:
-        if not graphs:
-            raise UsageError("device_graphs=True but this export has no device graphs; re-run `trt-bgswap export --device-graphs`")
-        replaced = {REPLACES[g] for g in graphs}
-        return [name for name in manifest.models if name not in replaced]
-    return [name for name in manifest.models if name not in DEVICE_GRAPHS]
 
 
 @dataclass(frozen=True)
@@ -103,12 +79,12 @@ class ChainPlan:
         return {HTOD: len(self.uploads) + int(schedule_changed), DTOD: len(self.links), DTOH: len(self.downloads)}
 
 
-LINKED_INPUT = "masked_image_latents"  # the step graph's input the encoder's output feeds on the device
+LINKED_INPUT = StepIO.MASKED_IMAGE_LATENTS  # the step graph's input the encoder's output feeds on the device
 # The loop's own uploads (trt_loop.TrtStepLoop): its conditioning inputs except the linked one, and the noise block.
-LOOP_HOST_INPUTS = tuple(n for n in CONDITIONING_TENSORS if n != LINKED_INPUT)
+LOOP_HOST_INPUTS = tuple(n for n in StepIO.CONDITIONING if n != LINKED_INPUT)
 LOOP_NOISE = "noise rows"  # the noise block (initial latents + step noise), one upload
-FINAL_LATENTS = "prev_latents"  # where the loop leaves the final latents (the last step's output row)
-ENCODER_HOST_INPUTS = ("sample", "eps")  # the masked image and the posterior draw
+FINAL_LATENTS = StepIO.PREV_LATENTS  # where the loop leaves the final latents (the last step's output row)
+ENCODER_HOST_INPUTS = (VaeEncoderSampleIO.SAMPLE, VaeEncoderSampleIO.EPS)  # the masked image and the posterior draw
 
 
 def chain_plan(specs: Mapping[str, ModelSpec], cfg: InpaintConfig, height: int, width: int, guided: bool) -> ChainPlan:
@@ -121,8 +97,8 @@ def chain_plan(specs: Mapping[str, ModelSpec], cfg: InpaintConfig, height: int, 
     dims = {ENCODER: size, STEP_MODEL: {"B": 2 if guided else 1, **latent}, DECODER: size}
     links = []
     for src, dst in (
-        (Endpoint(ENCODER, "masked_image_latents"), Endpoint(STEP_MODEL, LINKED_INPUT)),
-        (Endpoint(STEP_MODEL, FINAL_LATENTS), Endpoint(DECODER, "latents")),
+        (Endpoint(ENCODER, VaeEncoderSampleIO.LATENTS), Endpoint(STEP_MODEL, LINKED_INPUT)),
+        (Endpoint(STEP_MODEL, FINAL_LATENTS), Endpoint(DECODER, VaeDecoderImageIO.LATENTS)),
     ):
         a, b = specs[src.model].tensor(src.tensor), specs[dst.model].tensor(dst.tensor)
         na = a.nbytes(dims[src.model])
@@ -137,14 +113,7 @@ def chain_plan(specs: Mapping[str, ModelSpec], cfg: InpaintConfig, height: int, 
         *(Endpoint(STEP_MODEL, n) for n in LOOP_HOST_INPUTS),
         Endpoint(STEP_MODEL, LOOP_NOISE),
     )
-    return ChainPlan(dims, uploads, tuple(links), (Endpoint(DECODER, "image"),))
-
-
-def mask_plan(spec: ModelSpec, height: int, width: int) -> ChainPlan:
-    """``rmbg_full`` on one photo: the uint8 photo up, the alpha down."""
-    batch = spec.inputs[0].shape[0]
-    dims = {"PH": height, "PW": width, **({} if isinstance(batch, int) else {str(batch): 1})}
-    return ChainPlan({RMBG: dims}, (Endpoint(RMBG, "image"),), (), (Endpoint(RMBG, "alpha"),))
+    return ChainPlan(dims, uploads, tuple(links), (Endpoint(DECODER, VaeDecoderImageIO.IMAGE),))
 
 
 def same_stream(*streams: Stream) -> bool:
@@ -191,19 +160,6 @@ class ChainedStepLoop(TrtStepLoop):
         self.engine = DeviceFedStepEngine(spec, plan_path, stream=stream, shared_activations=shared_activations)
 
 
-@dataclass(frozen=True)
-class GenerationInputs:
-    """One generation's host inputs to the chain (everything preprocessed; see ``Pipeline.inpaint``)."""
-
-    masked_image: np.ndarray  # (1, 3, H, W) in [-1, 1], zero where the background is repainted
-    eps: np.ndarray  # (1, C, h, w) the VAE posterior draw
-    latents: np.ndarray  # (1, C, h, w) initial latents, already times init_noise_sigma
-    step_noise: tuple[np.ndarray, ...]  # (1, C, h, w) per non-final step
-    latent_mask: np.ndarray  # (1, 1, h, w)
-    embeddings: np.ndarray  # (1 or 2, S, D)
-    guidance: float
-
-
 class DeviceChain:
     """vae_encoder_sample -> the LCM loop -> vae_decoder_image on TensorRT, on one stream, one download."""
 
@@ -222,22 +178,22 @@ class DeviceChain:
         if not same_stream(self.encoder.stream, self.loop.stream, self.decoder.stream):
             raise UsageError("the device chain's engines run on different CUDA streams; open them with one stream (runtime.loader does)")
 
-    def generate(self, coefficients: LCMCoefficients, inputs: GenerationInputs) -> np.ndarray:
-        """The whole generation on the device; returns the (1, 3, H, W) float32 image in [0, 1]."""
+    def generate(self, scheduler: LCMScheduler, inputs: GenerationInputs) -> np.ndarray:
+        """The whole generation on the device; returns the float32 hxwx3 image in [0, 1] (one download)."""
+        coefficients = schedule_of(scheduler)
         self.load()
         _, _, height, width = inputs.masked_image.shape
         specs = {ENCODER: self.encoder.spec, STEP_MODEL: self.loop.engine.spec, DECODER: self.decoder.spec}
         plan = chain_plan(specs, self.cfg, height, width, inputs.embeddings.shape[0] == 2)
         _allocate(self.encoder, plan.dims[ENCODER])
-        host = {"sample": inputs.masked_image, "eps": inputs.eps}
+        host = {VaeEncoderSampleIO.SAMPLE: np.ascontiguousarray(inputs.masked_image, dtype=np.float32), VaeEncoderSampleIO.EPS: np.ascontiguousarray(inputs.eps, dtype=np.float32)}
         for endpoint in plan.uploads:
             if endpoint.model == ENCODER:
                 self.encoder.upload(endpoint.tensor, host[endpoint.tensor])
         self.encoder.run()
         link_in, link_out = plan.links
         # the encoder's output is copied on the device; the host array only gives the loop its shape
-        placeholder = np.zeros(inputs.latents.shape, dtype=np.float32)
-        denoise = DenoiseInputs(inputs.latents, inputs.step_noise, inputs.latent_mask, placeholder, inputs.embeddings, inputs.guidance)
+        denoise = inputs.denoise_inputs(np.zeros(inputs.latents.shape, dtype=np.float32))
         self.loop.engine.device_feeds = {link_in.dst.tensor: self.encoder.device_ptr(link_in.src.tensor)}
         try:
             final = self.loop.run_on_device(coefficients, denoise)
@@ -247,10 +203,13 @@ class DeviceChain:
         self.decoder.feed_from_device(link_out.dst.tensor, final)
         self.decoder.run()
         self.last_plan = plan
-        return self.decoder.download(plan.downloads[0].tensor)
+        return image_hwc(self.decoder.download(plan.downloads[0].tensor))
 
     def close(self) -> None:
+        """The loop (its graph, block and engine), then the encoder and decoder engines."""
         self.loop.close()
+        self.encoder.close()
+        self.decoder.close()
 
 
 def _allocate(engine: TrtEngine, dims: Mapping[str, int]) -> None:
@@ -259,36 +218,7 @@ def _allocate(engine: TrtEngine, dims: Mapping[str, int]) -> None:
         engine.allocate(dims)
 
 
-def device_chain_for(
-    engines: Mapping[str, object], step: TrtEngine, cfg: InpaintConfig | None, use_cuda_graph: bool = True
-) -> DeviceChain | None:
-    """The device chain when the TensorRT engines for it were opened (else None: the pipeline runs stage by stage)."""
-    enc, dec = engines.get(ENCODER), engines.get(DECODER)
-    if cfg is None or not isinstance(enc, TrtEngine) or not isinstance(dec, TrtEngine):
-        return None
+def device_chain_for(encoder: TrtEngine, step: TrtEngine, decoder: TrtEngine, cfg: InpaintConfig, use_cuda_graph: bool = True) -> DeviceChain:
+    """The device chain over opened TensorRT engines (they share one stream; the loop reuses the step engine's)."""
     loop = ChainedStepLoop(step.spec, step.path, stream=step.stream, use_cuda_graph=use_cuda_graph, shared_activations=step.shared)
-    return DeviceChain(enc, loop, dec, cfg)
-
-
-def image_hwc(image: np.ndarray) -> np.ndarray:
-    """The decoder graph's (1, 3, H, W) image as the pipeline's HxWx3 (a view; no arithmetic left on the host)."""
-    if image.ndim != 4 or image.shape[0] != 1:
-        raise ModelError(f"{DECODER} returned shape {image.shape}; expected (1, 3, H, W)")
-    return image[0].transpose(1, 2, 0)
-
-
-def alpha_hw(alpha: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """``rmbg_full``'s (1, 1, PH, PW) alpha as the masker's HxW float32."""
-    if alpha.shape != (1, 1, *shape[:2]):
-        raise ModelError(f"{RMBG} returned shape {alpha.shape} for a {shape[1]}x{shape[0]} photo; expected (1, 1, {shape[0]}, {shape[1]})")
-    return alpha[0, 0]
-
-
-def mask_with(engine: Engine, rgb: np.ndarray) -> np.ndarray:
-    """HxW float32 alpha of a uint8 HxWx3 photo from ``rmbg_full`` (any backend): one upload, one download on TensorRT."""
-    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3 or 0 in rgb.shape:
-        desc = f"{rgb.dtype} array of shape {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
-        raise InputImageError(f"RMBG takes a non-empty uint8 HxWx3 RGB array, got a {desc}; convert the image to RGB uint8 first")
-    plan = mask_plan(engine.spec, rgb.shape[0], rgb.shape[1])
-    out = engine(**{plan.uploads[0].tensor: np.ascontiguousarray(rgb)[None]})
-    return alpha_hw(out[plan.downloads[0].tensor], rgb.shape)
+    return DeviceChain(encoder, loop, decoder, cfg)

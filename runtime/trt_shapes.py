@@ -1,4 +1,8 @@
-"""Device buffer plans: how many bytes each engine's tensors take, and what can be shared.
+"""TensorRT shapes at run time: optimization profiles, the profile a shape runs under, and device buffer plans.
+
+`trt-bgswap build` makes the profiles (:mod:`trt_bgswap.engines.profiles`); the runtime picks
+one per input shape (:func:`select_profile`) and sizes its device buffers from the spec
+(:func:`buffer_plan`): how many bytes each engine's tensors take, and what can be shared.
 
 The runtime allocates every I/O tensor once per shape and reuses it
 (allocation only when a tensor needs more room than it has), and can give all
@@ -18,10 +22,74 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from trt_bgswap.errors import UsageError
 from trt_bgswap.specs import ModelSpec
 
-from trt_bgswap.engines.profiles import ShapeProfile
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorProfile:
+    """min/opt/max shapes of one input tensor."""
+
+    name: str
+    min: Shape
+    opt: Shape
+    max: Shape
+
+    def contains(self, shape: Sequence[int]) -> bool:
+        shape = tuple(shape)
+        return len(shape) == len(self.min) and all(lo <= s <= hi for lo, s, hi in zip(self.min, shape, self.max))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "min": list(self.min), "opt": list(self.opt), "max": list(self.max)}
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    """One TensorRT optimization profile: a :class:`TensorProfile` per model input, in spec order."""
+
+    tensors: tuple[TensorProfile, ...]
+
+    @property
+    def is_static(self) -> bool:
+        return all(t.min == t.opt == t.max for t in self.tensors)
+
+    def tensor(self, name: str) -> TensorProfile:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise UsageError(f"profile has no input {name!r} (has {[t.name for t in self.tensors]})")
+
+    def contains(self, shapes: Mapping[str, Sequence[int]]) -> bool:
+        """Whether every input shape lies inside this profile (what TensorRT's set_input_shape accepts)."""
+        return all(t.name in shapes and t.contains(shapes[t.name]) for t in self.tensors)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [t.to_json() for t in self.tensors]
+
+    @classmethod
+    def from_json(cls, d: Sequence[Mapping[str, Any]]) -> "ShapeProfile":
+        return cls(tuple(TensorProfile(t["name"], tuple(t["min"]), tuple(t["opt"]), tuple(t["max"])) for t in d))
+
+
+def select_profile(profiles: Sequence[ShapeProfile], shapes: Mapping[str, Sequence[int]]) -> int:
+    """Index of the first profile accepting these input shapes (TensorRT's set_optimization_profile_async)."""
+    for i, p in enumerate(profiles):
+        if p.contains(shapes):
+            return i
+    ranges = "; ".join(
+        ", ".join(f"{t.name} {list(t.min)}..{list(t.max)}" for t in p.tensors) for p in profiles
+    )
+    got = ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
+    raise UsageError(
+        f"input shapes ({got}) fit none of the engine's profiles ({ranges}); "
+        "rebuild with `trt-bgswap build --size WxH` for this size or a --dynamic range covering it"
+    )
+
+
 
 # cudaMalloc returns 256-byte aligned pointers; TensorRT asks for at least that for I/O and scratch.
 DEVICE_ALIGNMENT = 256
@@ -91,42 +159,6 @@ def reallocations(capacity: Mapping[str, int], needed: Mapping[str, int]) -> lis
     Shrinking reuses the existing buffer, so alternating sizes do not thrash the allocator.
     """
     return [name for name, n in needed.items() if capacity.get(name, -1) < n]
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    """Device memory for a set of engines: I/O per engine plus activation scratch, shared or not."""
-
-    buffers: tuple[EngineBuffers, ...]
-    activation_bytes: Mapping[str, int]  # per engine, as TensorRT reports (device_memory_size_v2)
-
-    @property
-    def io_bytes(self) -> int:
-        return sum(b.io_bytes for b in self.buffers)
-
-    @property
-    def shared_activation_bytes(self) -> int:
-        """One scratch block serving every engine in turn: the largest need."""
-        return aligned(max(self.activation_bytes.values(), default=0))
-
-    @property
-    def separate_activation_bytes(self) -> int:
-        return sum(aligned(n) for n in self.activation_bytes.values())
-
-    def total_bytes(self, share_activations: bool) -> int:
-        act = self.shared_activation_bytes if share_activations else self.separate_activation_bytes
-        return self.io_bytes + act
-
-    def savings(self) -> int:
-        return self.separate_activation_bytes - self.shared_activation_bytes
-
-
-def memory_plan(buffers: Sequence[EngineBuffers], activation_bytes: Mapping[str, int]) -> MemoryPlan:
-    names = {b.model for b in buffers}
-    unknown = sorted(set(activation_bytes) - names)
-    if unknown:
-        raise ValueError(f"activation sizes given for engines {unknown} that have no buffer plan (have {sorted(names)})")
-    return MemoryPlan(tuple(buffers), dict(activation_bytes))
 
 
 @dataclass(frozen=True)

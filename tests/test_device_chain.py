@@ -1,4 +1,4 @@
-"""runtime/device_pipeline.py: the generation chain kept on the device, and the pipeline's device-graph mode.
+"""runtime/device_chain.py: the generation chain kept on the device, and the pipeline's device-graph mode.
 
 On CPU:
 
@@ -9,7 +9,7 @@ On CPU:
 - ``Pipeline.load(..., device_graphs=True)`` on ONNX Runtime runs the same graph chain
   end to end: equal to the host pipeline (same photo, prompt and noise) on the generated
   image (<= 1e-5) and the alpha (<= 1/255);
-- the orchestration: :class:`DeviceChain`, ``mask_with`` and a whole ``Pipeline.replace``
+- the orchestration: :class:`DeviceChain`, :class:`DeviceMasker` and a whole ``Pipeline.replace``
   run their TensorRT/CUDA code against the version-aware emulation of TensorRT and
   cuda-python in tests/emulation (plans built by each emulated release, device memory as
   bounds-checked blocks, asynchronous streams, ONNX Runtime executing the bound addresses).
@@ -24,7 +24,6 @@ compared with the host pipeline on ONNX Runtime per output.
 from __future__ import annotations
 
 import importlib.util
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,33 +32,24 @@ import pytest
 from emulation import STACKS, Emulation, StackSpec, emulate
 from skimage import data
 
+from trt_bgswap.build_index import TRT, IndexEntry, write_index
 from trt_bgswap.engines.build import PHOTO_SIDE, build_engines
 from trt_bgswap.engines.profiles import DimRange, profile_from_ranges
 from trt_bgswap.errors import ModelError, UsageError
 from trt_bgswap.manifest import Manifest
-from trt_bgswap.runtime.device_pipeline import (
-    DECODER,
-    DEVICE_GRAPHS,
-    DTOD,
-    DTOH,
-    ENCODER,
-    HTOD,
-    RMBG,
-    ChainedStepLoop,
-    DeviceChain,
-    Endpoint,
-    GenerationInputs,
-    chain_plan,
-    device_graphs_in,
-    mask_plan,
-    mask_with,
-    models_to_open,
-)
+from trt_bgswap.runtime.assemble import device_graphs_in, models_to_open
+from trt_bgswap.runtime.backends import Availability
+from trt_bgswap.runtime.denoise import DenoiseInputs, fused_denoise
+from trt_bgswap.runtime.device_chain import DECODER, DTOD, DTOH, ENCODER, HTOD, STEP_MODEL, ChainedStepLoop, DeviceChain, Endpoint, chain_plan, same_stream
+from trt_bgswap.runtime.generator import GenerationInputs
+from trt_bgswap.runtime.masker import DeviceMasker, Masker
 from trt_bgswap.runtime.ort_backend import OrtEngine
 from trt_bgswap.runtime.pipeline import GenerationOptions, Noise, Pipeline
 from trt_bgswap.runtime.scheduler import LCMScheduler
-from trt_bgswap.runtime.step_loop import STEP_MODEL, DenoiseInputs, denoise
-from trt_bgswap.specs import pipeline_dims, rmbg_full_spec, vae_decoder_image_spec
+from trt_bgswap.runtime.trt_loop import TrtStepLoop
+from trt_bgswap.runtime.vae import image_hwc
+from trt_bgswap.specs import DEVICE_GRAPHS, pipeline_dims, rmbg_full_spec, vae_decoder_image_spec
+from trt_bgswap.specs import RMBG_FULL as RMBG
 
 WIDTH, HEIGHT = 192, 128  # a multiple of the tiny model's size multiple (64), non-square
 IMAGE_TOL = 1e-5
@@ -164,13 +154,6 @@ def test_chain_plan_refuses_graphs_that_do_not_fit(manifest: Manifest) -> None:
         chain_plan({k: v for k, v in specs.items() if k != STEP_MODEL}, cfg, HEIGHT, WIDTH, False)
 
 
-@pytest.mark.parametrize("batch", ["B", 1])
-def test_mask_plan(batch: str | int) -> None:
-    plan = mask_plan(rmbg_full_spec(batch), 300, 451)
-    assert plan.dims[RMBG] == {"PH": 300, "PW": 451, **({"B": 1} if batch == "B" else {})}
-    assert plan.copies(schedule_changed=False) == {HTOD: 1, DTOD: 0, DTOH: 1}
-
-
 def test_build_gives_rmbg_full_a_photo_size_profile(device_export: Path, tmp_path: Path) -> None:
     report = build_engines(device_export, backend="ort", provider="cpu", out_dir=tmp_path / "engines", sizes=[(WIDTH, HEIGHT)])
     assert set(DEVICE_GRAPHS) <= set(report.models), sorted(report.models)
@@ -192,10 +175,11 @@ def photo_and_mask(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_device_graph_pipeline_opens_the_device_graphs_only(graphs: Pipeline, host: Pipeline) -> None:
-    assert set(DEVICE_GRAPHS) <= set(graphs.engines) and graphs.masker is None
+    assert set(DEVICE_GRAPHS) <= set(graphs.engines) and isinstance(graphs.stages.masker, DeviceMasker)
     assert not {"vae_encoder", "vae_decoder", "rmbg"} & set(graphs.engines)
     assert not set(DEVICE_GRAPHS) & set(host.engines), "the host path (the default on ONNX Runtime) must not open them"
-    assert host.device_chain is None and graphs.device_chain is None  # the device chain is TensorRT's
+    # the device chain is TensorRT's: on ONNX Runtime the device graphs run as ordinary stages
+    assert not isinstance(host.stages.generator, DeviceChain) and not isinstance(graphs.stages.generator, DeviceChain)
 
 
 @pytest.mark.parametrize("guidance", [1.0, 2.0])
@@ -228,7 +212,7 @@ def test_device_graph_inpaint_equals_host_with_given_mask_and_noise(host: Pipeli
 # --- the TensorRT orchestration on an emulated device (CPU) --------------------------------------
 
 
-UNDOCUMENTED_MULTI_ENQUEUE = frozenset({"multiple enqueues per capture"})  # see tests/test_trt_loop_gpu.py: the loop's capture
+UNDOCUMENTED_MULTI_ENQUEUE = frozenset({"multiple enqueues per capture"})  # see tests/test_trt_loop.py: the loop's capture
 
 
 def plan_profiles(name: str, manifest: Manifest) -> list:
@@ -291,11 +275,10 @@ def chain_inputs(host: Pipeline, steps: int, guidance: float, seed: int) -> Gene
     return GenerationInputs(masked.astype(np.float32), draw(), draw(), tuple(draw() for _ in range(steps - 1)), mask, embeddings, guidance)
 
 
-def coefficients(steps: int):  # noqa: ANN201 - LCMCoefficients
+def scheduler(steps: int) -> LCMScheduler:
     sched = LCMScheduler()
     sched.set_timesteps(steps)
-    assert sched.coefficients is not None
-    return sched.coefficients
+    return sched
 
 
 _REFERENCE_ENGINES: dict[tuple[Path, str], OrtEngine] = {}
@@ -309,14 +292,15 @@ def _reference_engine(device_export: Path, manifest: Manifest, name: str) -> Ort
     return _REFERENCE_ENGINES[key]
 
 
-def graph_chain_reference(device_export: Path, manifest: Manifest, coeff, inputs: GenerationInputs, masked_latents: bool = True) -> np.ndarray:  # noqa: ANN001
-    """The same three graphs chained through host arrays on ONNX Runtime."""
+def graph_chain_reference(device_export: Path, manifest: Manifest, sched: LCMScheduler, inputs: GenerationInputs, masked_latents: bool = True) -> np.ndarray:
+    """The same three graphs chained through host arrays on ONNX Runtime (HxWx3, as the chain returns it)."""
     engine = lambda name: _reference_engine(device_export, manifest, name)  # noqa: E731
     latents = engine(ENCODER)(sample=inputs.masked_image, eps=inputs.eps)["masked_image_latents"]
     if not masked_latents:
         latents = np.zeros_like(latents)
-    final = denoise(engine(STEP_MODEL), coeff, DenoiseInputs(inputs.latents, inputs.step_noise, inputs.latent_mask, latents, inputs.embeddings, inputs.guidance))
-    return engine(DECODER)(latents=final)["image"]
+    assert sched.coefficients is not None
+    final = fused_denoise(engine(STEP_MODEL), sched.coefficients, DenoiseInputs(inputs.latents, inputs.step_noise, inputs.latent_mask, latents, inputs.embeddings, inputs.guidance))
+    return image_hwc(engine(DECODER)(latents=final)["image"])
 
 
 @pytest.mark.parametrize("stack, guidance", list(zip(STACKS, (1.0, 2.0, 2.0))), ids=lambda v: v.id if isinstance(v, StackSpec) else f"g{v}")
@@ -334,7 +318,7 @@ def _device_chain_runs(em: Emulation, plans: dict[str, Path], device_export: Pat
     counts = em.counts
     try:
         for run, (steps, seed) in enumerate(((3, 1), (3, 2), (2, 3))):
-            inputs, coeff = chain_inputs(host, steps, guidance, seed), coefficients(steps)
+            inputs, coeff = chain_inputs(host, steps, guidance, seed), scheduler(steps)
             before = dict(counts)
             got = chain.generate(coeff, inputs)
             delta = {k: counts[k] - before.get(k, 0) for k in (HTOD, DTOD, DTOH)}
@@ -343,13 +327,11 @@ def _device_chain_runs(em: Emulation, plans: dict[str, Path], device_export: Pat
             assert delta == expected, f"run {run}: copies {delta}, the plan says {expected}"
             want = graph_chain_reference(device_export, manifest, coeff, inputs)
             err = max_err(got, want)
-            assert got.shape == (1, 3, HEIGHT, WIDTH) and err <= 1e-6, f"run {run} ({chain.loop.last_action}): image max abs err {err:.3g} vs the ONNX Runtime graph chain"
+            assert got.shape == (HEIGHT, WIDTH, 3) and err <= 1e-6, f"run {run} ({chain.loop.last_action}): image max abs err {err:.3g} vs the ONNX Runtime graph chain"
             # the encoder's latents reached the loop on the device (the host placeholder is zeros)
             assert max_err(graph_chain_reference(device_export, manifest, coeff, inputs, masked_latents=False), want) > 1e-4
     finally:
-        chain.close()
-        for engine in (chain.encoder, chain.decoder):
-            engine.close()
+        chain.close()  # the loop, the encoder and the decoder
         chain.loop.stream.close()  # the chain's engines share a stream the test made
     assert counts["execute"] > 0
 
@@ -358,6 +340,7 @@ def test_emulated_mask_is_one_upload_and_one_download(emulated: Emulation, plan_
     from trt_bgswap.runtime.trt_backend import TrtEngine
 
     engine = TrtEngine(manifest.models[RMBG].spec, plan_store(emulated.spec)[RMBG])
+    masker = DeviceMasker(engine)
     reference = OrtEngine(manifest.models[RMBG].spec, device_export / manifest.models[RMBG].file, provider="cpu")
     counts = emulated.counts
     try:
@@ -365,7 +348,7 @@ def test_emulated_mask_is_one_upload_and_one_download(emulated: Emulation, plan_
         for name in ("coffee", "chelsea"):  # 400x600, then a smaller photo in the same buffers
             rgb = getattr(data, name)()
             before = dict(counts)
-            got = mask_with(engine, rgb)
+            got = masker.predict(rgb)
             delta = {k: counts[k] - before.get(k, 0) for k in (HTOD, DTOD, DTOH, "malloc")}
             assert (delta[HTOD], delta[DTOD], delta[DTOH]) == (1, 0, 1), f"{name}: copies {delta}"
             mallocs.append(delta["malloc"])
@@ -395,24 +378,22 @@ def trt_folder_store(device_export: Path, manifest: Manifest, plan_store, tmp_pa
             index = {}
             for name, plan in plan_store(stack).items():
                 shutil.copy(plan, folder / "engines" / f"{name}.plan")
-                index[name] = {"path": f"{name}.plan"}
-            (folder / "engines" / "index-trt.json").write_text(json.dumps(index))
+                index[name] = IndexEntry(Path(f"{name}.plan"), TRT)
+            write_index(folder / "engines", TRT, None, index)
             folders[stack.id] = folder
         return folders[stack.id]
 
     return folder_for
 
 
+# What the machine offers, as Pipeline.load(facts=...) takes it: a CUDA device and tensorrt, so `auto` and `trt` pick
+# TensorRT (the real probe counts devices through libcuda, which no import can stand in for).
+GPU_MACHINE = Availability(cuda_devices=1, tensorrt=True, ort_providers=("CPUExecutionProvider",))
+
+
 @pytest.fixture()
-def trt_machine(monkeypatch: pytest.MonkeyPatch, emulated_stack: StackSpec) -> Iterator[Emulation]:
-    """The emulated TensorRT + cuda-python, on a machine whose probe reports a CUDA device, so `auto` and `trt` pick TensorRT.
-
-    The probe counts devices through libcuda with ctypes, which no import can stand in for: it is the one
-    product function replaced here (a seam such as Pipeline.load(..., facts=Availability) would remove this).
-    """
-    from trt_bgswap.runtime.backends import Availability
-
-    monkeypatch.setattr(Availability, "probe", classmethod(lambda cls: cls(cuda_devices=1, tensorrt=True, ort_providers=("CPUExecutionProvider",))))
+def trt_machine(emulated_stack: StackSpec) -> Iterator[Emulation]:
+    """The emulated TensorRT + cuda-python."""
     with emulate(emulated_stack, allow=UNDOCUMENTED_MULTI_ENQUEUE) as emulation:
         yield emulation
 
@@ -420,11 +401,9 @@ def trt_machine(monkeypatch: pytest.MonkeyPatch, emulated_stack: StackSpec) -> I
 def test_emulated_trt_load_picks_the_device_chain_and_replace_downloads_only_alpha_and_image(
     trt_machine: Emulation, trt_folder_store, host: Pipeline  # noqa: ANN001
 ) -> None:
-    from trt_bgswap.runtime.device_pipeline import same_stream
-
-    pipe = Pipeline.load(trt_folder_store(trt_machine.spec), provider="auto")
-    chain = pipe.device_chain
-    assert chain is not None and pipe.step_loop is chain.loop, "TensorRT + device graphs must run the device chain"
+    pipe = Pipeline.load(trt_folder_store(trt_machine.spec), provider="auto", facts=GPU_MACHINE)
+    chain = pipe.stages.generator
+    assert isinstance(chain, DeviceChain), "TensorRT + device graphs must run the device chain"
     # the fused step loop stands in for the UNet, so the plain UNet engine is not opened (no second copy in memory)
     assert set(pipe.engines) == {"text_encoder", *DEVICE_GRAPHS}, sorted(pipe.engines)
     assert same_stream(*(e.stream for e in pipe.engines.values() if hasattr(e, "stream")), chain.loop.stream)
@@ -444,18 +423,16 @@ def test_emulated_trt_load_picks_the_device_chain_and_replace_downloads_only_alp
         image_err, alpha_err = max_err(got.generated, want.generated), max_err(got.alpha, want.alpha)
         assert image_err <= IMAGE_TOL, f"generated image max abs err {image_err:.3g} vs the host pipeline on ONNX Runtime"
         assert alpha_err <= ALPHA_TOL, f"alpha max abs err {alpha_err:.3g} vs the host pipeline (tol 1/255)"
-        assert "device chain" in pipe.backends()[STEP_MODEL]
+        assert "device chain" in pipe.backends()["generator"]
     finally:
-        chain.close()
-        for engine in pipe.engines.values():
-            engine.unload()
+        pipe.close()
 
 
 @pytest.mark.parametrize("emulated_stack", [STACKS[-1]], ids=lambda s: s.id)  # the host path's TensorRT calls are the device chain's: one release is enough
 def test_emulated_trt_load_without_device_graphs_keeps_the_host_path(trt_machine: Emulation, trt_folder_store, host: Pipeline) -> None:  # noqa: ANN001
-    pipe = Pipeline.load(trt_folder_store(trt_machine.spec), provider="trt", device_graphs=False)
-    assert pipe.device_chain is None and pipe.step_loop is not None
-    assert not set(DEVICE_GRAPHS) & set(pipe.engines) and pipe.masker is not None
+    pipe = Pipeline.load(trt_folder_store(trt_machine.spec), provider="trt", device_graphs=False, facts=GPU_MACHINE)
+    assert isinstance(pipe.stages.generator.denoiser, TrtStepLoop), "the fused step graph runs as TensorRT's device loop"
+    assert not set(DEVICE_GRAPHS) & set(pipe.engines) and isinstance(pipe.stages.masker, Masker)
     rgb = data.coffee()
     options = GenerationOptions(prompt=PROMPT, steps=2, guidance=1.0, seed=9, size=(WIDTH, HEIGHT))
     try:
@@ -464,10 +441,7 @@ def test_emulated_trt_load_without_device_graphs_keeps_the_host_path(trt_machine
         err = max_err(got.generated, want.generated)
         assert err <= IMAGE_TOL, f"host path on (emulated) TensorRT: generated image max abs err {err:.3g}"
     finally:
-        pipe.step_loop.close()
-        for engine in pipe.engines.values():
-            engine.unload()
-        pipe.masker.engine.unload()
+        pipe.close()
 
 
 # --- on a GPU --------------------------------------------------------------------------------
@@ -499,7 +473,7 @@ def test_tensorrt_device_chain_matches_host_pipeline(trt_gpu: None, device_expor
     shutil.copytree(device_export, folder)  # the plans go into <export>/engines, where Pipeline.load looks
     build_engines(folder, backend="trt", precision=precision, sizes=[(WIDTH, HEIGHT)], batches=(1, 2), tf32=False, opt_level=1)
     pipe = Pipeline.load(folder, provider="trt")
-    assert pipe.device_chain is not None, "TensorRT with device graphs must run the device chain"
+    assert isinstance(pipe.stages.generator, DeviceChain), "TensorRT with device graphs must run the device chain"
     rgb = data.chelsea()
     options = GenerationOptions(prompt=PROMPT, negative_prompt="blurry", steps=4, guidance=guidance, seed=3, size=(WIDTH, HEIGHT))
     got, want = pipe.replace(rgb, options), host.replace(rgb, options)

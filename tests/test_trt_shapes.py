@@ -1,17 +1,16 @@
-"""Buffer plans, reallocation decisions, shared activation memory and CUDA-graph eligibility."""
+"""runtime/trt_shapes: profiles at run time, buffer plans, reallocation decisions and CUDA-graph eligibility."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from trt_bgswap.engines.buffers import (
+from trt_bgswap.runtime.trt_shapes import (
     DEVICE_ALIGNMENT,
     aligned,
     buffer_plan,
     complete_dims,
     cuda_graph_eligibility,
-    memory_plan,
     reallocations,
 )
 from trt_bgswap.engines.profiles import GenerationShapes, model_profiles
@@ -58,23 +57,6 @@ def test_sd15_unet_at_512_sizes() -> None:
 )
 def test_reallocate_only_what_outgrew_its_buffer(capacity: dict, needed: dict, want: list) -> None:
     assert reallocations(capacity, needed) == want
-
-
-def test_shared_activation_block_is_the_largest_need() -> None:
-    dims = pipeline_dims(1, 512, 512, 8)
-    plans = [buffer_plan(SPECS[m], dims) for m in ("text_encoder", "unet", "vae_decoder")]
-    act = {"text_encoder": 50_000_000, "unet": 900_000_123, "vae_decoder": 1_500_000_000}
-    mp = memory_plan(plans, act)
-    assert mp.shared_activation_bytes == aligned(1_500_000_000)
-    assert mp.separate_activation_bytes == sum(aligned(v) for v in act.values())
-    assert mp.savings() == mp.separate_activation_bytes - mp.shared_activation_bytes > 0
-    assert mp.total_bytes(True) == mp.io_bytes + mp.shared_activation_bytes
-    assert mp.total_bytes(False) == mp.io_bytes + mp.separate_activation_bytes
-
-
-def test_activation_sizes_for_unknown_engines_are_rejected() -> None:
-    with pytest.raises(ValueError, match="rmbg"):
-        memory_plan([buffer_plan(SPECS["unet"], pipeline_dims(1, 64, 64, 8))], {"rmbg": 1})
 
 
 @pytest.mark.parametrize("n, want", [(0, 0), (1, DEVICE_ALIGNMENT), (DEVICE_ALIGNMENT, DEVICE_ALIGNMENT), (DEVICE_ALIGNMENT + 1, 2 * DEVICE_ALIGNMENT)])

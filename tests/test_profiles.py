@@ -11,13 +11,12 @@ import pytest
 from trt_bgswap.engines.profiles import (
     DimRange,
     GenerationShapes,
-    ShapeProfile,
     envelope,
     model_profiles,
     parse_size_range,
     profile_from_ranges,
-    select_profile,
 )
+from trt_bgswap.runtime.trt_shapes import ShapeProfile, select_profile
 from trt_bgswap.errors import UsageError
 from trt_bgswap.specs import ModelSpec, rmbg_spec, text_encoder_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
 

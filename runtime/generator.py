@@ -1,0 +1,72 @@
+"""The generation stage: preprocessed inpainting inputs in, the generated image out.
+
+:class:`StageGenerator` chains three stages - VAE encode, the denoising loop, VAE decode -
+through host arrays; :class:`trt_bgswap.runtime.device_chain.DeviceChain` is the same work
+kept on the GPU (one download). The pipeline holds one :class:`Generator` and never asks
+which it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from trt_bgswap.runtime.denoise import DenoiseInputs, Denoiser
+from trt_bgswap.runtime.scheduler import LCMScheduler
+from trt_bgswap.runtime.vae import VaeDecoder, VaeEncoder
+
+
+@dataclass(frozen=True)
+class GenerationInputs:
+    """One generation's host inputs, everything preprocessed (see ``Pipeline.inpaint``)."""
+
+    masked_image: np.ndarray  # (1, 3, H, W) in [-1, 1], zero where the background is repainted
+    eps: np.ndarray  # (1, C, h, w) the VAE posterior draw
+    latents: np.ndarray  # (1, C, h, w) initial latents, already times init_noise_sigma
+    step_noise: tuple[np.ndarray, ...]  # (1, C, h, w) per non-final step
+    latent_mask: np.ndarray  # (1, 1, h, w)
+    embeddings: np.ndarray  # (1 or 2, S, D)
+    guidance: float
+
+    def denoise_inputs(self, masked_image_latents: np.ndarray) -> DenoiseInputs:
+        return DenoiseInputs(self.latents, self.step_noise, self.latent_mask, masked_image_latents, self.embeddings, self.guidance)
+
+
+class Generator(Protocol):
+    @property
+    def backend(self) -> str: ...
+
+    def generate(self, scheduler: LCMScheduler, inputs: GenerationInputs) -> np.ndarray:
+        """The float32 hxwx3 image in [0, 1] at the generation size."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class StageGenerator:
+    """Encode, denoise, decode: three stages joined by host arrays."""
+
+    def __init__(self, encoder: VaeEncoder, denoiser: Denoiser, decoder: VaeDecoder) -> None:
+        self.encoder, self.denoiser, self.decoder = encoder, denoiser, decoder
+
+    @property
+    def backend(self) -> str:
+        return self.denoiser.backend
+
+    def generate(self, scheduler: LCMScheduler, inputs: GenerationInputs) -> np.ndarray:
+        masked_latents = self.encoder.encode(inputs.masked_image, inputs.eps)
+        latents = self.denoiser.denoise(scheduler, inputs.denoise_inputs(masked_latents))
+        return self.decoder.decode(latents)
+
+    def load(self) -> None:
+        """Stages that own more than an engine (the TensorRT device loop: its own engine and CUDA graph)."""
+        for stage in (self.encoder, self.denoiser, self.decoder):
+            load = getattr(stage, "load", None)
+            if load is not None:
+                load()
+
+    def close(self) -> None:
+        for stage in (self.encoder, self.denoiser, self.decoder):
+            stage.close()
