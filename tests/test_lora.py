@@ -11,7 +11,7 @@ Tolerance, from the arithmetic: a fused weight is ``fl(W + fl(c * fl(B @ A)))`` 
 the user's scale, a double rounded to float32) by 2u relative, each of the n additions by u|W'|:
 |fused - exact| <= u * (sum_i (r_i + 3)|c_i|(|B_i||A_i|) + n * (|W| + sum_i |c_i|(|B_i||A_i|))).
 Two correct implementations differ by at most twice that. The bound is computed per weight from the
-LoRAs' own matrices; on these tiny models its maximum is ~3e-6 (the LCM-LoRA's rank 64 dominates), so
+LoRAs' own matrices; on these tiny models its maximum is 1.8e-6 (the LCM-LoRA's rank 64 dominates), so
 the acceptance criterion of 1e-5 is implied by it, and the test asserts both.
 """
 
