@@ -21,14 +21,18 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trt_bgswap.atomic import make_staging_dir
 from trt_bgswap.errors import ModelError, UsageError
 from trt_bgswap.export.onnx_export import DATA_FILE, DEFAULT_OPSET, check_precision, require_export_stack
 from trt_bgswap.manifest import InpaintConfig, Manifest, ModelEntry, RmbgConfig, sha256_file
+
+if TYPE_CHECKING:
+    from trt_bgswap.export.lora import LoraSource
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +181,15 @@ def export_models(
     overwrite: bool = False,
     fused_step: bool = False,
     device_graphs: bool = False,
+    loras: Sequence["LoraSource"] = (),
+    allow_pickle: bool = False,
 ) -> Manifest:
     """Export everything given into ``out_dir`` and return its manifest.
+
+    ``loras`` are the user's own LoRAs, fused after the LCM-LoRA (at ``lora_scale``) in the order
+    given, each at its own scale, into the UNet and, where they have one, the text encoder
+    (:mod:`.lora`); the manifest's ``sources`` records each (``lcm-lora``, then ``loras`` in order).
+    ``allow_pickle`` accepts pickled ``.bin`` LoRA files.
 
     ``fused_step`` also exports ``unet_step/``: the UNet with classifier-free guidance and the
     LCM step inside one graph, which the TensorRT device loop runs without host round trips.
@@ -195,17 +206,23 @@ def export_models(
         raise UsageError("nothing to export: give an SD-inpainting source, an RMBG source, or both")
     if lcm_lora_src is not None and inpaint_src is None:
         raise UsageError("an LCM-LoRA needs the SD-inpainting model it is fused into")
+    if loras and inpaint_src is None:
+        raise UsageError("a LoRA (--lora) needs the SD-inpainting model it is fused into: give --inpaint SRC too")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise UsageError(f"{out_dir} already exists; choose another --out or pass overwrite=True (--force) to replace it")
     if out_dir.exists() and not (out_dir / "manifest.json").is_file():
         raise UsageError(f"{out_dir} exists and is not an exported folder (no manifest.json); refusing to replace it")
     configs = validate_inpaint_source(inpaint_src) if inpaint_src is not None else None
-    lora_path = None
-    if lcm_lora_src is not None:
-        from trt_bgswap.export.lora import lora_file
+    lora_sources: list[LoraSource] = []
+    if inpaint_src is not None and (lcm_lora_src is not None or loras):
+        from trt_bgswap.export.lora import LoraSource, inspect_lora, lora_file
 
-        lora_path = lora_file(lcm_lora_src)
+        if lcm_lora_src is not None:
+            lora_sources.append(LoraSource(lora_file(lcm_lora_src, allow_pickle), lora_scale))
+        lora_sources += loras
+        for lora in lora_sources:  # a file in a layout we cannot fuse fails now, before any heavy work
+            inspect_lora(lora.path, allow_pickle)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = make_staging_dir(out_dir.parent, f".{out_dir.name}.")
@@ -215,8 +232,9 @@ def export_models(
         inpaint = None
         rmbg_config: RmbgConfig | None = None
         if inpaint_src is not None and configs is not None:
-            from trt_bgswap.export.text_encoder import export_text_encoder
-            from trt_bgswap.export.unet import export_unet
+            from trt_bgswap.export.lora import fuse_loras
+            from trt_bgswap.export.text_encoder import export_text_encoder_module, load_text_encoder
+            from trt_bgswap.export.unet import export_unet_module, load_unet
             from trt_bgswap.export.vae import export_vae
 
             inpaint_src = Path(inpaint_src)
@@ -224,21 +242,28 @@ def export_models(
             log.info("exporting %s (%s, opset %d)", inpaint_src, precision, opset)
             weights = [f for c in SD_WEIGHTS for f in _weight_files(inpaint_src, c)]
             sources["sd-inpainting"] = {"path": str(inpaint_src.resolve()), "sha256": _hash_files(inpaint_src, weights)}
-            if lora_path is not None:
-                sources["lcm-lora"] = {"path": str(lora_path.resolve()), "sha256": {lora_path.name: sha256_file(lora_path)}}
+            text_encoder, unet = load_text_encoder(inpaint_src), load_unet(inpaint_src)
+            log.info("fusing %d LoRA(s): LCM-LoRA first, then --lora in the order given", len(lora_sources))
+            fused = fuse_loras(unet, text_encoder, lora_sources, allow_pickle)
+            if lcm_lora_src is not None:
+                lcm, fused = fused[0], fused[1:]
+                sources["lcm-lora"] = {**lcm.to_json(), "sha256": {lcm.file.path.name: lcm.sha256}}
+            if fused:
+                sources["loras"] = [f.to_json() for f in fused]
             log.info("[1/4] text encoder")
-            models["text_encoder"] = export_text_encoder(inpaint_src, stage / "text_encoder", precision, opset)
-            log.info("[2/4] unet%s", f" + LoRA {lora_path.name} at scale {lora_scale:g}" if lora_path else " (no LoRA)")
-            models["unet"] = export_unet(
-                inpaint_src, stage / "unet", inpaint.max_length, lora_path, lora_scale, precision, opset, external_data
-            )
+            models["text_encoder"] = export_text_encoder_module(text_encoder, stage / "text_encoder", precision, opset)
+            del text_encoder
+            log.info("[2/4] unet")
+            models["unet"] = export_unet_module(unet, stage / "unet", inpaint.max_length, precision, opset, external_data)
             if fused_step:
-                from trt_bgswap.export.unet_step import export_unet_step
+                from trt_bgswap.export.unet_step import export_unet_step_module
+                from trt_bgswap.runtime.scheduler import LCMConfig
+                from trt_bgswap.runtime.step_loop import check_step_scheduler
 
+                check_step_scheduler(LCMConfig.from_dict(configs["scheduler"]))
                 log.info("[2b/4] unet_step: UNet + guidance + LCM step in one graph")
-                models["unet_step"] = export_unet_step(
-                    inpaint_src, stage / "unet_step", inpaint.max_length, lora_path, lora_scale, precision, opset, external_data
-                )
+                models["unet_step"] = export_unet_step_module(unet, stage / "unet_step", inpaint.max_length, precision, opset, external_data)
+            del unet
             log.info("[3/4] vae encoder + [4/4] vae decoder (%s)", vae_precision)
             models["vae_encoder"], models["vae_decoder"] = export_vae(
                 inpaint_src, stage / "vae_encoder", stage / "vae_decoder", vae_precision, opset
@@ -276,7 +301,7 @@ def export_models(
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             extra={
                 "vae_precision": vae_precision if inpaint is not None else None,
-                "lora_scale": lora_scale if lora_path is not None else None,
+                "lora_scale": lora_scale if lcm_lora_src is not None and inpaint is not None else None,
                 "external_data_sha256": data_hashes,
             },
         )

@@ -60,9 +60,18 @@ def export_text_encoder(
     opset: int = DEFAULT_OPSET,
 ) -> ModelEntry:
     """Export ``src/text_encoder`` to ``out_dir/model.onnx``; returns its manifest entry."""
+    return export_text_encoder_module(load_text_encoder(src), out_dir, precision, opset)
+
+
+def export_text_encoder_module(
+    model: Any,
+    out_dir: str | Path,
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+) -> ModelEntry:
+    """Export a loaded (LoRA-fused, eval) CLIPTextModel to ``out_dir/model.onnx``."""
     import torch
 
-    model = load_text_encoder(src)
     spec = spec_for(model)
     max_length = spec.inputs[0].shape[1]
     gen = torch.Generator().manual_seed(0)

@@ -2,7 +2,7 @@
 
 Reference: ``diffusers.UNet2DConditionModel.forward(sample, timestep, encoder_hidden_states)``
 as ``StableDiffusionInpaintPipeline`` calls it, with ``sample`` = [latents, mask, masked-image
-latents] on the channel axis and one float timestep per batch row. The LoRA is merged into
+latents] on the channel axis and one float timestep per batch row. LoRAs are merged into
 the weights first (:mod:`trt_bgswap.export.lora`), so the graph is a plain UNet.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from trt_bgswap.errors import ModelError
-from trt_bgswap.export.lora import fuse_lora
+from trt_bgswap.export.lora import LoraSource, fuse_loras
 from trt_bgswap.export.onnx_export import DEFAULT_OPSET, export_onnx
 from trt_bgswap.manifest import ModelEntry
 from trt_bgswap.specs import ModelSpec, unet_spec
@@ -25,12 +25,15 @@ EXPORT_BATCH = 2
 
 
 def load_unet(src: str | Path, lora: str | Path | None = None, lora_scale: float = 1.0) -> Any:
-    """The UNet in fp32 eval mode, with the LoRA (a folder or .safetensors file) fused at ``lora_scale``."""
+    """The UNet in fp32 eval mode, with a UNet-only LoRA (a folder or .safetensors file) fused at ``lora_scale``.
+
+    LoRAs that also change the text encoder are fused with both models loaded (:func:`fuse_loras`).
+    """
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(str(src), subfolder=SUBFOLDER, use_safetensors=True).eval()
     if lora is not None:
-        fuse_lora(unet, lora, scale=lora_scale)
+        fuse_loras(unet, None, [LoraSource(Path(lora), lora_scale)])
     return unet
 
 
@@ -73,9 +76,20 @@ def export_unet(
     external_data: bool | None = None,
 ) -> ModelEntry:
     """Export ``src/unet`` (LoRA fused) to ``out_dir/model.onnx``; ``max_length`` is the tokenizer's."""
+    return export_unet_module(load_unet(src, lora, lora_scale), out_dir, max_length, precision, opset, external_data)
+
+
+def export_unet_module(
+    unet: Any,
+    out_dir: str | Path,
+    max_length: int,
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    external_data: bool | None = None,
+) -> ModelEntry:
+    """Export a loaded (LoRA-fused, eval) diffusers UNet to ``out_dir/model.onnx``."""
     import torch
 
-    unet = load_unet(src, lora, lora_scale)
     spec = spec_for(unet, max_length)
     step = downsample_factor(unet)
     h, w = step, 2 * step  # small, non-square, valid: tracing cost does not depend on the real size

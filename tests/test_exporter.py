@@ -135,7 +135,7 @@ def test_bad_source_is_rejected_with_the_fix(tiny_models_dir: Path, tmp_path: Pa
 
 
 def test_failure_midway_leaves_nothing(tiny_models_dir: Path, tmp_path: Path) -> None:
-    """The LoRA is bad (foreign module): the text encoder is already exported when the UNet fails."""
+    """The LoRA is bad (foreign module): it fails to fuse once the staging folder exists, before any graph is written."""
     from safetensors.torch import load_file, save_file
 
     lora = tmp_path / "lora"

@@ -16,12 +16,17 @@ leaves a model out. Exporting imports the export stack (torch) lazily.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trt_bgswap.errors import UsageError
 from trt_bgswap.manifest import MANIFEST_NAME, Manifest
 from trt_bgswap.registry import DEFAULTS, VARIANTS
+
+if TYPE_CHECKING:
+    from trt_bgswap.export.lora import LoraSource
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +75,20 @@ def export_sources(
     overwrite: bool = False,
     fused_step: bool = False,
     device_graphs: bool = False,
+    loras: Sequence["LoraSource"] = (),
 ) -> Manifest:
-    """Resolve the sources (local paths, hub ids, registry names; 'none' leaves one out) and export them to ``out``."""
+    """Resolve the sources (local paths, hub ids, registry names; 'none' leaves one out) and export them to ``out``.
+
+    ``loras`` (local files, ``--lora``) are fused after the LCM-LoRA, in order (:mod:`trt_bgswap.export.lora`).
+    """
     from trt_bgswap.export.exporter import export_models
     from trt_bgswap.export.sources import resolve_source
 
     values = {slot.key: source_value(sources.get(slot.key)) for slot in SOURCE_SLOTS}
     if values["inpaint"] is None and values["lcm_lora"] is not None:  # checked before anything is downloaded
         raise UsageError("--lcm-lora is fused into the inpainting model: give --inpaint SRC too, or --lcm-lora none")
+    if values["inpaint"] is None and loras:
+        raise UsageError("--lora is fused into the inpainting model: give --inpaint SRC too")
     if values["inpaint"] is None and values["rmbg"] is None:
         raise UsageError("nothing to export: give --inpaint SRC, --rmbg SRC or both (a local folder, a hub id or a registry name)")
     resolved: dict[str, Path | None] = {}
@@ -94,6 +105,8 @@ def export_sources(
         overwrite=overwrite,
         fused_step=fused_step,
         device_graphs=device_graphs,
+        loras=loras,
+        allow_pickle=allow_pickle,
     )
 
 
@@ -124,19 +137,34 @@ def check_sources_match(folder: Path, given: dict[str, str]) -> None:
             )
 
 
+def check_loras_match(folder: Path, loras: Sequence["LoraSource"]) -> None:
+    """Refuse --lora files (or scales, or an order) other than the ones ``folder`` was exported with."""
+    from trt_bgswap.export.lora import same_loras  # pure Python: no torch
+
+    recorded = Manifest.load(folder).sources.get("loras", [])
+    if not same_loras(loras, recorded):
+        was = ", ".join(f"{r.get('path')}:{r.get('scale')}" for r in recorded) or "no --lora"
+        raise UsageError(
+            f"{folder} already holds models exported with {was}, not the --lora given; "
+            f"pass --models NEWDIR to export with these LoRAs there, or delete {folder} to re-export"
+        )
+
+
 def is_export(folder: Path) -> bool:
     return (folder / MANIFEST_NAME).is_file()
 
 
-def check_model_folder(folder: Path, given: dict[str, str]) -> None:
+def check_model_folder(folder: Path, given: dict[str, str], loras: Sequence["LoraSource"] = ()) -> None:
     """The checks of :func:`folder_for_job` that need no export: run before any image is read or model loaded."""
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--models {folder}: is a file, not a folder; give the folder an export was written to (or a new one)")
     if is_export(folder):
         if given:
             check_sources_match(folder, given)
+        if loras:
+            check_loras_match(folder, loras)
         return
-    if not given:
+    if not given and not loras:
         raise UsageError(
             f"{folder} holds no exported models; make them with `trt-bgswap export --out {folder}` (hub ids or local folders), "
             f"give `run` the sources (--inpaint/--lcm-lora/--rmbg) to export them there now, "
@@ -155,9 +183,10 @@ def folder_for_job(
     opset: int = 17,
     offline: bool = False,
     allow_pickle: bool = False,
+    loras: Sequence["LoraSource"] = (),
 ) -> Path:
-    """The exported folder a job loads: ``folder`` as it is, or exported there now from ``given`` sources."""
-    check_model_folder(folder, given)
+    """The exported folder a job loads: ``folder`` as it is, or exported there now from ``given`` sources (and ``loras``)."""
+    check_model_folder(folder, given, loras)
     if is_export(folder):
         log.info("using the exported models in %s", folder)
         return folder
@@ -165,7 +194,7 @@ def folder_for_job(
     log.info("no exported models in %s yet: exporting them once (later runs reuse them)", folder)
     if folder.exists():
         folder.rmdir()  # empty: the exporter moves its finished folder into place
-    export_sources(sources, folder, opset=opset, offline=offline, allow_pickle=allow_pickle)
+    export_sources(sources, folder, opset=opset, offline=offline, allow_pickle=allow_pickle, loras=loras)
     return folder
 
 

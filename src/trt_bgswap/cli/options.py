@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from trt_bgswap.errors import UsageError
+
+if TYPE_CHECKING:
+    from trt_bgswap.export.lora import LoraSource
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -69,6 +72,19 @@ def parse_size(text: str) -> tuple[int, int]:
     if len(nums) != 2 or min(nums) <= 0:
         raise argparse.ArgumentTypeError(f"--size {text!r}: write WIDTHxHEIGHT with positive numbers, e.g. 576x448")
     return nums[0], nums[1]
+
+
+def lora_spec(text: str) -> "LoraSource":
+    """--lora FILE[:SCALE]: an existing path wins over a ':SCALE' reading; a bad scale or a missing file exits 2."""
+    from trt_bgswap.export.lora import parse_lora_spec  # pure Python: no torch
+
+    try:
+        source = parse_lora_spec(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not source.path.exists():
+        raise argparse.ArgumentTypeError(f"--lora {text!r}: no such file or folder {source.path}; give a LoRA .safetensors file or its folder")
+    return source
 
 
 def color(text: str) -> tuple[int, int, int]:

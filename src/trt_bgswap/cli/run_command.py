@@ -17,7 +17,7 @@ import numpy as np
 
 from trt_bgswap.cli import batch
 from trt_bgswap.cli.batch import CUTOUT, MASK, RESULT, Job
-from trt_bgswap.cli.options import add_batch_options, color, float_range, int_range, parse_size
+from trt_bgswap.cli.options import add_batch_options, color, float_range, int_range, lora_spec, parse_size
 from trt_bgswap.errors import UsageError
 from trt_bgswap.model_folders import SOURCE_SLOTS, check_model_folder, folder_for_job
 from trt_bgswap.registry import DEFAULTS
@@ -38,6 +38,11 @@ def add_source_options(sp: argparse.ArgumentParser, defaults: bool) -> None:
     sp.add_argument("--opset", type=int_range("--opset", 14, 21), default=17, help="ONNX opset of the export")
     sp.add_argument("--offline", action="store_true", help="use only the local hub cache (also HF_HUB_OFFLINE=1)")
     sp.add_argument("--allow-pickle", action="store_true", help="accept pickled checkpoints (.bin/.ckpt) from a source you trust")
+    sp.add_argument(
+        "--lora", dest="loras", action="append", type=lora_spec, default=[], metavar="FILE[:SCALE]",
+        help="your own LoRA (kohya, peft/diffusers or older diffusers format; a .safetensors file or its folder) fused after "
+        "the LCM-LoRA at SCALE (default 1), into the UNet and text encoder; repeat it to stack several, fused in the order given",
+    )
 
 
 def given_sources(args: argparse.Namespace) -> dict[str, str]:
@@ -124,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(args.models).expanduser() if args.models else default_export_dir()
     given = given_sources(args)
     if needs_models:
-        check_model_folder(folder, given)  # before any photo is read: a missing export is one line, at once
+        check_model_folder(folder, given, args.loras)  # before any photo is read: a missing export is one line, at once
     inputs, problems = batch.collect_inputs(args.inputs, args.recursive)
     report = batch.BatchReport(tell=log.error if len(inputs) > 1 else log.debug)
     for item, why in problems:
@@ -140,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     if stages:
         models = folder_for_job(
             folder, given, need_inpaint=args.bg_color is None, need_rmbg=args.mask is None,
-            opset=args.opset, offline=args.offline, allow_pickle=args.allow_pickle,
+            opset=args.opset, offline=args.offline, allow_pickle=args.allow_pickle, loras=args.loras,
         )
     swapper = BackgroundReplacer(models, provider=args.provider, threads=args.threads, max_pixels=args.max_pixels, stages=stages)
     swapper.check_options(  # once, before any image: a bad option stops the run with exit code 2
