@@ -125,6 +125,34 @@ def _export_published_style(model: Any, path: Path, input_size: int) -> None:
         )
 
 
+def write_rmbg_weights(model: Any, folder: str | Path, input_size: int, dtype: Any = None) -> Path:
+    """Write ``model`` (a :class:`BriaRMBG`) as RMBG-1.4's weights folder: config.json,
+    preprocessor_config.json and model.safetensors (in ``dtype``, default the model's own).
+
+    ``channel_divisor`` goes into config.json so that ``export --rmbg`` rebuilds the same width.
+    """
+    from safetensors.torch import save_file
+
+    from trt_bgswap.export.isnet import CONFIG_DIVISOR_KEY
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    config = {**RMBG14_CONFIG, CONFIG_DIVISOR_KEY: model.channel_divisor}
+    if dtype is not None:
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    write_text_atomic(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(
+        folder / "preprocessor_config.json",
+        json.dumps(rmbg_preprocessor_config(input_size), indent=2, sort_keys=True) + "\n",
+    )
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    return folder
+
+
 def write_tiny_rmbg(
     folder: str | Path,
     seed: int = 0,
@@ -134,24 +162,12 @@ def write_tiny_rmbg(
     """Write a tiny RMBG-1.4-style folder (weights, configs, three ONNX files) and return it."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from safetensors.torch import save_file
 
     from trt_bgswap.export.fp16 import convert_to_fp16
-    from trt_bgswap.export.isnet import CONFIG_DIVISOR_KEY
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     model = random_isnet(seed, channel_divisor)
-
-    config = {**RMBG14_CONFIG, CONFIG_DIVISOR_KEY: channel_divisor}
-    write_text_atomic(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-    write_text_atomic(
-        folder / "preprocessor_config.json",
-        json.dumps(rmbg_preprocessor_config(input_size), indent=2, sort_keys=True) + "\n",
-    )
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(folder / "model.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+    write_rmbg_weights(model, folder, input_size)
 
     onnx_dir = folder / "onnx"
     onnx_dir.mkdir(exist_ok=True)
