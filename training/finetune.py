@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -41,7 +42,7 @@ from trt_bgswap.errors import BackendUnavailable, UsageError
 from trt_bgswap.training import checkpoint as ckpt
 from trt_bgswap.training.data import Example, batch_indices, collate, counter_seed, dataset_hash, read_dataset
 from trt_bgswap.training.dataset import describe_differences
-from trt_bgswap.training.lora_file import save_unet_lora
+from trt_bgswap.training.lora_file import LORA_FILE, save_unet_lora
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,13 @@ def pick_device(options: FinetuneOptions) -> tuple[Any, Any, str]:
     return device, {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mp], mp
 
 
+def _dtype_kwargs(dtype: Any) -> dict[str, Any]:
+    """from_pretrained's dtype argument for half precision; nothing for fp32 (the default, and no deprecation warning)."""
+    import torch
+
+    return {} if dtype == torch.float32 else {"torch_dtype": dtype}
+
+
 @dataclass
 class Models:
     tokenizer: Any
@@ -166,15 +174,15 @@ def load_models(base: Path, device: Any, dtype: Any) -> Models:
 
     if not (base / "unet" / "config.json").is_file():
         raise UsageError(f"--inpaint {base}: not a diffusers Stable Diffusion folder (no unet/config.json); give an SD inpainting folder or hub id")
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **_dtype_kwargs(dtype))
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **_dtype_kwargs(dtype))
     vae_channels = int(vae.config.latent_channels)
     if unet.config.in_channels != 2 * vae_channels + 1:
         raise UsageError(
             f"--inpaint {base}: its UNet takes {unet.config.in_channels} channels, an inpainting UNet {2 * vae_channels + 1} "
             "(latents, mask, masked-image latents); give an inpainting model such as stable-diffusion-v1-5/stable-diffusion-inpainting"
         )
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=dtype)
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **_dtype_kwargs(dtype))
     tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
     for m in (unet, vae, text_encoder):
@@ -207,23 +215,28 @@ class Objective:
     def _latents(self, pixels: Any, generator: Any) -> Any:
         return self.m.vae.encode(pixels).latent_dist.sample(generator=generator) * self.m.vae.config.scaling_factor
 
-    def loss(self, batch: dict[str, Any], generator: Any, timesteps: Any | None = None, reduce: bool = True) -> Any:
-        """The masked-latent objective on one batch; ``timesteps`` None draws them from ``generator``."""
+    def encode(self, batch: dict[str, Any], generator: Any) -> tuple[Any, Any, Any, Any]:
+        """(latents, mask on the latent grid, masked-image latents, text states): the frozen models' part, no gradients."""
         import torch
         import torch.nn.functional as F
 
         to = dict(device=self.device, dtype=self.dtype)
-        pixels = torch.from_numpy(batch["pixels"]).to(**to)
-        masked = torch.from_numpy(batch["masked"]).to(**to)
         with torch.no_grad():
-            latents = self._latents(pixels, generator)
-            masked_latents = self._latents(masked, generator)
+            latents = self._latents(torch.from_numpy(batch["pixels"]).to(**to), generator)
+            masked_latents = self._latents(torch.from_numpy(batch["masked"]).to(**to), generator)
             mask = F.interpolate(torch.from_numpy(batch["masks"]).to(**to), size=latents.shape[-2:])  # nearest, as the scripts
             hidden = self.encode_text(batch["texts"])
-        bsz = latents.shape[0]
+        return latents, mask, masked_latents, hidden
+
+    def denoising_loss(self, encoded: tuple[Any, Any, Any, Any], generator: Any, timesteps: Any | None = None, reduce: bool = True) -> Any:
+        """The MSE of the UNet's prediction on noised latents; ``timesteps`` None draws one per example from ``generator``."""
+        import torch
+        import torch.nn.functional as F
+
+        latents, mask, masked_latents, hidden = encoded
         sched = self.m.noise_scheduler
         if timesteps is None:
-            timesteps = torch.randint(0, sched.config.num_train_timesteps, (bsz,), generator=generator, device=self.device)
+            timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=self.device)
         noise = torch.randn(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
         noisy = sched.add_noise(latents, noise, timesteps)
         target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, timesteps)
@@ -231,6 +244,10 @@ class Objective:
             pred = self.m.unet(torch.cat([noisy, mask, masked_latents], dim=1), timesteps, hidden).sample
         err = F.mse_loss(pred.float(), target.float(), reduction="none")
         return err.mean() if reduce else err.mean(dim=(1, 2, 3))
+
+    def loss(self, batch: dict[str, Any], generator: Any) -> Any:
+        """The masked-latent objective on one training batch (VAE samples, timesteps and noise from ``generator``)."""
+        return self.denoising_loss(self.encode(batch, generator), generator)
 
     def generator(self, purpose: str, counter: int) -> Any:
         import torch
@@ -248,8 +265,10 @@ class Objective:
         out: list[float] = []
         with torch.no_grad():
             for k, ex in enumerate(examples[: self.eval_examples]):
-                batch = collate([ex] * len(ts), self.resolution, [None] * len(ts))
-                out += [float(v) for v in self.loss(batch, self.generator("eval", k), timesteps=ts, reduce=False)]
+                generator = self.generator("eval", k)
+                encoded = self.encode(collate([ex], self.resolution, [None]), generator)  # once per example, shared by its timesteps
+                repeated = tuple(t.expand(len(ts), *t.shape[1:]) for t in encoded)
+                out += [float(v) for v in self.denoising_loss(repeated, generator, timesteps=ts, reduce=False)]
         self.m.unet.train(was_training)
         return out
 
@@ -334,7 +353,7 @@ def write_validation_images(trainer: Trainer, base: Path, examples: list[Example
     m = trainer.m
     pipe = StableDiffusionInpaintPipeline.from_pretrained(
         base, unet=m.unet, vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, torch_dtype=trainer.dtype,
+        requires_safety_checker=False, **_dtype_kwargs(trainer.dtype),
     )
     pipe.set_progress_bar_config(disable=True)
     m.unet.eval()
@@ -365,12 +384,15 @@ def finetune(
     base_source: dict[str, Any] | None = None,
     resume: str | None = None,
     progress: bool = False,
+    overwrite: bool = False,
     on_step: Callable[[int, float], None] | None = None,
 ) -> FinetuneResult:
     """Train a LoRA on ``dataset`` (a `trt-bgswap dataset` folder) for the inpainting model in ``base``; write it to ``out``.
 
     ``base_source``: where ``base`` came from (hub id, commit), recorded in the LoRA's metadata.
     ``resume``: ``latest`` or a checkpoint folder; the run must have the same options, data and model.
+    ``overwrite``: without ``resume``, an earlier training's checkpoints and validation images in ``out``
+    are removed once the models have loaded (so a new run never resumes into an old one's steps).
     """
     options.validate()
     _require_stack()
@@ -380,7 +402,7 @@ def finetune(
     if options.threads:
         torch.set_num_threads(options.threads)
     try:
-        return _finetune(dataset, base, out, options, base_source, resume, progress, on_step)
+        return _finetune(dataset, base, out, options, base_source, resume, progress, overwrite, on_step)
     finally:
         torch.set_num_threads(threads)
 
@@ -393,6 +415,7 @@ def _finetune(
     base_source: dict[str, Any] | None,
     resume: str | None,
     progress: bool,
+    overwrite: bool,
     on_step: Callable[[int, float], None] | None,
 ) -> FinetuneResult:
     import torch
@@ -421,6 +444,11 @@ def _finetune(
         options.rank, trainer.trainable_count(), ",".join(options.targets), resolution, resolution, "fp32" if precision == "no" else precision, device, len(train), len(validation),
     )
     step, losses, eval_losses, eval_samples = 0, [], {}, {}
+    if resume is None and ((out / LORA_FILE).exists() or ckpt.list_checkpoints(out)):
+        if not overwrite:
+            raise UsageError(f"{out} holds an earlier training; resume it (--resume latest), train anew there (--overwrite), or give another --out")
+        for old in (out / ckpt.CHECKPOINTS, out / VALIDATION_DIR):
+            shutil.rmtree(old, ignore_errors=True)
     if resume is not None:
         folder = ckpt.find_checkpoint(out, resume)
         state = ckpt.load_checkpoint(folder)

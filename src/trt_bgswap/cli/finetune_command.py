@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -67,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
 def run(args: argparse.Namespace) -> int:
     from trt_bgswap.training import checkpoint
     from trt_bgswap.training.data import read_dataset
-    from trt_bgswap.training.finetune import DEFAULT_TARGETS, VALIDATION_DIR, FinetuneOptions, finetune
+    from trt_bgswap.training.finetune import DEFAULT_TARGETS, FinetuneOptions, finetune
     from trt_bgswap.training.lora_file import LORA_FILE
 
     options = FinetuneOptions(
@@ -84,9 +83,6 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out}: is a file; give a folder for the LoRA")
     if args.resume is None and not args.overwrite and ((out / LORA_FILE).exists() or checkpoint.list_checkpoints(out)):
         raise UsageError(f"--out {out} holds an earlier training; --resume latest continues it, --overwrite trains anew there, or give another --out")
-    if args.overwrite and args.resume is None:
-        for old in (out / checkpoint.CHECKPOINTS, out / VALIDATION_DIR):  # a new training must not resume into the old one's steps
-            shutil.rmtree(old, ignore_errors=True)
     try:
         from trt_bgswap.export.sources import resolve
     except ImportError as e:  # pragma: no cover - the export extra is missing
@@ -94,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     source = resolve(args.inpaint, "sd-inpainting", offline=args.offline, allow_pickle=args.allow_pickle)
     result = finetune(
         dataset, source.path, out, options, base_source={"given": args.inpaint, **source.as_dict()}, resume=args.resume,
-        progress=args.progress or sys.stderr.isatty(),
+        progress=args.progress or sys.stderr.isatty(), overwrite=args.overwrite,
     )
     log.info("LoRA: %s (use it: trt-bgswap export --lora %s ...)", result.lora, out)
     return 0
