@@ -43,7 +43,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     f.add_argument("--gradient-accumulation", type=int_range("--gradient-accumulation", 1, 4096), default=1, help="micro-batches per optimizer step")
     f.add_argument("--resolution", type=int_range("--resolution", 8, 4096), help="square training crops (default: the model's native size, 512 for SD1.5)")
     f.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto", help="frozen weights and activations in fp16/bf16 on a GPU (auto: bf16 where supported); fp32 on the CPU")
-    f.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass: less GPU memory, ~30%% slower")
+    f.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass: less GPU memory, more compute")
     f.add_argument("--lora-targets", type=_targets, default=None, help="comma-separated UNet module names given LoRA layers (default to_q,to_k,to_v,to_out.0)")
     f.add_argument("--warmup-steps", type=int_range("--warmup-steps", 0, 10**7), default=0, help="linear learning-rate warm-up")
     f.add_argument("--checkpoint-every", type=int_range("--checkpoint-every", 0, 10**7), default=500, help="save a resumable checkpoint every N steps (0: never)")
