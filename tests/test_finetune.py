@@ -146,7 +146,7 @@ def test_lora_loads_in_diffusers_with_its_alpha(trained, wall_dataset: Path, tin
 
 
 def test_resume_follows_the_uninterrupted_trajectory(wall_dataset: Path, tiny_models_dir: Path, tmp_path: Path) -> None:
-    """Interrupted after step 4 (checkpoint at 3), resumed to step 6: the same losses and LoRA as one run of 6 steps.
+    """Interrupted after step 3 (checkpoint at 2), resumed to step 4: the same losses and LoRA as one run of 4 steps.
 
     Same inputs, same operations in the same order on one thread: the arithmetic is identical, so
     the comparison is exact (a resume that lost the optimizer moments, the schedule or the data
@@ -156,13 +156,13 @@ def test_resume_follows_the_uninterrupted_trajectory(wall_dataset: Path, tiny_mo
 
     base = tiny_models_dir / "sd-inpainting"
     options = FinetuneOptions(
-        rank=4, learning_rate=1e-3, steps=6, batch_size=2, gradient_accumulation=2, warmup_steps=2, resolution=RESOLUTION, checkpoint_every=3,
+        rank=4, learning_rate=1e-3, steps=4, batch_size=2, gradient_accumulation=2, warmup_steps=2, resolution=RESOLUTION, checkpoint_every=2,
         validation_every=0, validation_images=0, eval_examples=1, threads=1,
     )
     whole = finetune(wall_dataset, base, tmp_path / "whole", options)
 
     def interrupt(step: int, loss: float) -> None:
-        if step == 4:
+        if step == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -177,7 +177,7 @@ def test_resume_follows_the_uninterrupted_trajectory(wall_dataset: Path, tiny_mo
     from trt_bgswap.errors import UsageError
 
     with pytest.raises(UsageError, match="learning_rate"):
-        finetune(wall_dataset, base, tmp_path / "parts", FinetuneOptions(**{**options.__dict__, "learning_rate": 2e-3, "steps": 7}), resume="latest")
+        finetune(wall_dataset, base, tmp_path / "parts", FinetuneOptions(**{**options.__dict__, "learning_rate": 2e-3, "steps": 5}), resume="latest")
 
 
 def _lcm_pipe(base: Path, lcm_lora: Path, lora: Path | None):
