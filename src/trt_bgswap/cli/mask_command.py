@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,6 +15,9 @@ from trt_bgswap.cli.batch import CUTOUT, Job
 from trt_bgswap.cli.options import add_batch_options
 from trt_bgswap.errors import UsageError
 from trt_bgswap.runtime.image_io import IMAGE_SUFFIXES
+
+if TYPE_CHECKING:
+    from trt_bgswap.api import BackgroundReplacer
 
 log = logging.getLogger("trt_bgswap")
 
@@ -32,12 +36,27 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     m.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from trt_bgswap.api import BackgroundReplacer, alpha_to_u8, load_photo
-    from trt_bgswap.model_folders import masker_source
-    from trt_bgswap.runtime.image_io import output_exif, write_image
+def open_masker(source: Path, provider: str, threads: int, max_pixels: int | None) -> "BackgroundReplacer":
+    """The masker of `mask` and `dataset`: an RMBG .onnx file or an exported folder (only its RMBG model is opened)."""
+    from trt_bgswap.api import BackgroundReplacer
     from trt_bgswap.runtime.masker import Masker
     from trt_bgswap.runtime.pipeline import MASK_STAGE, Pipeline
+
+    if source.suffix.lower() == ".onnx":
+        if provider == "trt":
+            raise UsageError(f"--provider trt runs TensorRT engines of an exported folder (`trt-bgswap build DIR --backend trt`); for {source} use cpu, cuda or tensorrt")
+        masker = Masker.from_onnx(source, provider=provider, intra_op_threads=threads)
+        swapper = BackgroundReplacer(None, max_pixels=max_pixels, pipeline=Pipeline.with_masker(masker))
+    else:
+        swapper = BackgroundReplacer(source, provider=provider, threads=threads, max_pixels=max_pixels, stages=(MASK_STAGE,))
+    log.info("rmbg %s on %s", source, swapper.pipeline.backends().get("rmbg", "?"))
+    return swapper
+
+
+def run(args: argparse.Namespace) -> int:
+    from trt_bgswap.api import alpha_to_u8, load_photo
+    from trt_bgswap.model_folders import masker_source
+    from trt_bgswap.runtime.image_io import output_exif, write_image
 
     out_dir = Path(args.output)
     if out_dir.suffix.lower() in IMAGE_SUFFIXES:
@@ -52,14 +71,7 @@ def run(args: argparse.Namespace) -> int:
     jobs = batch.prepare(jobs, args.overwrite, args.max_pixels, report)
     if not jobs:
         return batch.finish(report)
-    if source.suffix.lower() == ".onnx":
-        if args.provider == "trt":
-            raise UsageError(f"--provider trt runs TensorRT engines of an exported folder (`trt-bgswap build DIR --backend trt`); for {source} use cpu, cuda or tensorrt")
-        masker = Masker.from_onnx(source, provider=args.provider, intra_op_threads=args.threads)
-        swapper = BackgroundReplacer(None, max_pixels=args.max_pixels, pipeline=Pipeline.with_masker(masker))
-    else:
-        swapper = BackgroundReplacer(source, provider=args.provider, threads=args.threads, max_pixels=args.max_pixels, stages=(MASK_STAGE,))
-    log.info("rmbg %s on %s", source, swapper.pipeline.backends().get("rmbg", "?"))
+    swapper = open_masker(source, args.provider, args.threads, args.max_pixels)
     protected = {j.src.path.resolve() for j in jobs}
 
     def work(job: Job) -> None:
