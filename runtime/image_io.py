@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from trt_bgswap.atomic import atomic_path
-from trt_bgswap.errors import InputImageError, OutputError, OutputExistsError, UsageError
+from trt_bgswap.errors import ImageTooLargeError, InputImageError, OutputError, OutputExistsError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def _open_bytes(src: ImageSource, name: str | None) -> tuple[io.BytesIO, str, Pa
 def _check_size(label: str, size: tuple[int, int], max_pixels: int, min_side: int) -> None:
     w, h = size
     if w * h > max_pixels:
-        raise InputImageError(
+        raise ImageTooLargeError(
             f"{label}: {w}x{h} = {_megapixels(w * h)} is above the {_megapixels(max_pixels)} limit "
             f"(decompression-bomb guard); downscale the image or raise the limit (--max-pixels / max_pixels=)"
         )
@@ -252,11 +252,11 @@ def _open_header(buf: io.BytesIO, label: str, max_pixels: int, min_side: int) ->
     except Image.DecompressionBombError as e:
         declared = re.search(r"\((\d+) pixels\)", str(e))
         if declared and int(declared.group(1)) > max_pixels:
-            raise InputImageError(
+            raise ImageTooLargeError(
                 f"{label}: {_megapixels(int(declared.group(1)))} is above the {_megapixels(max_pixels)} limit "
                 f"(decompression-bomb guard); downscale the image or raise the limit (--max-pixels / max_pixels=)"
             ) from None
-        raise InputImageError(
+        raise ImageTooLargeError(
             f"{label}: too many pixels for Pillow's decompression-bomb limit ({_one_line(e)}); "
             f"downscale the image (or raise PIL.Image.MAX_IMAGE_PIXELS as well as max_pixels)"
         ) from None
