@@ -202,8 +202,7 @@ class Service:
             return _error(500, str(e))
         except asyncio.CancelledError:  # Ray Serve cancels the handler when its client disconnects
             if job is not None:
-                job.drop_reason = "disconnected"
-                job.future.cancel()
+                self._drop(job, "disconnected")
             raise
         except Exception:  # noqa: BLE001 - the traceback goes to the log, never to the client
             log.exception("unexpected failure answering %s", kind)
@@ -276,10 +275,16 @@ class Service:
             gone.cancel()
         if answer in done:
             return answer.result()
-        job.drop_reason = "disconnected" if gone in done else "timeout"
-        if not job.future.cancel():  # already running: the engines finish it and the answer is thrown away
-            log.info("%s job finishes for a client that %s", job.kind, "left" if gone in done else "timed out")
+        self._drop(job, "disconnected" if gone in done else "timeout")
         raise ClientGone() if gone in done else Timeout()
+
+    def _drop(self, job: Job, reason: str) -> None:
+        """Cancel a job whose answer nobody will read: a queued one never runs (Future.cancel), a running one finishes unread."""
+        job.drop_reason = reason
+        if job.future.cancel():
+            self.metrics.dropped.labels(reason).inc()
+        else:
+            log.info("a running %s job finishes for a client that %s; its answer is dropped", job.kind, "left" if reason == "disconnected" else "timed out")
 
     def _encode(self, job: Job, result: Any, fmt: str) -> tuple[bytes, dict[str, str]]:
         t0 = time.monotonic()

@@ -136,9 +136,8 @@ class Batcher:
             if job.future.set_running_or_notify_cancel():
                 self.metrics.stage_seconds.labels("queue").observe(now - job.enqueued)
                 live.append(job)
-            else:
-                self.metrics.dropped.labels(job.drop_reason).inc()
-                log.info("dropped a queued %s job (%s)", job.kind, job.drop_reason)
+            else:  # counted in bgswap_dropped_jobs_total when it was cancelled
+                log.info("skipped a queued %s job (%s)", job.kind, job.drop_reason)
         return live
 
     def run(self, jobs: Sequence[Job]) -> None:

@@ -101,7 +101,7 @@ def parse_multipart(body: bytes, content_type: str) -> Fields:
         name = raw_name.decode("utf-8", "replace")
         if name in fields:
             raise UsageError(f"field {_shown(name)} given twice; give each field once")
-        if name in FILE_FIELDS or b"filename" in disposition:
+        if b"filename" in disposition:  # a file part (browsers and curl -F name=@file name the file)
             fields[name] = bytes(data)
         else:
             fields[name] = _text(name, bytes(data))

@@ -1,0 +1,147 @@
+"""A real `trt-bgswap serve` process on 127.0.0.1 (a free port) and a plain HTTP client for tests.
+
+The server is started as users start it (the CLI, uvicorn), its port read from uvicorn's own
+"running on" line, and every request goes over loopback with ``http.client``: no test client,
+no mocked server.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+RUNNING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+    def image(self) -> Image.Image:
+        return Image.open(io.BytesIO(self.body))
+
+
+@dataclass
+class ServerProcess:
+    args: list[str]
+    token: str | None = None
+    proc: subprocess.Popen | None = None
+    port: int = 0
+    lines: list[str] = field(default_factory=list)
+
+    def start(self, ready_timeout: float = 180.0) -> "ServerProcess":
+        cmd = [sys.executable, "-m", "trt_bgswap.cli.main", "serve", "--host", "127.0.0.1", "--port", "0", *self.args]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + ready_timeout
+        while not self.port:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start (exit {self.proc.poll()}):\n{self.log}")
+            time.sleep(0.05)
+        while self.get("/readyz").status != 200:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server never became ready:\n{self.log}")
+            time.sleep(0.1)
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            m = RUNNING.search(line)
+            if m:
+                self.port = int(m.group(1))
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    # --- HTTP ---
+
+    def connection(self, timeout: float = 120.0) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None, auth: bool = True, timeout: float = 120.0) -> Reply:
+        h = dict(headers or {})
+        if auth and self.token:
+            h["Authorization"] = f"Bearer {self.token}"
+        conn = self.connection(timeout)
+        try:
+            conn.request(method, path, body=body, headers=h)
+            r = conn.getresponse()
+            return Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
+        finally:
+            conn.close()
+
+    def get(self, path: str, auth: bool = True) -> Reply:
+        return self.request("GET", path, auth=auth)
+
+    def post_form(self, path: str, fields: dict[str, str | bytes], **kw: object) -> Reply:
+        body, ctype = multipart(fields)
+        return self.request("POST", path, body, {"Content-Type": ctype}, **kw)  # type: ignore[arg-type]
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """One sample of /metrics, e.g. metric("bgswap_batch_size_count", 'stage="generate"'); 0 when absent."""
+        text = self.get("/metrics").body.decode()
+        key = f"{name}{{{labels}}}" if labels else name
+        for line in text.splitlines():
+            if line.startswith(key + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+
+def multipart(fields: dict[str, str | bytes]) -> tuple[bytes, str]:
+    """multipart/form-data as browsers and curl send it: bytes values as file parts."""
+    boundary = uuid.uuid4().hex
+    out = io.BytesIO()
+    for name, value in fields.items():
+        out.write(f"--{boundary}\r\n".encode())
+        if isinstance(value, bytes):
+            out.write(f'Content-Disposition: form-data; name="{name}"; filename="{name}.bin"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode())
+            out.write(value)
+        else:
+            out.write(f'Content-Disposition: form-data; name="{name}"\r\n\r\n'.encode())
+            out.write(value.encode())
+        out.write(b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
