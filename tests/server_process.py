@@ -17,12 +17,13 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from trt_bgswap.benchmarking.serve_load import encode_multipart
 
 RUNNING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
 
@@ -117,20 +118,7 @@ class ServerProcess:
 
 
 def multipart(fields: dict[str, str | bytes]) -> tuple[bytes, str]:
-    """multipart/form-data as browsers and curl send it: bytes values as file parts."""
-    boundary = uuid.uuid4().hex
-    out = io.BytesIO()
-    for name, value in fields.items():
-        out.write(f"--{boundary}\r\n".encode())
-        if isinstance(value, bytes):
-            out.write(f'Content-Disposition: form-data; name="{name}"; filename="{name}.bin"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode())
-            out.write(value)
-        else:
-            out.write(f'Content-Disposition: form-data; name="{name}"\r\n\r\n'.encode())
-            out.write(value.encode())
-        out.write(b"\r\n")
-    out.write(f"--{boundary}--\r\n".encode())
-    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+    return encode_multipart(list(fields.items()))
 
 
 def png_bytes(arr: np.ndarray) -> bytes:

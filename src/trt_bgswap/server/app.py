@@ -19,6 +19,7 @@ import io
 import logging
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -99,7 +100,7 @@ def _photo(data: bytes, max_pixels: int) -> Photo:
 class Service:
     """One process's models, queue and metrics; the routes call into it."""
 
-    def __init__(self, config: ServerConfig, load_in_background: bool = True) -> None:
+    def __init__(self, config: ServerConfig, load_in_background: bool = True, replica: str | None = None) -> None:
         config.validate()
         self.config = config
         self.metrics = Metrics()
@@ -108,6 +109,7 @@ class Service:
         self.replacer: BackgroundReplacer | None = None
         self.failure: str | None = None
         self.ready = False
+        self.replica = replica or uuid.uuid4().hex[:8]  # X-Replica: which process (Ray: which replica) answered
 
     # --- lifecycle ---
 
@@ -289,7 +291,7 @@ class Service:
     def _encode(self, job: Job, result: Any, fmt: str) -> tuple[bytes, dict[str, str]]:
         t0 = time.monotonic()
         photo = job.photo
-        headers = {"X-Batch-Size": str(job.batch_size), "Cache-Control": "no-store"}
+        headers = {"X-Batch-Size": str(job.batch_size), "X-Replica": self.replica, "Cache-Control": "no-store"}
         if job.kind == MASK:
             a8 = alpha_to_u8(result)
             if getattr(job, "cutout", False):
@@ -358,7 +360,7 @@ MASK_DOC = _form_schema(
     ["image"],
 )
 IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"content": {t: {} for t in ("image/png", "image/jpeg", "image/webp")}, "description": "the image; X-Seed, X-Generation-Size, X-Batch-Size headers"},
+    200: {"content": {t: {} for t in ("image/png", "image/jpeg", "image/webp")}, "description": "the image; X-Seed, X-Generation-Size, X-Batch-Size, X-Replica headers"},
     400: {"description": "unreadable image or bad option: {\"error\": one line}"},
     401: {"description": "missing or wrong bearer token (with --token-file)"},
     413: {"description": "too many bytes (--max-bytes) or pixels (--max-pixels)"},
@@ -367,9 +369,9 @@ IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_app(config: ServerConfig, load_in_background: bool = True) -> Any:
-    """The ASGI app for one process (uvicorn) or one Ray Serve replica; models load at startup."""
-    service = Service(config, load_in_background)
+def create_app(config: ServerConfig, load_in_background: bool = True, replica: str | None = None) -> Any:
+    """The ASGI app for one process (uvicorn) or one Ray Serve replica (``replica``: its id); models load at startup."""
+    service = Service(config, load_in_background, replica)
     app = FastAPI(
         title="trt-bgswap",
         version=__version__,

@@ -1,6 +1,6 @@
 """Scale-out on Ray Serve: the same ASGI app as a deployment, one replica per GPU or CPU share.
 
-``serve.ingress`` is given a builder (:func:`_build_app`) that Ray evaluates on each replica, so
+``serve.ingress`` is late-bound: Ray calls the deployment's ``__serve_build_asgi_app__`` on each replica, so
 every replica loads its own models (at ASGI startup, before Ray routes to it) and holds its own
 queue and batcher; Ray's proxy spreads requests over the replicas, restarts a replica that dies
 and, with ``--max-replicas``, scales between ``--min-replicas`` and ``--max-replicas`` on the
@@ -12,7 +12,6 @@ Reference: Ray Serve's ``serve.deployment`` / ``serve.ingress`` / ``serve.run`` 
 
 from __future__ import annotations
 
-import functools
 import logging
 import signal
 import threading
@@ -61,20 +60,23 @@ def _ray() -> tuple[Any, Any]:
     return ray, serve
 
 
-def _build_app(config: ServerConfig) -> Any:
-    """Runs on each replica: its own app, its models loaded during ASGI startup."""
-    from trt_bgswap.server.app import create_app
-
-    return create_app(config, load_in_background=False)
-
-
 def deployment(config: ServerConfig, options: RayOptions) -> Any:
     """The bound Ray Serve application (pass to ``serve.run``)."""
     _, serve = _ray()
-    ingress = serve.ingress(functools.partial(_build_app, config))
 
     class BgSwap:
-        """One replica: the ASGI app does the work (the class only carries Ray's settings)."""
+        """One replica; Ray builds its ASGI app on the replica, after this constructor (late-bound ingress)."""
+
+        def __init__(self, config: ServerConfig) -> None:
+            self.config = config
+
+        def __serve_build_asgi_app__(self) -> Any:
+            from trt_bgswap.server.app import create_app
+
+            from ray import serve
+
+            replica = serve.get_replica_context().replica_id.unique_id  # X-Replica names the Ray replica (as in Ray's logs)
+            return create_app(self.config, load_in_background=False, replica=replica)  # models load at ASGI startup, before Ray routes here
 
     settings: dict[str, Any] = {
         "name": DEPLOYMENT_NAME,
@@ -88,7 +90,7 @@ def deployment(config: ServerConfig, options: RayOptions) -> Any:
         settings["autoscaling_config"] = autoscaling
     else:
         settings["num_replicas"] = options.replicas
-    return serve.deployment(**settings)(ingress(BgSwap)).bind()
+    return serve.deployment(**settings)(serve.ingress()(BgSwap)).bind(config)
 
 
 def start(config: ServerConfig, options: RayOptions) -> None:
