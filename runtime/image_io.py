@@ -435,6 +435,20 @@ def output_exif(exif: bytes | None, keep_gps: bool = False) -> bytes | None:
         return None
 
 
+def save_options(fmt: str, quality: int, icc: bytes | None = None, exif: bytes | None = None) -> dict[str, object]:
+    """Pillow ``save`` options for a format name ("PNG", "JPEG", "WEBP"): quality, full chroma at 90+, metadata."""
+    options: dict[str, object] = {}
+    if fmt in ("JPEG", "WEBP"):
+        options["quality"] = quality
+    if fmt == "JPEG" and quality >= FULL_CHROMA_QUALITY:
+        options["subsampling"] = 0
+    if icc:
+        options["icc_profile"] = icc
+    if exif:
+        options["exif"] = exif
+    return options
+
+
 def write_image(
     path: str | os.PathLike,
     image: np.ndarray,
@@ -473,15 +487,7 @@ def write_image(
         raise OutputError(f"{target}: is a folder; give an output file name ending in {suffix}")
     if target.exists() and not overwrite:
         raise OutputExistsError(f"{target}: already exists; pass --overwrite (overwrite=True) to replace it")
-    options: dict[str, object] = {}
-    if fmt in ("JPEG", "WEBP"):
-        options["quality"] = quality
-    if fmt == "JPEG" and quality >= FULL_CHROMA_QUALITY:
-        options["subsampling"] = 0
-    if icc:
-        options["icc_profile"] = icc
-    if exif:
-        options["exif"] = exif
+    options = save_options(fmt, quality, icc, exif)
     pil = to_pil(image)
     try:
         with atomic_path(target) as tmp:

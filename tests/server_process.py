@@ -10,22 +10,14 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
+from trt_bgswap.benchmarking.serve_load import ServerProcess as LoadServer
 from trt_bgswap.benchmarking.serve_load import encode_multipart
-
-RUNNING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
 
 
 @dataclass
@@ -41,47 +33,16 @@ class Reply:
         return Image.open(io.BytesIO(self.body))
 
 
-@dataclass
-class ServerProcess:
-    args: list[str]
-    token: str | None = None
-    proc: subprocess.Popen | None = None
-    port: int = 0
-    lines: list[str] = field(default_factory=list)
+class ServerProcess(LoadServer):
+    """The benchmark's server process, with a bearer token and an HTTP client for the tests."""
 
-    def start(self, ready_timeout: float = 180.0) -> "ServerProcess":
-        cmd = [sys.executable, "-m", "trt_bgswap.cli.main", "serve", "--host", "127.0.0.1", "--port", "0", *self.args]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        threading.Thread(target=self._read, daemon=True).start()
-        deadline = time.monotonic() + ready_timeout
-        while not self.port:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start (exit {self.proc.poll()}):\n{self.log}")
-            time.sleep(0.05)
-        while self.get("/readyz").status != 200:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server never became ready:\n{self.log}")
-            time.sleep(0.1)
+    def __init__(self, args: list[str], token: str | None = None) -> None:
+        super().__init__(args)
+        self.token = token
+
+    def start(self, ready_timeout: float = 180.0) -> "ServerProcess":  # type: ignore[override]
+        super().start(ready_timeout, ready=lambda: self.get("/readyz").status == 200)
         return self
-
-    def _read(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            m = RUNNING.search(line)
-            if m:
-                self.port = int(m.group(1))
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
 
     # --- HTTP ---
 

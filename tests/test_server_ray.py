@@ -96,3 +96,34 @@ def test_a_replica_killed_under_load_loses_no_request(ray_serve: int, pool: list
     assert s["requests"] == 40 and s["answered_200"] == 40 and s["wrong_answers"] == 0, s
     assert s["connection_errors"] == 0 and not s["other_statuses"], s
     wait_for(lambda: serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME].replica_states.get("RUNNING", 0) == 2, 120, "Serve to replace the killed replica")
+
+
+@pytest.mark.slow  # a second Ray start (30-60 s here); the deployment itself is tested above
+def test_cli_serve_ray_with_autoscaling_serves_and_stops_on_sigterm(exported_dir: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = free_port()
+    cmd = [sys.executable, "-c", "import sys; from trt_bgswap.cli import main; sys.exit(main(sys.argv[1:]))", "serve", "--ray", "--models", str(exported_dir),
+           "--provider", "cpu", "--threads", "1", "--port", str(port), "--min-replicas", "1", "--max-replicas", "2", "--cpus-per-replica", "0.5"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def ready() -> bool:
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).status == 200
+            except OSError:
+                return False
+
+        wait_for(ready, 240, "Ray Serve to answer /readyz")
+        client = Client("127.0.0.1", port, timeout=120)
+        (req,) = seeded_requests([png_bytes(np.full((80, 96, 3), 120, np.uint8))], 1, steps=1, size="64x64", mask_share=0)
+        assert client.attempt(0, req, retries=0).status == 200
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0, out
+        assert "'max_replicas': 2" in out and "Traceback" not in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()

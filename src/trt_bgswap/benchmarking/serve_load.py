@@ -17,11 +17,16 @@ import hashlib
 import http.client
 import io
 import ipaddress
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +56,7 @@ class Outcome:
     digest: str | None = None
     error: str | None = None
     retry_causes: tuple[str, ...] = ()  # what each failed attempt got ("500: <body>"), before a retry
+    retry_after: float | None = None  # the server's Retry-After on a 503
 
 
 @dataclass
@@ -156,6 +162,8 @@ class Client:
             out.digest = hashlib.sha256(body).hexdigest()
         else:
             out.error = body[:300].decode("utf-8", "replace")
+            retry_after = headers.get("retry-after", "")
+            out.retry_after = float(retry_after) if retry_after.isdigit() else None
         return out
 
 
@@ -195,8 +203,13 @@ def run_load(
     duration_s: float,
     max_requests: int,
     retries: int = 0,
+    backoff: bool = False,
 ) -> LoadReport:
-    """``clients`` threads send requests (round robin over the pool) until ``duration_s`` or ``max_requests``."""
+    """``clients`` threads send requests (round robin over the pool) until ``duration_s`` or ``max_requests``.
+
+    ``backoff``: a client answered 503 waits the Retry-After seconds (at most 5) before its next
+    request, as a well-behaved client does; without it, rejected clients hammer the server.
+    """
     if clients < 1 or duration_s <= 0 or max_requests < 1:
         raise UsageError(f"clients={clients}, duration={duration_s}, max_requests={max_requests}: give positive values")
     report = LoadReport(clients, 0.0)
@@ -216,6 +229,8 @@ def run_load(
                 report.outcomes.append(outcome)
                 if outcome.status == 200 and expected is not None and outcome.digest != expected[index]:
                     report.wrong += 1
+            if backoff and outcome.status == 503:
+                time.sleep(min(outcome.retry_after or 1.0, 5.0, max(stop_at - time.monotonic(), 0.0)))
 
     t0 = time.monotonic()
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
@@ -225,3 +240,55 @@ def run_load(
         t.join()
     report.seconds = time.monotonic() - t0
     return report
+
+
+class ServerProcess:
+    """`trt-bgswap serve` in a child process on 127.0.0.1 and a free port (read from uvicorn's "running on" line)."""
+
+    RUNNING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
+
+    def __init__(self, args: Sequence[str]) -> None:
+        self.args = list(args)
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+        self.lines: list[str] = []
+
+    def start(self, ready_timeout: float = 300.0, ready: Callable[[], bool] | None = None) -> "ServerProcess":
+        """Start it and wait until ``ready()`` (default: the port is known)."""
+        launcher = "import sys; from trt_bgswap.cli import main; sys.exit(main(sys.argv[1:]))"  # the console script, without relying on PATH
+        cmd = [sys.executable, "-c", launcher, "serve", "--host", "127.0.0.1", "--port", "0", *self.args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + ready_timeout
+        while not self.port or (ready is not None and not ready()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise UsageError(f"the server did not start (exit {self.proc.poll()}):\n{self.log}")
+            time.sleep(0.1)
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            m = self.RUNNING.search(line)
+            if m:
+                self.port = int(m.group(1))
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def rss_bytes(self) -> int:
+        """The server's resident set size now (Linux /proc)."""
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 120.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)

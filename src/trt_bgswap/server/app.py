@@ -38,7 +38,7 @@ from starlette.staticfiles import StaticFiles
 from trt_bgswap import __version__
 from trt_bgswap.api import BackgroundReplacer, Photo, alpha_to_u8
 from trt_bgswap.errors import BgSwapError, ImageTooLargeError
-from trt_bgswap.runtime.image_io import FULL_CHROMA_QUALITY, JPEG_MAX_SIDE, WEBP_MAX_SIDE, output_exif, probe_image, read_image, to_pil
+from trt_bgswap.runtime.image_io import JPEG_MAX_SIDE, WEBP_MAX_SIDE, output_exif, probe_image, read_image, save_options, to_pil
 from trt_bgswap.runtime.pipeline import GenerationOptions, Pipeline
 from trt_bgswap.server import forms
 from trt_bgswap.server.auth import BearerAuth
@@ -78,17 +78,8 @@ def encode_image(arr: np.ndarray, fmt: str, icc: bytes | None = None, exif: byte
     limit = {"webp": WEBP_MAX_SIDE, "jpeg": JPEG_MAX_SIDE}.get(fmt)
     if limit is not None and max(w, h) > limit:
         raise forms.UsageError(f"{w}x{h} exceeds the {fmt.upper()} limit of {limit} px a side; ask for format=png")
-    options: dict[str, Any] = {}
-    if fmt in ("jpeg", "webp"):
-        options["quality"] = JPEG_WEBP_QUALITY
-    if fmt == "jpeg" and JPEG_WEBP_QUALITY >= FULL_CHROMA_QUALITY:
-        options["subsampling"] = 0
-    if icc:
-        options["icc_profile"] = icc
-    if exif:
-        options["exif"] = exif
     buf = io.BytesIO()
-    to_pil(arr).save(buf, format=fmt.upper(), **options)
+    to_pil(arr).save(buf, format=fmt.upper(), **save_options(fmt.upper(), JPEG_WEBP_QUALITY, icc, exif))  # type: ignore[arg-type]
     return buf.getvalue()
 
 
