@@ -39,9 +39,14 @@ class ServerProcess(LoadServer):
     def __init__(self, args: list[str], token: str | None = None) -> None:
         super().__init__(args)
         self.token = token
+        self.readyz: list[Reply] = []  # every /readyz answer while starting
 
     def start(self, ready_timeout: float = 180.0) -> "ServerProcess":  # type: ignore[override]
-        super().start(ready_timeout, ready=lambda: self.get("/readyz").status == 200)
+        def ready() -> bool:
+            self.readyz.append(self.get("/readyz"))
+            return self.readyz[-1].status == 200
+
+        super().start(ready_timeout, ready=lambda: bool(self.port) and ready())
         return self
 
     # --- HTTP ---

@@ -77,6 +77,9 @@ def error_of(reply: Reply) -> str:
 def test_health_ready_metrics_docs_page(server: ServerProcess) -> None:
     assert server.get("/healthz").json() == {"status": "alive"}
     assert server.get("/readyz").json() == {"status": "ready"}
+    # while the models loaded (seconds, in a background thread) the port was open and /readyz said so
+    loading = server.readyz[0]
+    assert loading.status == 503 and loading.json() == {"status": "loading"} and loading.headers["retry-after"] == "5"
     metrics = server.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     text = metrics.body.decode()

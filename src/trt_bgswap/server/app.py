@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import threading
 import time
 import uuid
@@ -101,6 +102,8 @@ class Service:
         self.failure: str | None = None
         self.ready = False
         self.replica = replica or uuid.uuid4().hex[:8]  # X-Replica: which process (Ray: which replica) answered
+        # decoded photos are large (a 67 MP photo is ~200 MB of RGB): decode a few at a time, not one per waiting client
+        self._decoding = asyncio.Semaphore(max(2, os.cpu_count() or 2))
 
     # --- lifecycle ---
 
@@ -168,8 +171,11 @@ class Service:
         try:
             if not self.ready or self.batcher is None:
                 raise NotReady()
+            if self.batcher.full():  # before the body is read and decoded: a full server sheds load cheaply
+                raise QueueFull()
             body = await self._read_body(request)
-            job, fmt = await run_in_threadpool(self._job, kind, body, request.headers.get("content-type", ""))
+            async with self._decoding:
+                job, fmt = await run_in_threadpool(self._job, kind, body, request.headers.get("content-type", ""))
             self.batcher.submit(job)
             result = await self._wait(request, job, arrived)
             content, headers = await run_in_threadpool(self._encode, job, result, fmt)
@@ -228,8 +234,7 @@ class Service:
         if kind == MASK:
             req = forms.mask_request(fields)
             photo = _photo(req.image, cfg.max_pixels)
-            job = Job(MASK, photo, photo.cutout_alpha)
-            job.cutout = req.cutout  # type: ignore[attr-defined]
+            job = Job(MASK, photo, photo.cutout_alpha, cutout=req.cutout)
             self._check_masker(job)
             self.metrics.stage_seconds.labels("decode").observe(time.monotonic() - t0)
             return job, req.format
@@ -285,7 +290,7 @@ class Service:
         headers = {"X-Batch-Size": str(job.batch_size), "X-Replica": self.replica, "Cache-Control": "no-store"}
         if job.kind == MASK:
             a8 = alpha_to_u8(result)
-            if getattr(job, "cutout", False):
+            if job.cutout:
                 content = encode_image(np.dstack([photo.rgb, a8]), fmt, icc=photo.icc, exif=output_exif(photo.exif))
             else:
                 content = encode_image(a8, fmt)

@@ -54,6 +54,7 @@ class Job:
     options: GenerationOptions | None = None  # a generated background (seed set)
     color: tuple[int, int, int] | None = None  # a solid background
     mask_options: MaskOptions = MaskOptions()
+    cutout: bool = False  # a mask job answers the RGBA cut-out
     future: "Future[Any]" = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     batch_size: int = 1  # how many requests shared this job's largest engine batch
@@ -86,6 +87,9 @@ class Batcher:
         except queue.Full:
             raise QueueFull() from None
         self.metrics.queue_depth.set(self._queue.qsize())
+
+    def full(self) -> bool:
+        return self._queue.full()
 
     def retry_after(self) -> int:
         """Seconds until the queue has likely moved on by a batch (at least 1)."""

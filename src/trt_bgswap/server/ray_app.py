@@ -82,6 +82,8 @@ def deployment(config: ServerConfig, options: RayOptions) -> Any:
         "name": DEPLOYMENT_NAME,
         "ray_actor_options": {"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus_per_replica},
         "max_ongoing_requests": options.max_ongoing_requests or config.max_queue + config.max_batch,
+        # requests Ray's proxy holds for busy replicas; beyond, Ray answers 503 itself (the queue stays bounded)
+        "max_queued_requests": config.max_queue,
         "health_check_period_s": 2.0,
         "graceful_shutdown_timeout_s": config.timeout,
     }
