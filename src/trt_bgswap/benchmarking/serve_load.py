@@ -262,6 +262,9 @@ class ServerProcess:
         deadline = time.monotonic() + ready_timeout
         while not self.port or (ready is not None and not ready()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                if self.proc.poll() is None:  # never leave a half-started server behind
+                    self.proc.kill()
+                    self.proc.wait()
                 raise UsageError(f"the server did not start (exit {self.proc.poll()}):\n{self.log}")
             time.sleep(0.1)
         return self
