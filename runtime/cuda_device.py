@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -30,22 +31,24 @@ INSTALL_HINT = (
     "--extra-index-url https://pypi.nvidia.com (see README, 'TensorRT')"
 )
 
-_cudart_module: Any = None
-
 
 def cudart() -> Any:
-    """``cuda.bindings.runtime`` (cuda-python >= 12.6), else the older ``cuda.cudart``."""
-    global _cudart_module
-    if _cudart_module is None:
+    """``cuda.bindings.runtime`` (cuda-python >= 12.6), else the older ``cuda.cudart``.
+
+    No module-level cache: ``sys.modules`` is the cache (one dict lookup per call), so the
+    module used is always the one installed now; tests install an emulated one and remove it.
+    """
+    rt = sys.modules.get("cuda.bindings.runtime") or sys.modules.get("cuda.cudart")
+    if rt is not None:
+        return rt
+    try:
+        from cuda.bindings import runtime as rt
+    except ImportError:
         try:
-            from cuda.bindings import runtime as rt
-        except ImportError:
-            try:
-                from cuda import cudart as rt
-            except ImportError as e:
-                raise BackendUnavailable(f"the CUDA Python bindings (cuda-python) are not installed; {INSTALL_HINT}") from e
-        _cudart_module = rt
-    return _cudart_module
+            from cuda import cudart as rt
+        except ImportError as e:
+            raise BackendUnavailable(f"the CUDA Python bindings (cuda-python) are not installed; {INSTALL_HINT}") from e
+    return rt
 
 
 def check(result: Any) -> Any:

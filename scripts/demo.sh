@@ -5,10 +5,7 @@
 #  For real models see README "Real models".)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${VENV:-.venv}"
-[[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -c constraints/test.txt -e '.[export]'
+source scripts/venv.sh export   # what it downloads: see scripts/venv.sh
 BGSWAP="$VENV/bin/trt-bgswap"
 "$BGSWAP" tiny-models models/tiny
 "$BGSWAP" export --inpaint models/tiny/sd-inpainting --lcm-lora models/tiny/lcm-lora --rmbg models/tiny/rmbg \

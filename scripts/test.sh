@@ -3,10 +3,8 @@
 # The constraints file pins the CPU torch wheel and the library versions the suite was verified with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${VENV:-.venv}"
-[[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -c constraints/test.txt -e '.[export,test,serve,ray]' selenium
+source scripts/venv.sh export,test,serve,ray   # what it downloads: see scripts/venv.sh (the ray extra adds ~150 MB of wheels)
+"$VENV/bin/python" -m pip install --quiet -c constraints/test.txt selenium   # drives the page's browser test
 # The page's browser test drives Debian's Chromium (no browser downloads work here): install it when
 # missing and we may (root with apt, as CI is); elsewhere the test is skipped and says why.
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then

@@ -43,3 +43,7 @@ def exported_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory
         opset=17,
     )
     return out
+
+
+# --- the TensorRT / cuda-python emulation (tests/emulation): `emulated_stack`, `emulated` ----------
+from emulation.fixtures import emulated, emulated_stack  # noqa: E402,F401  (fixtures shared by every test module)

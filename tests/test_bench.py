@@ -45,7 +45,8 @@ def quick_report(tiny_models_dir: Path, exported_dir: Path, tmp_path_factory: py
 def test_quick_report_records_the_run(quick_report: tuple[dict, Path]) -> None:
     report, _ = quick_report
     assert report["schema"] == "trt-bgswap-bench/1"
-    assert "Random weights give real timings" in report["note"]
+    # tiny models are not the published sizes: the note must not claim real-model timings (issue 8, item 11)
+    assert report["note"].startswith("Tiny models:") and "published architecture" not in report["note"], report["note"]
     assert report["command"].startswith("trt-bgswap bench --mode tiny")
     assert report["settings"]["runs"] == 2 and report["settings"]["steps"] == 4 and report["settings"]["guidance"] == 1.0
     m = report["machine"]
@@ -103,7 +104,7 @@ def test_quick_report_compares_flops_targets_and_int8(quick_report: tuple[dict, 
 def test_quick_markdown_and_readme(quick_report: tuple[dict, Path]) -> None:
     report, work = quick_report
     md = (work / "results" / "tiny.md").read_text(encoding="utf-8")
-    assert "Random weights give real timings" in md
+    assert "> Tiny models: the real architectures at a few channels wide" in md
     for row in (*STAGES, "unet step 4", "end-to-end", "non-model time", "peak RSS", "cold start", "target (issue 5)"):
         assert f"| {row}" in md, f"the Markdown has no row {row!r}"
     readme = (work / "README.md").read_text(encoding="utf-8")

@@ -7,10 +7,10 @@ and when a CUDA graph is captured, replayed or not used. (The plan run end to en
 a host buffer is in tests/test_unet_step.py, next to the fused graph it needs.)
 
 The loop's CUDA-touching code itself (TrtStepLoop and the TrtEngine it drives) also
-runs on CPU against an emulation of cuda-python and TensorRT (memory, stream capture
-that records instead of running, graph launch, ONNX Runtime as the "engine"): results
-equal the step loop exactly, only the final latents come back, the schedule is
-uploaded once per schedule, capture/replay happen when planned.
+runs on CPU against the version-aware emulation of cuda-python and TensorRT in
+tests/emulation, once per emulated release (TensorRT 10.0, 10.16, 11.1; cuda-bindings 12
+and 13): results equal the step loop exactly, only the final latents come back, the
+schedule is uploaded once per schedule, capture/replay happen when planned, nothing leaks.
 
 GPU tests build a TensorRT plan of the fused tiny UNet-step graph and compare the
 device loop with the ONNX Runtime step loop, CUDA-graph replay with eager execution,
@@ -22,18 +22,15 @@ https://pypi.nvidia.com`` then ``pytest tests/test_trt_loop_gpu.py``.
 
 from __future__ import annotations
 
-import ctypes
-import enum
 import importlib.util
-import itertools
-import json
 import subprocess
 import sys
-import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from emulation import Emulation, StackSpec, UndocumentedBehaviour, emulate
 from onnx import TensorProto, helper, numpy_helper
 
 from trt_bgswap.engines.buffers import DEVICE_ALIGNMENT, GraphEligibility, cuda_graph_eligibility
@@ -312,14 +309,13 @@ def test_cuda_graph_replay_equals_eager_and_reuses_buffers(step_onnx, plans) -> 
 
 # --- the loop's CUDA code on an emulated device, on CPU ----------------------------------------
 #
-# TrtStepLoop's own code (and the TrtEngine it drives) runs against a stand-in for the
-# two libraries it calls: cuda-python's runtime (device memory = bounds-checked host
-# blocks, copies executed in stream order, stream capture *records* work instead of
-# running it, graph launch replays the record) and TensorRT (a "plan" names an ONNX graph
-# that ONNX Runtime executes on the bound addresses; set_tensor_address refuses
-# unaligned pointers and execution refuses inputs aliasing outputs, as TensorRT
-# documents). The step graph is a small spec-shaped one: what is tested is the
-# orchestration (bindings, uploads, capture/replay), not the model.
+# TrtStepLoop's own code (and the TrtEngine it drives) runs against the version-aware emulation
+# of TensorRT and cuda-python in tests/emulation (installed by the `emulated` fixture, once per
+# emulated TensorRT / cuda-bindings release): device memory in bounds-checked blocks,
+# asynchronous streams, stream capture that records instead of running, graph launch, and a
+# "plan" built through the emulated builder that ONNX Runtime executes on the bound addresses.
+# The step graph is a small spec-shaped one: what is tested is the orchestration (bindings,
+# uploads, capture/replay), not the model.
 
 TOY = unet_step_spec(LATENT, 8, 16, len(COEFFICIENT_NAMES))
 
@@ -371,270 +367,91 @@ def toy_step_graph(path: Path) -> Path:
     return path
 
 
-class EmulatedCudart:
-    """The cuda-python runtime calls cuda_device.py makes, on host memory."""
-
-    class cudaError_t:  # noqa: N801 - cuda-python's names
-        cudaSuccess = 0
-        cudaErrorInvalidValue = 1
-
-    class cudaMemcpyKind:  # noqa: N801
-        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice = 1, 2, 3
-
-    class cudaStreamCaptureMode:  # noqa: N801
-        cudaStreamCaptureModeGlobal = 0
-
-    def __init__(self) -> None:
-        self.blocks: dict[int, tuple[np.ndarray, int]] = {}  # address -> (backing array, size asked for)
-        self.capturing: dict[int, list] = {}
-        self.counts = {"HtoD": 0, "DtoH": 0, "DtoD": 0, "execute": 0, "malloc": 0}
-        self._ids = itertools.count(1)
-
-    def device(self, addr: int, nbytes: int) -> np.ndarray:
-        """A writable view of emulated device memory; out-of-bounds access fails like a bad pointer would."""
-        for base, (_, size) in self.blocks.items():
-            if base <= addr and addr + nbytes <= base + size:
-                return np.frombuffer((ctypes.c_uint8 * nbytes).from_address(addr), dtype=np.uint8)
-        raise AssertionError(f"device access [{addr:#x}, +{nbytes}) is outside every allocation")
-
-    def enqueue(self, stream: int, op) -> None:  # noqa: ANN001
-        if stream in self.capturing:
-            self.capturing[stream].append(op)
-        else:
-            op()
-
-    def cudaGetErrorName(self, err: int):  # noqa: ANN201, N802
-        return 0, b"cudaErrorEmulated"
-
-    def cudaGetErrorString(self, err: int):  # noqa: ANN201, N802
-        return 0, b"emulated failure"
-
-    def cudaMalloc(self, nbytes: int):  # noqa: ANN201, N802
-        arr = np.zeros(nbytes + 256, dtype=np.uint8)
-        addr = -(-arr.ctypes.data // 256) * 256  # cudaMalloc's alignment
-        self.blocks[addr] = (arr, nbytes)
-        self.counts["malloc"] += 1
-        return 0, addr
-
-    def cudaFree(self, addr: int):  # noqa: ANN201, N802
-        del self.blocks[addr]
-        return (0,)
-
-    def cudaMemcpyAsync(self, dst: int, src: int, nbytes: int, kind: int, stream: int):  # noqa: ANN201, N802
-        name = {1: "HtoD", 2: "DtoH", 3: "DtoD"}[kind]
-        if kind in (1, 3):
-            self.device(dst, nbytes)
-        if kind in (2, 3):
-            self.device(src, nbytes)
-
-        def op() -> None:
-            self.counts[name] += 1
-            ctypes.memmove(dst, src, nbytes)
-
-        self.enqueue(stream, op)
-        return (0,)
-
-    def cudaStreamCreate(self):  # noqa: ANN201, N802
-        return 0, next(self._ids)
-
-    def cudaStreamSynchronize(self, stream: int):  # noqa: ANN201, N802
-        return (0,)
-
-    def cudaStreamDestroy(self, stream: int):  # noqa: ANN201, N802
-        return (0,)
-
-    def cudaStreamBeginCapture(self, stream: int, mode: int):  # noqa: ANN201, N802
-        self.capturing[stream] = []
-        return (0,)
-
-    def cudaStreamEndCapture(self, stream: int):  # noqa: ANN201, N802
-        return 0, self.capturing.pop(stream)
-
-    def cudaGraphInstantiate(self, graph: list, flags: int):  # noqa: ANN201, N802
-        return 0, list(graph)
-
-    def cudaGraphLaunch(self, graph_exec: list, stream: int):  # noqa: ANN201, N802
-        for op in graph_exec:
-            self.enqueue(stream, op)
-        return (0,)
-
-    def cudaGraphExecDestroy(self, graph_exec: list):  # noqa: ANN201, N802
-        return (0,)
-
-    def cudaGraphDestroy(self, graph: list):  # noqa: ANN201, N802
-        return (0,)
+def toy_plan(emulated: Emulation, folder: Path, profiles: list) -> Path:
+    """The toy step graph built by the emulated TensorRT into an (emulated) plan with ``profiles``."""
+    onnx_path = folder / "unet_step.onnx"
+    if not onnx_path.exists():
+        toy_step_graph(onnx_path)
+    return emulated.build_plan(onnx_path, folder / f"unet_step-{len(list(folder.glob('*.plan')))}.plan", profiles)
 
 
-def emulated_tensorrt(cuda: EmulatedCudart) -> types.ModuleType:
-    """The TensorRT 10 Python API subset trt_backend.py uses; a plan is JSON naming an ONNX graph and its profiles."""
-    import onnxruntime as ort
-
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.0.0"
-
-    class TensorIOMode(enum.Enum):
-        INPUT = 1
-        OUTPUT = 2
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level: int) -> None:
-            self.level = level
-
-    class Context:
-        def __init__(self, engine: "Engine") -> None:
-            self.engine = engine
-            self.shapes: dict[str, tuple[int, ...]] = {}
-            self.addresses: dict[str, int] = {}
-
-        def set_optimization_profile_async(self, index: int, stream: int) -> bool:
-            return 0 <= index < len(self.engine.profiles)
-
-        def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
-            self.shapes[name] = tuple(shape)
-            return True
-
-        def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-            spec = self.engine.spec
-            dims = {s: v for t in spec.inputs for s, v in zip(t.shape, self.shapes[t.name]) if isinstance(s, str)}
-            return spec.tensor(name).resolve(dims)
-
-        def set_device_memory(self, ptr: int, nbytes: int) -> None:
-            cuda.device(ptr, nbytes)  # must be a live allocation of that size
-            self.scratch = ptr
-
-        def set_tensor_address(self, name: str, ptr: int) -> bool:
-            if ptr % 256:
-                return False
-            self.addresses[name] = ptr
-            return True
-
-        def execute_async_v3(self, stream: int) -> bool:
-            spec, addresses = self.engine.spec, dict(self.addresses)  # a graph bakes in today's pointers
-            shapes = {t.name: self.get_tensor_shape(t.name) for t in (*spec.inputs, *spec.outputs)}
-            spans = {n: (addresses[n], addresses[n] + spec.tensor(n).nbytes(self._dims(shapes))) for n in shapes}
-
-            def op() -> None:
-                for i in spec.input_names:
-                    for o in spec.output_names:
-                        assert spans[i][1] <= spans[o][0] or spans[o][1] <= spans[i][0], f"input {i} aliases output {o}"
-                feeds = {
-                    t.name: cuda.device(addresses[t.name], spans[t.name][1] - spans[t.name][0]).view(t.np_dtype).reshape(shapes[t.name]).copy()
-                    for t in spec.inputs
-                }
-                for name, value in zip(spec.output_names, self.engine.session.run(spec.output_names, feeds)):
-                    cuda.device(addresses[name], value.nbytes)[:] = np.ascontiguousarray(value).view(np.uint8).reshape(-1)
-                cuda.counts["execute"] += 1
-
-            cuda.enqueue(stream, op)
-            return True
-
-        def _dims(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
-            return {s: v for t in self.engine.spec.inputs for s, v in zip(t.shape, shapes[t.name]) if isinstance(s, str)}
-
-    class Engine:
-        def __init__(self, plan: dict) -> None:
-            self.spec = ModelSpec.from_json(plan["spec"])
-            self.profiles = plan["profiles"]
-            self.session = ort.InferenceSession(plan["onnx"], providers=["CPUExecutionProvider"])
-            self.names = self.spec.input_names + self.spec.output_names
-            self.num_io_tensors = len(self.names)
-            self.num_optimization_profiles = len(self.profiles)
-            self.device_memory_size_v2 = plan.get("scratch", 1024)  # activation bytes the context needs
-
-        def get_tensor_name(self, i: int) -> str:
-            return self.names[i]
-
-        def get_tensor_mode(self, name: str) -> TensorIOMode:
-            return TensorIOMode.INPUT if name in self.spec.input_names else TensorIOMode.OUTPUT
-
-        def get_tensor_dtype(self, name: str) -> np.dtype:
-            return self.spec.tensor(name).np_dtype
-
-        def get_tensor_profile_shape(self, name: str, index: int) -> list[tuple[int, ...]]:
-            t = next(t for t in self.profiles[index] if t["name"] == name)
-            return [tuple(t["min"]), tuple(t["opt"]), tuple(t["max"])]
-
-        def create_execution_context(self, strategy: str | None = None) -> Context:
-            return Context(self)
-
-    class Runtime:
-        def __init__(self, logger: Logger) -> None:
-            self.logger = logger
-
-        def deserialize_cuda_engine(self, data: bytes) -> Engine:
-            return Engine(json.loads(data))
-
-    trt.TensorIOMode, trt.Logger, trt.Runtime = TensorIOMode, Logger, Runtime
-    trt.ExecutionContextAllocationStrategy = types.SimpleNamespace(USER_MANAGED="user_managed")
-    trt.nptype = np.dtype
-    return trt
+def static_profiles(batches: tuple[int, ...] = (1, 2), h: int = 3, w: int = 5) -> list:
+    """One static profile per guidance batch at h x w latents."""
+    return [profile_from_ranges(TOY, {"B": DimRange.fixed(b), "h": DimRange.fixed(h), "w": DimRange.fixed(w)}) for b in batches]
 
 
-@pytest.fixture()
-def emulated_device(monkeypatch: pytest.MonkeyPatch) -> EmulatedCudart:
-    from trt_bgswap.runtime import cuda_device
-
-    cuda = EmulatedCudart()
-    monkeypatch.setattr(cuda_device, "_cudart_module", cuda)
-    monkeypatch.setitem(sys.modules, "tensorrt", emulated_tensorrt(cuda))
-    return cuda
-
-
-@pytest.fixture(scope="module")
-def toy_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An emulated "plan": the toy step graph with one static profile per guidance batch at 3x5 latents."""
-    folder = tmp_path_factory.mktemp("emulated")
-    onnx_path = toy_step_graph(folder / "unet_step.onnx")
-    profiles = [profile_from_ranges(TOY, {"B": DimRange.fixed(b), "h": DimRange.fixed(3), "w": DimRange.fixed(5)}) for b in (1, 2)]
-    plan = folder / "unet_step.plan"
-    plan.write_text(json.dumps({"onnx": str(onnx_path), "spec": TOY.to_json(), "profiles": [p.to_json() for p in profiles]}))
-    return plan
-
-
-def toy_reference(plan: Path, coeff, inputs: DenoiseInputs) -> np.ndarray:  # noqa: ANN001
+def toy_reference(folder: Path, coeff, inputs: DenoiseInputs) -> np.ndarray:  # noqa: ANN001
     from trt_bgswap.runtime.ort_backend import OrtEngine
     from trt_bgswap.runtime.step_loop import denoise
 
-    return denoise(OrtEngine(TOY, Path(json.loads(plan.read_text())["onnx"]), provider="cpu"), coeff, inputs)
+    return denoise(OrtEngine(TOY, folder / "unet_step.onnx", provider="cpu"), coeff, inputs)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("steps", [1, 2, 4])
-def test_emulated_device_loop_equals_step_loop(emulated_device: EmulatedCudart, toy_plan: Path, steps: int, batch: int) -> None:
+def test_emulated_device_loop_equals_step_loop(emulated: Emulation, tmp_path: Path, steps: int, batch: int) -> None:
+    plan = toy_plan(emulated, tmp_path, static_profiles())
     dims = {"B": batch, "h": 3, "w": 5}
     inputs = inputs_for_spec(TOY, dims, steps, seed=steps + 10 * batch)
     coeff = coefficients(steps)
-    loop = TrtStepLoop(TOY, toy_plan, use_cuda_graph=False)
+    loop = TrtStepLoop(TOY, plan, use_cuda_graph=False)
     try:
         got = loop.denoise(coeff, inputs)
     finally:
         loop.close()
-    want = toy_reference(toy_plan, coeff, inputs)
+    want = toy_reference(tmp_path, coeff, inputs)
     err = float(np.max(np.abs(got - want)))
     assert err == 0.0, f"{steps} steps, B={batch}: emulated device loop differs from the step loop by {err:.3g}"
     assert float(np.max(np.abs(want - inputs.latents))) > 1e-2  # the steps did move the latents
-    counts = emulated_device.counts
+    counts = emulated.counts
     assert counts["execute"] == steps
     assert counts["DtoH"] == 1, "only the final latents may come back to the host"
     assert counts["HtoD"] == 1 + 1 + 4, "one schedule upload, one noise upload, four conditioning inputs"
-    assert counts["DtoD"] == 0 and not emulated_device.blocks, "everything is freed on close"
+    assert counts["DtoD"] == 0
+    assert not emulated.leaks(), f"left behind after close: {emulated.leaks()}"
 
 
-def test_emulated_cuda_graph_replay_equals_eager_with_one_upload_per_schedule(emulated_device: EmulatedCudart, toy_plan: Path) -> None:
+# The loop captures all its steps into one CUDA graph, re-pointing the one execution context between
+# enqueues. NVIDIA documents no such thing (its demo and trtexec capture one enqueue per graph on fixed
+# addresses), so the emulation refuses it by default (test below, xfail until the loop is changed); the
+# bookkeeping tests after it opt into that undocumented behaviour knowingly, to keep testing the uploads,
+# replays and recaptures the loop decides.
+UNDOCUMENTED_MULTI_ENQUEUE = frozenset({"multiple enqueues per capture"})
+
+
+@pytest.fixture()
+def emulated_multi_enqueue(emulated_stack: StackSpec) -> Iterator[Emulation]:
+    with emulate(emulated_stack, allow=UNDOCUMENTED_MULTI_ENQUEUE) as emulation:
+        yield emulation
+
+
+@pytest.mark.xfail(strict=True, raises=UndocumentedBehaviour, reason="issue 10 (CUDA graphs): trt_loop captures several execute_async_v3 of one context with set_tensor_address between them; NVIDIA documents one enqueue per graph on fixed addresses")
+def test_emulated_loop_capture_uses_only_documented_graph_patterns(emulated: Emulation, tmp_path: Path) -> None:
+    plan = toy_plan(emulated, tmp_path, static_profiles())
+    loop = TrtStepLoop(TOY, plan, use_cuda_graph=True)
+    try:
+        inputs, coeff = inputs_for_spec(TOY, {"B": 1, "h": 3, "w": 5}, 2, seed=1), coefficients(2)
+        loop.denoise(coeff, inputs)
+        assert loop.last_action == GRAPH_CAPTURE
+    finally:
+        loop.close()
+
+
+def test_emulated_cuda_graph_replay_equals_eager_with_one_upload_per_schedule(emulated_multi_enqueue: Emulation, tmp_path: Path) -> None:
+    emulated = emulated_multi_enqueue
+    plan = toy_plan(emulated, tmp_path, static_profiles())
     dims = {"B": 2, "h": 3, "w": 5}
-    loop = TrtStepLoop(TOY, toy_plan, use_cuda_graph=True)
-    counts = emulated_device.counts
+    loop = TrtStepLoop(TOY, plan, use_cuda_graph=True)
+    counts = emulated.counts
     try:
         log = []
         for steps, seed in ((4, 1), (4, 2), (4, 3), (2, 4), (2, 5), (4, 6)):
             before = dict(counts)
             inputs, coeff = inputs_for_spec(TOY, dims, steps, seed=seed), coefficients(steps)
             got = loop.denoise(coeff, inputs)
-            err = float(np.max(np.abs(got - toy_reference(toy_plan, coeff, inputs))))
+            err = float(np.max(np.abs(got - toy_reference(tmp_path, coeff, inputs))))
             assert err == 0.0, f"{loop.last_action} ({steps} steps, seed {seed}) differs from the step loop by {err:.3g}"
-            delta = {k: counts[k] - before[k] for k in counts}
+            delta = {k: counts[k] - before.get(k, 0) for k in counts}
             log.append((loop.last_action, delta["execute"], delta["HtoD"], delta["malloc"]))
         # capture runs the steps once eagerly (TensorRT's warm-up) and records them without running them again;
         # the schedule is uploaded only when it changes; the block allocated first serves the shorter schedule
@@ -648,35 +465,36 @@ def test_emulated_cuda_graph_replay_equals_eager_with_one_upload_per_schedule(em
         ], log
     finally:
         loop.close()
+    assert not emulated.leaks(), f"left behind after close: {emulated.leaks()}"
 
 
-def test_emulated_dynamic_profile_runs_eagerly(emulated_device: EmulatedCudart, tmp_path: Path, toy_plan: Path) -> None:
-    plan = json.loads(toy_plan.read_text())
-    plan["profiles"] = [profile_from_ranges(TOY, {"B": DimRange(1, 1, 2), "h": DimRange(3, 3, 4), "w": DimRange(5, 5, 6)}).to_json()]
-    dynamic = tmp_path / "dynamic.plan"
-    dynamic.write_text(json.dumps(plan))
-    loop = TrtStepLoop(TOY, dynamic, use_cuda_graph=True)
+def test_emulated_dynamic_profile_runs_eagerly(emulated: Emulation, tmp_path: Path) -> None:
+    plan = toy_plan(emulated, tmp_path, [profile_from_ranges(TOY, {"B": DimRange(1, 1, 2), "h": DimRange(3, 3, 4), "w": DimRange(5, 5, 6)})])
+    loop = TrtStepLoop(TOY, plan, use_cuda_graph=True)
     try:
         for dims in ({"B": 1, "h": 3, "w": 5}, {"B": 2, "h": 4, "w": 6}):
             inputs, coeff = inputs_for_spec(TOY, dims, 2, seed=dims["h"]), coefficients(2)
             got = loop.denoise(coeff, inputs)
             assert loop.last_action == GRAPH_EAGER
-            assert float(np.max(np.abs(got - toy_reference(dynamic, coeff, inputs)))) == 0.0
+            assert float(np.max(np.abs(got - toy_reference(tmp_path, coeff, inputs)))) == 0.0
     finally:
         loop.close()
+    assert emulated.counts["captures"] == 0
 
 
-def test_emulated_shared_activation_growth_forces_a_recapture(emulated_device: EmulatedCudart, toy_plan: Path, tmp_path: Path) -> None:
+def test_emulated_shared_activation_growth_forces_a_recapture(emulated_multi_enqueue: Emulation, tmp_path: Path) -> None:
     """Another engine enlarging the shared scratch block moves it: the captured loop must not replay stale pointers."""
     from trt_bgswap.runtime.trt_backend import SharedActivations, TrtEngine
 
-    bigger = json.loads(toy_plan.read_text())
-    bigger["scratch"] = 1 << 20
-    other_plan = tmp_path / "other.plan"
-    other_plan.write_text(json.dumps(bigger))
+    emulated = emulated_multi_enqueue
+    plan = toy_plan(emulated, tmp_path, static_profiles())
+    # the same graph for latents up to 6x10: more activation memory than the loop's 3x5 plan needs
+    bigger = toy_plan(emulated, tmp_path, [profile_from_ranges(TOY, {"B": DimRange(1, 1, 2), "h": DimRange(3, 3, 6), "w": DimRange(5, 5, 10)})])
+    need = [emulated.read_plan(p)["activation_bytes"][0] for p in (plan, bigger)]
+    assert 0 < need[0] < need[1], need
     shared = SharedActivations()
-    loop = TrtStepLoop(TOY, toy_plan, use_cuda_graph=True, shared_activations=shared)
-    other = TrtEngine(TOY, other_plan, shared_activations=shared)
+    loop = TrtStepLoop(TOY, plan, use_cuda_graph=True, shared_activations=shared)
+    other = TrtEngine(TOY, bigger, shared_activations=shared)
     dims = {"B": 1, "h": 3, "w": 5}
     try:
         actions = []
@@ -685,10 +503,28 @@ def test_emulated_shared_activation_growth_forces_a_recapture(emulated_device: E
                 other.load()  # grows the shared block
             inputs, coeff = inputs_for_spec(TOY, dims, 3, seed=seed), coefficients(3)
             got = loop.denoise(coeff, inputs)
-            assert float(np.max(np.abs(got - toy_reference(toy_plan, coeff, inputs)))) == 0.0
+            assert float(np.max(np.abs(got - toy_reference(tmp_path, coeff, inputs)))) == 0.0
             actions.append(loop.last_action)
-        assert shared.nbytes == 1 << 20
+        assert shared.nbytes == need[1]
         assert actions == [GRAPH_CAPTURE, GRAPH_REPLAY, GRAPH_CAPTURE, GRAPH_REPLAY]
     finally:
         loop.close()
         other.close()
+    assert not emulated.leaks(), f"left behind after close: {emulated.leaks()}"
+
+
+@pytest.mark.xfail(strict=True, reason="issue 10: the loop keeps one CUDA-graph slot, so alternating guidance 1 and 2 (batch 1 and 2) re-captures on every call")
+def test_emulated_alternating_guidance_replays_both_graphs(tmp_path: Path) -> None:
+    from emulation import STACKS
+
+    with emulate(STACKS[-1], allow=UNDOCUMENTED_MULTI_ENQUEUE) as emulated:  # not version-specific: one release is enough
+        loop = TrtStepLoop(TOY, toy_plan(emulated, tmp_path, static_profiles()), use_cuda_graph=True)
+        try:
+            actions = []
+            for seed, batch in enumerate((1, 2, 1, 2)):
+                inputs = inputs_for_spec(TOY, {"B": batch, "h": 3, "w": 5}, 2, seed=seed, guidance=1.0 if batch == 1 else 2.0)
+                loop.denoise(coefficients(2), inputs)
+                actions.append(loop.last_action)
+        finally:
+            loop.close()
+    assert actions == [GRAPH_CAPTURE, GRAPH_CAPTURE, GRAPH_REPLAY, GRAPH_REPLAY], actions

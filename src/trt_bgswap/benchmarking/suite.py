@@ -12,7 +12,6 @@ its LCM-LoRA and RMBG-1.4 at their published sizes with random weights
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import shutil
@@ -35,13 +34,6 @@ log = logging.getLogger(__name__)
 
 MODES = ("tiny", "full")
 BACKENDS = ("cpu", "trt")
-SCHEMA = "trt-bgswap-bench/1"
-RANDOM_WEIGHTS_NOTE = (
-    "Random weights give real timings: every model has its published architecture and tensor sizes "
-    "(SD1.5-inpainting UNet/VAE/CLIP text encoder, LCM-LoRA rank 64, RMBG-1.4 IS-Net), so latency, memory "
-    "and FLOPs are those of the real models; the images themselves are meaningless, and so is the absolute "
-    "quality of the int8 masks (their agreement with fp32 is what is measured)."
-)
 WORKER_TIMEOUT_S = 3 * 3600
 FUSED_MODELS = ("unet", "text_encoder")  # engines/optimize.py's DEFAULT_FUSED, timed against their unfused export
 
@@ -312,6 +304,3 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
     report["_paths"] = {"json": str(out_dir / f"{settings.mode}.json"), "markdown": str(out_dir / f"{settings.mode}.md")}
     return report
 
-
-def created_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
