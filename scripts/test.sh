@@ -3,7 +3,7 @@
 # The constraints file pins the CPU torch wheel and the library versions the suite was verified with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/venv.sh export,test,serve,ray   # what it downloads: see scripts/venv.sh (the ray extra adds ~150 MB of wheels)
+source scripts/venv.sh export,test,serve,ray   # what it downloads: see scripts/venv.sh (the ray extra adds Ray: 240 MB installed)
 "$VENV/bin/python" -m pip install --quiet -c constraints/test.txt selenium   # drives the page's browser test
 # The page's browser test drives Debian's Chromium (no browser downloads work here): install it when
 # missing and we may (root with apt, as CI is); elsewhere the test is skipped and says why.
