@@ -258,7 +258,7 @@ def export_models(
             if fused_step:
                 from trt_bgswap.export.unet_step import export_unet_step_module
                 from trt_bgswap.runtime.scheduler import LCMConfig
-                from trt_bgswap.runtime.step_loop import check_step_scheduler
+                from trt_bgswap.runtime.denoise import check_step_scheduler
 
                 check_step_scheduler(LCMConfig.from_dict(configs["scheduler"]))
                 log.info("[2b/4] unet_step: UNet + guidance + LCM step in one graph")

@@ -53,27 +53,33 @@ def check_step_scheduler(config: LCMConfig) -> None:
 
 @dataclass(frozen=True)
 class DenoiseInputs:
-    """Everything one generation's denoising loop reads, on the host."""
+    """Everything one denoising loop reads, on the host: N generations of one shape, schedule and guidance."""
 
-    latents: np.ndarray  # (1, C, h, w) initial latents, already multiplied by init_noise_sigma
-    step_noise: tuple[np.ndarray, ...]  # (1, C, h, w) each: noise injected after every non-final step
-    mask: np.ndarray  # (1, 1, h, w) latent-size inpainting mask (1 = repaint)
-    masked_image_latents: np.ndarray  # (1, C, h, w) scaled VAE latents of the masked image
-    embeddings: np.ndarray  # (B, S, D) text embeddings: B=1 [cond], or B=2 [uncond, cond] for guidance
-    guidance: float  # classifier-free guidance scale; has no effect when B=1
+    latents: np.ndarray  # (N, C, h, w) initial latents, already multiplied by init_noise_sigma
+    step_noise: tuple[np.ndarray, ...]  # (N, C, h, w) each: noise injected after every non-final step
+    mask: np.ndarray  # (N, 1, h, w) latent-size inpainting masks (1 = repaint)
+    masked_image_latents: np.ndarray  # (N, C, h, w) scaled VAE latents of the masked images
+    embeddings: np.ndarray  # (N, S, D) [cond], or (2N, S, D) [uncond_1..N, cond_1..N] for guidance
+    guidance: float  # classifier-free guidance scale; has no effect without the uncond rows
+
+    @property
+    def rows(self) -> int:
+        return self.latents.shape[0]
 
     @property
     def guided(self) -> bool:
-        return self.embeddings.shape[0] == GUIDED_BATCH
+        return self.embeddings.shape[0] == GUIDED_BATCH * self.rows
 
-    def check(self, steps: int) -> None:
+    def check(self, steps: int, max_rows: int | None = None) -> None:
         """Shapes agree with each other and with the number of steps (the spec checks them against the graph)."""
         shape = self.latents.shape
-        if len(shape) != 4 or shape[0] != 1:
-            raise UsageError(f"latents have shape {shape}; the step loop takes one (1, C, h, w) sample")
+        if len(shape) != 4 or shape[0] < 1:
+            raise UsageError(f"latents have shape {shape}; the loop takes (N, C, h, w) samples")
+        if max_rows is not None and shape[0] > max_rows:
+            raise UsageError(f"{shape[0]} generations in one loop; this denoiser runs {max_rows} at a time")
         for name, arr, want in (
             ("masked_image_latents", self.masked_image_latents, shape),
-            ("mask", self.mask, (1, 1, *shape[2:])),
+            ("mask", self.mask, (shape[0], 1, *shape[2:])),
         ):
             if arr.shape != want:
                 raise UsageError(f"{name} has shape {arr.shape}; with latents {shape} it must be {want}")
@@ -84,9 +90,10 @@ class DenoiseInputs:
         for i, arr in enumerate(self.step_noise[: steps - 1]):
             if arr.shape != shape:
                 raise UsageError(f"step_noise[{i}] has shape {arr.shape}; it must match the latents {shape}")
-        if self.embeddings.ndim != 3 or self.embeddings.shape[0] not in (1, GUIDED_BATCH):
+        if self.embeddings.ndim != 3 or self.embeddings.shape[0] not in (shape[0], GUIDED_BATCH * shape[0]):
             raise UsageError(
-                f"embeddings have shape {self.embeddings.shape}; pass (1, S, D) [cond] or (2, S, D) [uncond, cond] for guidance"
+                f"embeddings have shape {self.embeddings.shape} for {shape[0]} generation(s); pass (N, S, D) [cond] "
+                "or (2N, S, D) [uncond, cond] for guidance"
             )
         if not math.isfinite(self.guidance):
             raise UsageError(f"guidance={self.guidance}: must be a finite number")
@@ -94,6 +101,8 @@ class DenoiseInputs:
 
 class Denoiser(Protocol):
     """The denoising stage: the whole schedule, from initial to final latents."""
+
+    max_rows: int | None  # generations one loop can run together (None: any)
 
     @property
     def backend(self) -> str: ...
@@ -109,7 +118,13 @@ def cast_for(engine: Engine, name: str, arr: np.ndarray) -> np.ndarray:
 
 
 class HostDenoiser:
-    """The UNet per step; guidance and the LCM step in numpy (the diffusers parity reference)."""
+    """The UNet per step; guidance and the LCM step in numpy (the diffusers parity reference).
+
+    N generations stack into one UNet call of N rows (2N with guidance: all uncond rows, then all
+    cond rows, diffusers' [uncond, cond] order per generation); the LCM step is element-wise.
+    """
+
+    max_rows = None
 
     def __init__(self, unet: Engine) -> None:
         self.engine = unet
@@ -130,15 +145,16 @@ class HostDenoiser:
     def denoise(self, scheduler: LCMScheduler, inputs: DenoiseInputs) -> np.ndarray:
         timesteps = list(scheduler.timesteps)
         inputs.check(len(timesteps))
+        n = inputs.rows
         latents, mask, masked = inputs.latents, inputs.mask, inputs.masked_image_latents
-        if inputs.guided:  # diffusers' batch order: [uncond, cond]
+        if inputs.guided:
             mask = np.concatenate([mask] * GUIDED_BATCH, axis=0)
             masked = np.concatenate([masked] * GUIDED_BATCH, axis=0)
         for i, t in enumerate(timesteps):
             x = np.concatenate([latents] * GUIDED_BATCH, axis=0) if inputs.guided else latents
             eps = self.unet(np.concatenate([x, mask, masked], axis=1), float(t), inputs.embeddings)
             if inputs.guided:
-                uncond, text = eps[:1], eps[1:]
+                uncond, text = eps[:n], eps[n:]
                 eps = uncond + np.float32(inputs.guidance) * (text - uncond)
             latents, _ = scheduler.step(eps, int(t), latents, noise=inputs.step_noise[i] if i < len(timesteps) - 1 else None)
         return latents
@@ -182,7 +198,7 @@ def fused_denoise(engine: Engine, coefficients: LCMCoefficients, inputs: Denoise
     if engine.spec.name != UNET_STEP:
         raise ModelError(f"the fused loop needs the {UNET_STEP!r} graph, got {engine.spec.name!r}; export with --fused-step")
     steps = len(coefficients)
-    inputs.check(steps)
+    inputs.check(steps, max_rows=1)  # the graph's latents are batch 1; only the embeddings carry B
     latents = np.ascontiguousarray(inputs.latents, dtype=np.float32)
     for i in range(steps):
         latents = engine(**step_feeds(inputs, coefficients, i, latents))[StepIO.PREV_LATENTS]
@@ -192,6 +208,8 @@ def fused_denoise(engine: Engine, coefficients: LCMCoefficients, inputs: Denoise
 
 class FusedStepDenoiser:
     """The fused ``unet_step`` graph run step after step through the common engine interface (any backend)."""
+
+    max_rows = 1
 
     def __init__(self, engine: Engine) -> None:
         if engine.spec.name != UNET_STEP:

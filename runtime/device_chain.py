@@ -163,6 +163,8 @@ class ChainedStepLoop(TrtStepLoop):
 class DeviceChain:
     """vae_encoder_sample -> the LCM loop -> vae_decoder_image on TensorRT, on one stream, one download."""
 
+    max_batch = 1  # the loop's step graph takes one generation at a time
+
     def __init__(self, encoder: TrtEngine, loop: ChainedStepLoop, decoder: TrtEngine, cfg: InpaintConfig) -> None:
         self.encoder, self.loop, self.decoder, self.cfg = encoder, loop, decoder, cfg
         self.last_plan: ChainPlan | None = None
@@ -179,7 +181,7 @@ class DeviceChain:
             raise UsageError("the device chain's engines run on different CUDA streams; open them with one stream (runtime.loader does)")
 
     def generate(self, scheduler: LCMScheduler, inputs: GenerationInputs) -> np.ndarray:
-        """The whole generation on the device; returns the float32 hxwx3 image in [0, 1] (one download)."""
+        """The whole generation on the device; returns the float32 (1, H, W, 3) image in [0, 1] (one download)."""
         coefficients = schedule_of(scheduler)
         self.load()
         _, _, height, width = inputs.masked_image.shape

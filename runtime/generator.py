@@ -20,14 +20,14 @@ from trt_bgswap.runtime.vae import VaeDecoder, VaeEncoder
 
 @dataclass(frozen=True)
 class GenerationInputs:
-    """One generation's host inputs, everything preprocessed (see ``Pipeline.inpaint``)."""
+    """N generations' host inputs (one size, schedule and guidance), everything preprocessed (see ``Pipeline``)."""
 
-    masked_image: np.ndarray  # (1, 3, H, W) in [-1, 1], zero where the background is repainted
-    eps: np.ndarray  # (1, C, h, w) the VAE posterior draw
-    latents: np.ndarray  # (1, C, h, w) initial latents, already times init_noise_sigma
-    step_noise: tuple[np.ndarray, ...]  # (1, C, h, w) per non-final step
-    latent_mask: np.ndarray  # (1, 1, h, w)
-    embeddings: np.ndarray  # (1 or 2, S, D)
+    masked_image: np.ndarray  # (N, 3, H, W) in [-1, 1], zero where the background is repainted
+    eps: np.ndarray  # (N, C, h, w) the VAE posterior draws
+    latents: np.ndarray  # (N, C, h, w) initial latents, already times init_noise_sigma
+    step_noise: tuple[np.ndarray, ...]  # (N, C, h, w) per non-final step
+    latent_mask: np.ndarray  # (N, 1, h, w)
+    embeddings: np.ndarray  # (N, S, D), or (2N, S, D) [uncond_1..N, cond_1..N] for guidance
     guidance: float
 
     def denoise_inputs(self, masked_image_latents: np.ndarray) -> DenoiseInputs:
@@ -35,11 +35,13 @@ class GenerationInputs:
 
 
 class Generator(Protocol):
+    max_batch: int | None  # generations one call can run together (None: any)
+
     @property
     def backend(self) -> str: ...
 
     def generate(self, scheduler: LCMScheduler, inputs: GenerationInputs) -> np.ndarray:
-        """The float32 hxwx3 image in [0, 1] at the generation size."""
+        """The float32 (N, H, W, 3) images in [0, 1] at the generation size."""
         ...
 
     def close(self) -> None: ...
@@ -50,6 +52,7 @@ class StageGenerator:
 
     def __init__(self, encoder: VaeEncoder, denoiser: Denoiser, decoder: VaeDecoder) -> None:
         self.encoder, self.denoiser, self.decoder = encoder, denoiser, decoder
+        self.max_batch = denoiser.max_rows
 
     @property
     def backend(self) -> str:

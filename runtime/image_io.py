@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from trt_bgswap.atomic import atomic_path
-from trt_bgswap.errors import InputImageError, OutputError, OutputExistsError, UsageError
+from trt_bgswap.errors import ImageTooLargeError, InputImageError, OutputError, OutputExistsError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def _open_bytes(src: ImageSource, name: str | None) -> tuple[io.BytesIO, str, Pa
 def _check_size(label: str, size: tuple[int, int], max_pixels: int, min_side: int) -> None:
     w, h = size
     if w * h > max_pixels:
-        raise InputImageError(
+        raise ImageTooLargeError(
             f"{label}: {w}x{h} = {_megapixels(w * h)} is above the {_megapixels(max_pixels)} limit "
             f"(decompression-bomb guard); downscale the image or raise the limit (--max-pixels / max_pixels=)"
         )
@@ -252,11 +252,11 @@ def _open_header(buf: io.BytesIO, label: str, max_pixels: int, min_side: int) ->
     except Image.DecompressionBombError as e:
         declared = re.search(r"\((\d+) pixels\)", str(e))
         if declared and int(declared.group(1)) > max_pixels:
-            raise InputImageError(
+            raise ImageTooLargeError(
                 f"{label}: {_megapixels(int(declared.group(1)))} is above the {_megapixels(max_pixels)} limit "
                 f"(decompression-bomb guard); downscale the image or raise the limit (--max-pixels / max_pixels=)"
             ) from None
-        raise InputImageError(
+        raise ImageTooLargeError(
             f"{label}: too many pixels for Pillow's decompression-bomb limit ({_one_line(e)}); "
             f"downscale the image (or raise PIL.Image.MAX_IMAGE_PIXELS as well as max_pixels)"
         ) from None
@@ -435,6 +435,20 @@ def output_exif(exif: bytes | None, keep_gps: bool = False) -> bytes | None:
         return None
 
 
+def save_options(fmt: str, quality: int, icc: bytes | None = None, exif: bytes | None = None) -> dict[str, object]:
+    """Pillow ``save`` options for a format name ("PNG", "JPEG", "WEBP"): quality, full chroma at 90+, metadata."""
+    options: dict[str, object] = {}
+    if fmt in ("JPEG", "WEBP"):
+        options["quality"] = quality
+    if fmt == "JPEG" and quality >= FULL_CHROMA_QUALITY:
+        options["subsampling"] = 0
+    if icc:
+        options["icc_profile"] = icc
+    if exif:
+        options["exif"] = exif
+    return options
+
+
 def write_image(
     path: str | os.PathLike,
     image: np.ndarray,
@@ -473,15 +487,7 @@ def write_image(
         raise OutputError(f"{target}: is a folder; give an output file name ending in {suffix}")
     if target.exists() and not overwrite:
         raise OutputExistsError(f"{target}: already exists; pass --overwrite (overwrite=True) to replace it")
-    options: dict[str, object] = {}
-    if fmt in ("JPEG", "WEBP"):
-        options["quality"] = quality
-    if fmt == "JPEG" and quality >= FULL_CHROMA_QUALITY:
-        options["subsampling"] = 0
-    if icc:
-        options["icc_profile"] = icc
-    if exif:
-        options["exif"] = exif
+    options = save_options(fmt, quality, icc, exif)
     pil = to_pil(image)
     try:
         with atomic_path(target) as tmp:

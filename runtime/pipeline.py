@@ -21,10 +21,11 @@ image and a test can hand diffusers the very same draws.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ from trt_bgswap.runtime.color_management import ColorSpace
 from trt_bgswap.runtime.composite import composite, solid_background, upscale_background
 from trt_bgswap.runtime.engine import Engine
 from trt_bgswap.runtime.generator import GenerationInputs
+from trt_bgswap.runtime.jobs import GenerationJob, GenerationKey, GenerationOptions, Noise, Result
 from trt_bgswap.runtime.mask_ops import MaskOptions, inpaint_mask, refine_alpha
 from trt_bgswap.runtime.masker import Masker, MaskStage
 from trt_bgswap.runtime.preprocess import inpaint_inputs
@@ -47,66 +49,18 @@ from trt_bgswap.specs import RMBG, pipeline_dims
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GENERATE_STAGE", "MASK_STAGE", "STAGES", "GenerationOptions", "Noise", "Pipeline", "Result"]
-
-MAX_STEPS = 50
-MAX_GUIDANCE = 30.0
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """What to generate. The defaults are the LCM-LoRA's sweet spot: 4 steps, no guidance."""
-
-    prompt: str
-    negative_prompt: str = ""
-    steps: int = 4
-    guidance: float = 1.0  # classifier-free guidance runs only above 1 (it doubles the UNet batch)
-    seed: int | None = None  # None draws a fresh seed (reported in the result)
-    size: tuple[int, int] | None = None  # (width, height) to generate at; None: the policy in runtime/sizing.py
-
-    def validate(self, max_steps: int = MAX_STEPS) -> None:
-        if not isinstance(self.steps, int) or not 1 <= self.steps <= max_steps:
-            raise UsageError(f"steps={self.steps}: --steps must be between 1 and {max_steps} (LCM needs 2-8)")
-        if not (0.0 <= self.guidance <= MAX_GUIDANCE) or self.guidance != self.guidance:
-            raise UsageError(f"guidance={self.guidance}: --guidance must be between 0 and {MAX_GUIDANCE} (LCM works at 1-2)")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise UsageError(f"seed={self.seed}: --seed must be a non-negative integer below 2**63")
-
-
-@dataclass(frozen=True)
-class Noise:
-    """Every random draw of one generation, so runs are reproducible and comparable with diffusers."""
-
-    latents: np.ndarray  # (1, C, h, w): initial latents before init_noise_sigma
-    posterior: np.ndarray  # (1, C, h, w): eps of the masked image's VAE posterior sample
-    steps: tuple[np.ndarray, ...]  # (1, C, h, w) each: noise the LCM step injects on non-final steps
-
-    @classmethod
-    def from_seed(cls, seed: int, shape: tuple[int, int, int, int], steps: int) -> "Noise":
-        rng = np.random.default_rng(seed)
-        draw = lambda: rng.standard_normal(shape, dtype=np.float32)  # noqa: E731
-        return cls(latents=draw(), posterior=draw(), steps=tuple(draw() for _ in range(max(steps - 1, 0))))
-
-    def check(self, shape: tuple[int, ...], steps: int) -> None:
-        for name, arr in (("latents", self.latents), ("posterior", self.posterior)):
-            if arr.shape != shape:
-                raise UsageError(f"noise.{name} has shape {arr.shape}; this generation needs {shape}")
-        if len(self.steps) < steps - 1:
-            raise UsageError(f"noise.steps has {len(self.steps)} arrays; {steps} steps need {steps - 1}")
-        for i, arr in enumerate(self.steps[: steps - 1]):
-            if arr.shape != shape:
-                raise UsageError(f"noise.steps[{i}] has shape {arr.shape}; this generation needs {shape}")
-
+__all__ = ["GENERATE_STAGE", "MASK_STAGE", "STAGES", "GenerationJob", "GenerationOptions", "Noise", "Pipeline", "Result"]
 
 @dataclass
-class Result:
-    image: np.ndarray  # uint8 HxWx3 at the input's size: the original subject over the new background
-    alpha: np.ndarray  # float32 HxW: the compositing alpha (refined RMBG mask or the user's)
-    inpaint_mask: np.ndarray  # uint8 HxW, 255 where the background was repainted
-    generated: np.ndarray | None  # float32 hxwx3 in [0,1] at the generation size, before compositing
-    seed: int | None
-    generation_size: tuple[int, int] | None  # (width, height)
-    backends: dict[str, str] = field(default_factory=dict)
+class _Prepared:
+    """One generation's host inputs at its size: what the generator stacks with others of the same key."""
+
+    key: GenerationKey
+    masked: np.ndarray  # (1, 3, H, W) in [-1, 1], the subject blanked
+    latent_mask: np.ndarray  # (1, 1, h, w)
+    noise: Noise
+    cond: np.ndarray  # (1, S, D)
+    uncond: np.ndarray | None  # (1, S, D) with guidance
 
 
 class Pipeline:
@@ -247,34 +201,66 @@ class Pipeline:
             return options.size
         return generation_size(width, height, cfg.default_size, cfg.size_multiple)
 
-    def inpaint(self, rgb: np.ndarray, mask_u8: np.ndarray, options: GenerationOptions, noise: Noise | None = None) -> np.ndarray:
-        """Repaint where ``mask_u8`` is 255; float32 hxwx3 in [0,1] at the generation size."""
+    def generation_key(self, width: int, height: int, options: GenerationOptions) -> GenerationKey:
+        """Generations with equal keys have equal latent shapes and schedules: their UNet calls stack."""
+        gw, gh = self.generation_size_for(width, height, options)
+        return (gw, gh, options.steps, options.guidance)
+
+    def _prepare(self, rgb: np.ndarray, repaint: np.ndarray, options: GenerationOptions, noise: Noise | None) -> _Prepared:
+        """The host work before the engines: sizes, noise, diffusers' input preparation, the prompts' embeddings."""
         cfg = self._inpaint_config()
         options.validate()
+        key = self.generation_key(rgb.shape[1], rgb.shape[0], options)
+        width, height = key[:2]
+        dims = pipeline_dims(1, height, width, cfg.vae_scale_factor)
+        shape = (1, cfg.latent_channels, dims["h"], dims["w"])
+        if noise is None:
+            seed = options.seed if options.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
+            noise = Noise.from_seed(seed, shape, options.steps)
+        noise.check(shape, options.steps)
+        masked, latent_mask = inpaint_inputs(rgb, repaint, width, height, (dims["h"], dims["w"]))
+        guided = options.guidance > 1.0  # classifier-free guidance: diffusers' batch order [uncond, cond]
+        uncond = self.text_embeddings(options.negative_prompt) if guided else None
+        return _Prepared(key, masked, latent_mask, noise, self.text_embeddings(options.prompt), uncond)
+
+    def _generate(self, preps: Sequence[_Prepared]) -> list[np.ndarray]:
+        """The generated images of prepared jobs that share one key: stacked as far as the generator allows."""
         assert self.scheduler is not None and self.stages.generator is not None
-        with self._lock:
-            width, height = self.generation_size_for(rgb.shape[1], rgb.shape[0], options)
-            dims = pipeline_dims(1, height, width, cfg.vae_scale_factor)
-            shape = (1, cfg.latent_channels, dims["h"], dims["w"])
-            if noise is None:
-                seed = options.seed if options.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
-                noise = Noise.from_seed(seed, shape, options.steps)
-            noise.check(shape, options.steps)
-            masked, latent_mask = inpaint_inputs(rgb, mask_u8, width, height, (dims["h"], dims["w"]))
-            cond = self.text_embeddings(options.prompt)
-            guided = options.guidance > 1.0  # diffusers' batch order: [uncond, cond]
-            embeddings = np.concatenate([self.text_embeddings(options.negative_prompt), cond], axis=0) if guided else cond
-            self.scheduler.set_timesteps(options.steps)
+        generator = self.stages.generator
+        (width, height, steps, guidance), *others = {p.key for p in preps}
+        if others:
+            raise UsageError(f"jobs of different sizes/steps/guidance {sorted({p.key for p in preps})}; group them by generation_key")
+        self.scheduler.set_timesteps(steps)
+        sigma = np.float32(self.scheduler.init_noise_sigma)
+        step = generator.max_batch or len(preps)
+        images: list[np.ndarray] = []
+        for start in range(0, len(preps), step):
+            part = preps[start : start + step]
+            cond = np.concatenate([p.cond for p in part])
+            uncond = [p.uncond for p in part if p.uncond is not None]
             inputs = GenerationInputs(
-                masked_image=masked,
-                eps=noise.posterior,
-                latents=noise.latents.astype(np.float32) * np.float32(self.scheduler.init_noise_sigma),
-                step_noise=tuple(noise.steps[: options.steps - 1]),
-                latent_mask=latent_mask,
-                embeddings=embeddings,
-                guidance=options.guidance,
+                masked_image=np.concatenate([p.masked for p in part]),
+                eps=np.concatenate([p.noise.posterior for p in part]),
+                latents=np.concatenate([p.noise.latents for p in part]).astype(np.float32) * sigma,
+                step_noise=tuple(np.concatenate([p.noise.steps[i] for p in part]) for i in range(steps - 1)),
+                latent_mask=np.concatenate([p.latent_mask for p in part]),
+                embeddings=np.concatenate([*uncond, cond]) if uncond else cond,
+                guidance=guidance,
             )
-            return self.stages.generator.generate(self.scheduler, inputs)
+            images.extend(generator.generate(self.scheduler, inputs))
+        return images
+
+    def inpaint(self, rgb: np.ndarray, mask_u8: np.ndarray, options: GenerationOptions, noise: Noise | None = None) -> np.ndarray:
+        """Repaint where ``mask_u8`` is 255; float32 hxwx3 in [0,1] at the generation size."""
+        with self._lock:
+            return self._generate([self._prepare(rgb, mask_u8, options, noise)])[0]
+
+    def mask_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """RMBG's soft alpha for several sRGB photos, in one engine call where the masker allows."""
+        if self.stages.masker is None:
+            raise ModelError("this model folder has no RMBG model; re-run `trt-bgswap export --rmbg ...` or pass a mask")
+        with self._lock:
+            return self.stages.masker.predict_batch(list(images))
 
     def replace(
         self,
@@ -292,29 +278,54 @@ class Pipeline:
         sRGB, and the new background (solid or generated, both sRGB) is converted into the
         photo's space before the subject is put back, so the output keeps the photo's profile.
         """
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise UsageError(f"image array must be uint8 HxWx3 RGB, got {rgb.dtype} {rgb.shape}")
+        _check_rgb(rgb)
         cs = color_space or ColorSpace()
-        model_rgb = cs.to_srgb(rgb)
+        if alpha is None:
+            alpha = self.mask(cs.to_srgb(rgb))
         mask_options = mask_options or MaskOptions()
-        raw = self.mask(model_rgb) if alpha is None else alpha
-        if raw.shape != rgb.shape[:2]:
-            raise UsageError(f"mask is {raw.shape[1]}x{raw.shape[0]} but the image is {rgb.shape[1]}x{rgb.shape[0]}; give a mask of the image's size")
-        a = refine_alpha(raw, mask_options)
-        repaint = inpaint_mask(a, mask_options)
-        h, w = rgb.shape[:2]
         if background_color is not None:
+            a = _compositing_alpha(rgb, alpha, mask_options)
+            h, w = rgb.shape[:2]
             out = composite(rgb, solid_background(cs.color_from_srgb(background_color), w, h), a)
-            return Result(out, a, repaint, None, None, None, self.backends())
+            return Result(out, a, inpaint_mask(a, mask_options), None, None, None, self.backends())
         if options is None:
             raise UsageError("give a prompt (GenerationOptions) or a background colour")
-        seed = options.seed if options.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
-        options = GenerationOptions(options.prompt, options.negative_prompt, options.steps, options.guidance, seed, options.size)
-        generated = self.inpaint(model_rgb, repaint, options, noise)
-        background = cs.from_srgb(upscale_background(generated, w, h))
-        out = composite(rgb, background, a)
-        gsize = (generated.shape[1], generated.shape[0])
-        return Result(out, a, repaint, generated, seed if noise is None else None, gsize, self.backends())
+        return self.replace_batch([GenerationJob(rgb, alpha, options, mask_options, cs, noise)])[0]
+
+    def replace_batch(self, jobs: Sequence[GenerationJob]) -> list[Result]:
+        """Generated backgrounds for several jobs of one :meth:`generation_key`, their UNet calls stacked; each result
+        is what the job gets alone wherever the backend computes a batch row as it computes it alone (ONNX Runtime's
+        CPU kernels do; the server checks it on the loaded engines at warm-up)."""
+        results: list[Result] = []
+        with self._lock:
+            prepared = []
+            for job in jobs:
+                _check_rgb(job.rgb)
+                cs = job.color_space or ColorSpace()
+                a = _compositing_alpha(job.rgb, job.alpha, job.mask_options)
+                repaint = inpaint_mask(a, job.mask_options)
+                options = job.options
+                if options.seed is None and job.noise is None:
+                    options = dataclasses.replace(options, seed=int(np.random.SeedSequence().entropy % 2**63))
+                prepared.append((job, cs, a, repaint, options, self._prepare(cs.to_srgb(job.rgb), repaint, options, job.noise)))
+            generated = self._generate([p[-1] for p in prepared])
+        for (job, cs, a, repaint, options, prep), image in zip(prepared, generated):
+            h, w = job.rgb.shape[:2]
+            out = composite(job.rgb, cs.from_srgb(upscale_background(image, w, h)), a)
+            seed = options.seed if job.noise is None else None
+            results.append(Result(out, a, repaint, image, seed, prep.key[:2], self.backends()))
+        return results
 
     def backends(self) -> dict[str, str]:
         return self.stages.backends()
+
+
+def _check_rgb(rgb: np.ndarray) -> None:
+    if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise UsageError(f"image array must be uint8 HxWx3 RGB, got {getattr(rgb, 'dtype', type(rgb).__name__)} {getattr(rgb, 'shape', '')}")
+
+
+def _compositing_alpha(rgb: np.ndarray, alpha: np.ndarray, mask_options: MaskOptions) -> np.ndarray:
+    if alpha.shape != rgb.shape[:2]:
+        raise UsageError(f"mask is {alpha.shape[1]}x{alpha.shape[0]} but the image is {rgb.shape[1]}x{rgb.shape[0]}; give a mask of the image's size")
+    return refine_alpha(alpha, mask_options)

@@ -193,7 +193,7 @@ def pack_schedule(layout: LoopLayout, coefficients: LCMCoefficients) -> np.ndarr
 
 def pack_noise(layout: LoopLayout, inputs: DenoiseInputs) -> np.ndarray:
     """Host bytes of the noise part of the block (uploaded once per generation); the final step's row stays zero."""
-    inputs.check(layout.steps)
+    inputs.check(layout.steps, max_rows=1)
     start, end = layout.noise_bytes
     block = np.zeros(end - start, dtype=np.uint8)
     _put_rows(block, layout.noise, start, [inputs.latents, *inputs.step_noise[: layout.steps - 1]])
@@ -245,6 +245,8 @@ class StepEngine(TrtEngine):
 
 class TrtStepLoop:
     """Runs a whole denoising schedule with the fused UNet-step plan, on one stream, device-resident."""
+
+    max_rows = 1  # the step graph's latents are batch 1
 
     def __init__(
         self,
@@ -315,7 +317,7 @@ class TrtStepLoop:
         """
         self.load()
         steps = len(coefficients)
-        inputs.check(steps)
+        inputs.check(steps, max_rows=1)
         feeds = step_feeds(inputs, coefficients, 0, inputs.latents)
         dims = self.engine.spec.infer_dims(feeds)
         layout = self._prepare(dims, coefficients)

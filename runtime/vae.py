@@ -25,7 +25,7 @@ class VaeEncoder(Protocol):
     def backend(self) -> str: ...
 
     def encode(self, masked_image: np.ndarray, eps: np.ndarray) -> np.ndarray:
-        """(1, 3, H, W) masked image in [-1, 1] and the posterior draw -> scaled (1, C, h, w) latents."""
+        """(N, 3, H, W) masked images in [-1, 1] and the posterior draws -> scaled (N, C, h, w) latents."""
         ...
 
     def close(self) -> None: ...
@@ -36,7 +36,7 @@ class VaeDecoder(Protocol):
     def backend(self) -> str: ...
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Scaled (1, C, h, w) latents -> float32 hxwx3 image in [0, 1]."""
+        """Scaled (N, C, h, w) latents -> float32 (N, H, W, 3) images in [0, 1]."""
         ...
 
     def close(self) -> None: ...
@@ -93,17 +93,17 @@ class HostVaeDecoder:
         if self.cfg.vae_shift_factor is not None:
             z = z + np.float32(self.cfg.vae_shift_factor)
         img = self.engine(**{VaeDecoderIO.LATENTS: cast_for(self.engine, VaeDecoderIO.LATENTS, z)})[VaeDecoderIO.SAMPLE].astype(np.float32)
-        return np.clip(img[0] / 2.0 + 0.5, 0.0, 1.0).transpose(1, 2, 0)
+        return np.clip(img / 2.0 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
 
     def close(self) -> None:
         self.engine.close()
 
 
 def image_hwc(image: np.ndarray) -> np.ndarray:
-    """A (1, 3, H, W) image as the pipeline's HxWx3 (a view; no arithmetic left on the host)."""
-    if image.ndim != 4 or image.shape[0] != 1:
-        raise ModelError(f"{VAE_DECODER_IMAGE} returned shape {image.shape}; expected (1, 3, H, W)")
-    return image[0].transpose(1, 2, 0)
+    """(N, 3, H, W) images as the pipeline's (N, H, W, 3) (a view; no arithmetic left on the host)."""
+    if image.ndim != 4 or image.shape[1] != 3:
+        raise ModelError(f"{VAE_DECODER_IMAGE} returned shape {image.shape}; expected (N, 3, H, W)")
+    return image.transpose(0, 2, 3, 1)
 
 
 class GraphVaeDecoder:

@@ -1,7 +1,18 @@
 #!/usr/bin/env bash
-# Set up a venv (.venv, or $VENV) with the project, its export extra and test tools, then run the tests.
+# Set up a venv (.venv, or $VENV) with the project, its export, serve and ray extras and test tools, then run the tests.
 # The constraints file pins the CPU torch wheel and the library versions the suite was verified with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/venv.sh export,test   # what it downloads: see scripts/venv.sh
+source scripts/venv.sh export,test,serve,ray   # what it downloads: see scripts/venv.sh (the ray extra adds Ray: 240 MB installed)
+"$VENV/bin/python" -m pip install --quiet -c constraints/test.txt selenium   # drives the page's browser test
+# The page's browser test drives Debian's Chromium (no browser downloads work here): install it when
+# missing and we may (root with apt, as CI is); elsewhere the test is skipped and says why.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } >/dev/null \
+      || echo "warning: could not install chromium; the browser test will be skipped" >&2
+  else
+    echo "note: no chromium/chromedriver; the browser test will be skipped (as root: apt-get install chromium chromium-driver)" >&2
+  fi
+fi
 exec "$VENV/bin/python" -m pytest "$@"

@@ -327,7 +327,7 @@ def _device_chain_runs(em: Emulation, plans: dict[str, Path], device_export: Pat
             assert delta == expected, f"run {run}: copies {delta}, the plan says {expected}"
             want = graph_chain_reference(device_export, manifest, coeff, inputs)
             err = max_err(got, want)
-            assert got.shape == (HEIGHT, WIDTH, 3) and err <= 1e-6, f"run {run} ({chain.loop.last_action}): image max abs err {err:.3g} vs the ONNX Runtime graph chain"
+            assert got.shape == (1, HEIGHT, WIDTH, 3) and err <= 1e-6, f"run {run} ({chain.loop.last_action}): image max abs err {err:.3g} vs the ONNX Runtime graph chain"
             # the encoder's latents reached the loop on the device (the host placeholder is zeros)
             assert max_err(graph_chain_reference(device_export, manifest, coeff, inputs, masked_latents=False), want) > 1e-4
     finally:

@@ -136,7 +136,7 @@ def test_vae_decoder_image_equals_host_decode(host: Pipeline, device_dir: Path, 
     f = pipe.config.vae_scale_factor
     rng = np.random.default_rng(size[0] * size[1])
     latents = (rng.standard_normal((1, pipe.config.latent_channels, size[0] // f, size[1] // f)) * 3).astype(np.float32)
-    want = pipe.stages.generator.decoder.decode(latents)  # float32 HxWx3 in [0, 1]
+    want = pipe.stages.generator.decoder.decode(latents)[0]  # float32 HxWx3 in [0, 1]
     got = decoder(latents=latents)["image"]
     assert got.shape == (1, 3, *size), f"image shape {got.shape}"
     err = max_err(got[0].transpose(1, 2, 0), want)

@@ -218,7 +218,6 @@ def test_lora_changes_the_4_step_lcm_background(trained, wall_dataset: Path, tin
     assert change > 1e-2, f"the LoRA moved the generated background by only {change:.3g}"
 
 
-@pytest.mark.xfail(strict=True, reason="needs export --lora (issue 12)")
 def test_export_lora_runs_the_finetuned_model_at_parity_with_diffusers(trained, wall_dataset: Path, tiny_models_dir: Path, exported_dir: Path, tmp_path: Path) -> None:
     """`trt-bgswap export --lora LORA_DIR` fuses the trained LoRA with the LCM-LoRA: the runtime's background changes
     versus the plain export, and the whole 4-step loop matches diffusers with both LoRAs fused to 1e-3."""

@@ -23,6 +23,10 @@ class InputImageError(BgSwapError):
     """An input image cannot be read or processed."""
 
 
+class ImageTooLargeError(InputImageError):
+    """An input image has more pixels than the limit (the decompression-bomb guard); a server answers 413."""
+
+
 class ModelError(BgSwapError):
     """A model folder, file or source is missing, corrupt or of the wrong kind."""
 

@@ -13,14 +13,36 @@ import sys
 from collections.abc import Sequence
 
 from trt_bgswap import __version__
-from trt_bgswap.cli import bench_command, build_command, dataset_command, export_command, finetune_command, info_command, mask_command, run_command, tiny_models_command
+from trt_bgswap.cli import (
+    bench_command,
+    build_command,
+    dataset_command,
+    export_command,
+    finetune_command,
+    info_command,
+    mask_command,
+    run_command,
+    serve_command,
+    tiny_models_command,
+)
 from trt_bgswap.cli.options import Parser, verbosity_parent
 from trt_bgswap.errors import BgSwapError
 
 log = logging.getLogger("trt_bgswap")
 
 # Each module has NAME, HELP, add_parser(sub, parents) and a run(args) set as the parser's func.
-COMMANDS = (run_command, mask_command, export_command, tiny_models_command, build_command, info_command, bench_command, dataset_command, finetune_command)
+COMMANDS = (
+    run_command,
+    mask_command,
+    export_command,
+    tiny_models_command,
+    build_command,
+    info_command,
+    bench_command,
+    serve_command,
+    dataset_command,
+    finetune_command,
+)
 
 
 def build_parser() -> Parser:
