@@ -7,8 +7,8 @@ own module and cites its source:
 2. contact shadow (:mod:`.shadow`, off by default): the background darkened under the subject;
 3. foreground colour estimation (:mod:`.foreground`, on by default): in the soft band the old
    background's share of each pixel is removed, so hair and antialiased outlines carry no spill;
-4. light matching (:mod:`.harmonize`, off by default): the subject's colours moved toward the
-   background's near it, bounded;
+4. light matching (:mod:`.harmonize`, off by default): the subject relit with the illuminant of
+   the background near it, bounded;
 5. ``out = a*F + (1-a)*B``, and wherever alpha is 1 the input pixels themselves (bit for bit,
    unless harmonize recolours them on purpose).
 
@@ -29,7 +29,7 @@ from trt_bgswap.errors import UsageError
 from trt_bgswap.runtime.foreground import Foreground, estimate_foreground
 from trt_bgswap.runtime.grain import GrainReport, match_grain
 from trt_bgswap.runtime.guided_filter import Refinement, refine_alpha_to_photo
-from trt_bgswap.runtime.harmonize import Transfer, plan_transfer
+from trt_bgswap.runtime.harmonize import Relight, plan_relight
 from trt_bgswap.runtime.shadow import ShadowOptions, ShadowReport, cast_shadow
 
 
@@ -40,7 +40,7 @@ class CompositeOptions:
     decontaminate: bool = True  # estimate foreground colour at soft edges (soft-band error 0.19x naive, benchmarks/README.md)
     refine_alpha: bool = True  # sharpen a masker's upsampled alpha along the photo's edges (boundary error 0.78x)
     grain: bool = False  # add the subject's noise to the background (seeded by the generation seed)
-    harmonize: float = 0.0  # 0 = off .. 1: move the subject's colour statistics toward the background's, bounded
+    harmonize: float = 0.0  # 0 = off .. 1: relight the subject toward the background's light, bounded
     shadow: ShadowOptions | None = None  # a contact shadow under the subject
 
     def validate(self) -> None:
@@ -63,7 +63,7 @@ class CompositeReport:
     decontaminated: int = 0  # soft-band pixels whose foreground colour was estimated
     refinement: Refinement | None = None  # set by refine_masker_alpha (the pipeline copies it in)
     grain: GrainReport | None = None
-    harmonize: Transfer | None = None
+    harmonize: Relight | None = None
     shadow: ShadowReport | None = None
     foreground: Foreground | None = field(default=None, repr=False)  # the band's estimated colours (for cut-outs)
 
@@ -106,7 +106,7 @@ def compose(
     a = np.clip(alpha, 0.0, 1.0).astype(np.float32, copy=False)
     grain = transfer = shadow = foreground = None
     if options.harmonize > 0.0:  # the light of the scene: the background as generated, before shadow and grain
-        transfer = plan_transfer(original, background, a, float(options.harmonize))
+        transfer = plan_relight(original, background, a, float(options.harmonize))
     if options.grain:
         background, grain = match_grain(background, original, a, seed)
     if options.shadow is not None:
@@ -114,7 +114,7 @@ def compose(
 
     out = background.copy()
     core = a >= 1.0
-    out[core] = original[core] if transfer is None else _to_u8(transfer.apply(original[core]) * 255.0)
+    out[core] = original[core] if transfer is None else transfer.apply_u8(original[core])
     soft = np.flatnonzero((a > 0.0) & (a < 1.0))
     fg = original.reshape(-1, 3)[soft].astype(np.float32)
     if options.decontaminate:
