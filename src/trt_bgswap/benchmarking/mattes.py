@@ -225,3 +225,41 @@ def matte_cases(
         alpha = render_alpha(kind, height, width, rng)
         cases.append(make_case(f"{i:02d}-{kind}-{fg}-on-{bg}", photo(fg), photo(bg), alpha))
     return cases
+
+
+# New solid backgrounds the composites are measured on (the acceptance's `--bg-color` case).
+NEW_COLOURS = ((255, 255, 255), (0, 0, 0), (128, 128, 128), (30, 144, 255), (220, 20, 60), (34, 139, 34))
+SOFT = (0.02, 0.98)  # the soft band the acceptance measures
+
+
+def truth_on(case: MatteCase, colour: Sequence[int]) -> np.ndarray:
+    """float32 HxWx3: the true composite ``a*F + (1-a)*C`` of the case on a solid colour (no rounding)."""
+    a = case.alpha[..., None]
+    return a * case.foreground.astype(np.float32) + (1.0 - a) * np.asarray(colour, np.float32)
+
+
+def soft_band_error(case: MatteCase, composite: np.ndarray, colour: Sequence[int]) -> tuple[float, int]:
+    """(sum of absolute 8-bit errors over the soft band's pixels and channels, number of values summed)."""
+    band = (case.alpha > SOFT[0]) & (case.alpha < SOFT[1])
+    err = np.abs(composite[band].astype(np.float64) - truth_on(case, colour)[band])
+    return float(err.sum()), int(err.size)
+
+
+def simulated_mask(alpha: np.ndarray, side: int) -> np.ndarray:
+    """A masker's alpha: the true one area-averaged to ``side`` x ``side`` (what an ideal net at that
+    input size can say) and resized back with torch's bilinear, as :class:`~trt_bgswap.runtime.masker.Masker` does."""
+    from trt_bgswap.runtime.resize import resize_bilinear
+
+    low = np.asarray(Image.fromarray(alpha.astype(np.float32), "F").resize((side, side), Image.Resampling.BOX))
+    return np.clip(resize_bilinear(low, alpha.shape), 0.0, 1.0)
+
+
+def boundary_metrics(estimate: np.ndarray, truth: np.ndarray, width: int) -> tuple[float, float]:
+    """(mean abs alpha error within ``width`` px of the true edge or soft band, IoU of the masks at 0.5)."""
+    from trt_bgswap.runtime.mask_ops import dilate, erode
+
+    edge = (dilate(truth, 1) != erode(truth, 1)) | ((truth > 0.0) & (truth < 1.0))
+    near = dilate(edge.astype(np.uint8), width) > 0
+    inter = np.count_nonzero((estimate > 0.5) & (truth > 0.5))
+    union = np.count_nonzero((estimate > 0.5) | (truth > 0.5))
+    return float(np.abs(estimate - truth)[near].mean()), inter / max(union, 1)
