@@ -21,6 +21,7 @@ image and a test can hand diffusers the very same draws.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Collection, Mapping
@@ -34,9 +35,11 @@ from trt_bgswap.manifest import InpaintConfig, Manifest
 from trt_bgswap.runtime.assemble import GENERATE_STAGE, MASK_STAGE, STAGES, Stages, assemble, check_stages, device_graphs_in, models_to_open
 from trt_bgswap.runtime.backends import Availability
 from trt_bgswap.runtime.color_management import ColorSpace
-from trt_bgswap.runtime.composite import composite, solid_background, upscale_background
+from trt_bgswap.runtime.compose import CompositeOptions, CompositeReport, compose, refine_masker_alpha
+from trt_bgswap.runtime.composite import solid_background, upscale_background
 from trt_bgswap.runtime.engine import Engine
 from trt_bgswap.runtime.generator import GenerationInputs
+from trt_bgswap.runtime.guided_filter import Refinement
 from trt_bgswap.runtime.mask_ops import MaskOptions, inpaint_mask, refine_alpha
 from trt_bgswap.runtime.masker import Masker, MaskStage
 from trt_bgswap.runtime.preprocess import inpaint_inputs
@@ -107,6 +110,7 @@ class Result:
     seed: int | None
     generation_size: tuple[int, int] | None  # (width, height)
     backends: dict[str, str] = field(default_factory=dict)
+    composite: CompositeReport | None = None  # what the composite did (runtime/compose.py)
 
 
 class Pipeline:
@@ -285,36 +289,53 @@ class Pipeline:
         background_color: tuple[int, int, int] | None = None,
         noise: Noise | None = None,
         color_space: ColorSpace | None = None,
+        composite_options: CompositeOptions | None = None,
     ) -> Result:
         """The whole job for one image: mask (or the given alpha), new background, composite.
 
         ``color_space``: the photo's ICC space; the masker and the generation see the photo in
         sRGB, and the new background (solid or generated, both sRGB) is converted into the
         photo's space before the subject is put back, so the output keeps the photo's profile.
+        ``composite_options``: edges, alpha refinement (of the masker's alpha only), grain, light, shadow.
         """
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise UsageError(f"image array must be uint8 HxWx3 RGB, got {rgb.dtype} {rgb.shape}")
         cs = color_space or ColorSpace()
         model_rgb = cs.to_srgb(rgb)
         mask_options = mask_options or MaskOptions()
-        raw = self.mask(model_rgb) if alpha is None else alpha
+        composite_options = composite_options or CompositeOptions()
+        composite_options.validate()
+        refinement = None
+        if alpha is None:
+            raw, refinement = self.refine_masker_alpha(model_rgb, self.mask(model_rgb), composite_options)
+        else:
+            raw = alpha
         if raw.shape != rgb.shape[:2]:
             raise UsageError(f"mask is {raw.shape[1]}x{raw.shape[0]} but the image is {rgb.shape[1]}x{rgb.shape[0]}; give a mask of the image's size")
         a = refine_alpha(raw, mask_options)
         repaint = inpaint_mask(a, mask_options)
         h, w = rgb.shape[:2]
         if background_color is not None:
-            out = composite(rgb, solid_background(cs.color_from_srgb(background_color), w, h), a)
-            return Result(out, a, repaint, None, None, None, self.backends())
+            out, report = compose(rgb, solid_background(cs.color_from_srgb(background_color), w, h), a, composite_options)
+            log.debug("%s", report.summary())
+            return Result(out, a, repaint, None, None, None, self.backends(), dataclasses.replace(report, refinement=refinement))
         if options is None:
             raise UsageError("give a prompt (GenerationOptions) or a background colour")
         seed = options.seed if options.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
         options = GenerationOptions(options.prompt, options.negative_prompt, options.steps, options.guidance, seed, options.size)
         generated = self.inpaint(model_rgb, repaint, options, noise)
         background = cs.from_srgb(upscale_background(generated, w, h))
-        out = composite(rgb, background, a)
+        out, report = compose(rgb, background, a, composite_options, seed=seed)  # the generation's seed seeds the grain
+        log.debug("%s", report.summary())
         gsize = (generated.shape[1], generated.shape[0])
-        return Result(out, a, repaint, generated, seed if noise is None else None, gsize, self.backends())
+        report = dataclasses.replace(report, refinement=refinement)
+        return Result(out, a, repaint, generated, seed if noise is None else None, gsize, self.backends(), report)
+
+    def refine_masker_alpha(self, rgb: np.ndarray, alpha: np.ndarray, options: CompositeOptions) -> tuple[np.ndarray, Refinement | None]:
+        """The masker's alpha sharpened at full resolution along the photo's edges, when ``options.refine_alpha``."""
+        if self.manifest.rmbg is None:
+            return alpha, None
+        return refine_masker_alpha(rgb, alpha, self.manifest.rmbg.input_size, options)
 
     def backends(self) -> dict[str, str]:
         return self.stages.backends()
