@@ -46,16 +46,16 @@ def cases() -> list[MatteCase]:
 
 
 def test_soft_band_error_stays_well_below_naive(cases: list[MatteCase]) -> None:
-    """The acceptance asks <= 0.7x naive (pymatting's ML estimate reaches 0.47x on this set, 0.33x on the
-    benchmark's). Ours measures 0.28x here; the computation is seeded and elementwise float32, so the ratio
-    moves by ~1e-6 across machines, and 0.35 fails on any regression toward pymatting's level."""
+    """The acceptance asks <= 0.7x naive; pymatting's ML estimate reaches 0.49x on this set. Ours measured
+    0.27x when written; the data are seeded and the solver elementwise float32 (no BLAS), so the ratio moves
+    by ~1e-6 across machines and thread counts, and 0.35 fails on any regression toward pymatting's level."""
     ours = naive = 0.0
     for i, case in enumerate(cases):
         colour = NEW_COLOURS[i % len(NEW_COLOURS)]
         bg = solid_background(colour, W, H)
         naive += soft_band_error(case, composite(case.image, bg, case.alpha), colour)[0]
         ours += soft_band_error(case, compose(case.image, bg, case.alpha)[0], colour)[0]
-    assert ours / naive <= 0.35, f"soft-band error {ours / naive:.3f}x naive (measured 0.28x when written)"
+    assert ours / naive <= 0.35, f"soft-band error {ours / naive:.3f}x naive (measured 0.27x when written)"
 
 
 @pytest.mark.parametrize("options", [CompositeOptions(), CompositeOptions(grain=True), CompositeOptions(shadow=ShadowOptions(opacity=1.0))], ids=["default", "grain", "shadow"])

@@ -140,7 +140,8 @@ def draw_strands(
     for (y, x), (ny, nx) in zip(starts, normals):
         theta = math.atan2(ny, nx) + rng.uniform(-spread, spread)
         n_steps = int(rng.uniform(*length) * s / 0.5)
-        turn = rng.normal(0.0, 0.02, n_steps).cumsum() + rng.uniform(-0.01, 0.01) * np.arange(n_steps)
+        # gentle bends: a random walk of the heading plus a steady curl of at most ~1.1 rad over 70 px
+        turn = rng.normal(0.0, 0.01, n_steps).cumsum() + rng.uniform(-0.002, 0.002) * np.arange(n_steps)
         path_t = theta + turn
         py = y + np.cumsum(0.5 * np.sin(path_t))
         px = x + np.cumsum(0.5 * np.cos(path_t))
