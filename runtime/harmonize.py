@@ -65,6 +65,11 @@ def linear_to_oklab(linear: np.ndarray) -> np.ndarray:
     return np.cbrt(linear @ _M1.T) @ _M2.T
 
 
+def oklab_to_linear(lab: np.ndarray) -> np.ndarray:
+    """OKLab (..., 3) -> linear sRGB (..., 3), out-of-gamut values as they come."""
+    return ((lab @ np.linalg.inv(_M2).T) ** 3) @ np.linalg.inv(_M1).T
+
+
 @dataclass(frozen=True)
 class Relight:
     """Per-channel gains in linear RGB (chromatic adaptation times exposure)."""
