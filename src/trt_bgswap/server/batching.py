@@ -51,6 +51,7 @@ class Job:
     kind: str  # MASK or REPLACE
     photo: Photo
     alpha: np.ndarray | None  # the subject's alpha when the client gave it (mask or the photo's transparency); None: RMBG
+    from_masker: bool = False  # set when RMBG made ``alpha`` (the composite refines only the masker's alpha)
     options: GenerationOptions | None = None  # a generated background (seed set)
     color: tuple[int, int, int] | None = None  # a solid background
     mask_options: MaskOptions = MaskOptions()
@@ -151,7 +152,7 @@ class Batcher:
             mask = self.pipe.mask_batch if self.batch_masks else lambda ims: [self.pipe.mask(im) for im in ims]
             alphas = self._stage("mask", need, lambda js: mask([j.color_space.to_srgb(j.photo.rgb) for j in js]))
             for job, alpha in zip(need, alphas):
-                job.alpha = alpha
+                job.alpha, job.from_masker = alpha, True
         pending = [j for j in jobs if not j.future.done()]
         for job in pending:
             if job.kind == MASK:
@@ -181,11 +182,13 @@ class Batcher:
 
     def _generation_job(self, job: Job) -> GenerationJob:
         assert job.options is not None and job.alpha is not None
-        return GenerationJob(job.photo.rgb, job.alpha, job.options, job.mask_options, job.color_space)
+        return GenerationJob(job.photo.rgb, job.alpha, job.options, job.mask_options, job.color_space, from_masker=job.from_masker)
 
 
     def _solid(self, job: Job) -> Result:
-        return self.pipe.replace(job.photo.rgb, None, job.mask_options, alpha=job.alpha, background_color=job.color, color_space=job.color_space)
+        return self.pipe.replace(
+            job.photo.rgb, None, job.mask_options, alpha=job.alpha, background_color=job.color, color_space=job.color_space, from_masker=job.from_masker
+        )
 
     def _stage(self, stage: str, jobs: Sequence[Job], work: Callable[[Sequence[Job]], list[T]]) -> list[T | None]:
         """Run ``work`` on the jobs as one batch; if it fails, once per job so each gets its own error.
