@@ -179,7 +179,8 @@ class Pipeline:
 
     @property
     def can_mask(self) -> bool:
-        """Whether this pipeline has (or opens on first use) a masker."""
+        """Whether this pipeline has (or opens on first use) a masker; a closed pipeline says it is closed."""
+        self._check_open()
         return self.stages.masker is not None
 
     def _inpaint_config(self) -> InpaintConfig:
