@@ -219,7 +219,7 @@ def _unfused(pipeline: Pipeline, manifest: Manifest, job: Mapping[str, Any], pro
 
     A speed-up claimed for the transformer fusions is measured here, not assumed.
     """
-    from trt_bgswap.engines.optimize import random_feeds
+    from trt_bgswap.engines.parity import random_feeds
 
     runs = max(1, min(int(job["runs"]), 2))
     out: dict[str, Any] = {}
