@@ -269,7 +269,7 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
     cold: dict[str, Any] = {}
     if settings.cold_start:
         from trt_bgswap.benchmarking.cold_start import cold_start_baseline, cold_start_ours
-        from trt_bgswap.runtime.image_io import write_image
+        from trt_bgswap.runtime.image_write import write_image
 
         photo = work / "photo.png"
         write_image(photo, load_photo(settings.photo), overwrite=True)

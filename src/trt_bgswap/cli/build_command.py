@@ -61,7 +61,7 @@ def _build_cpu_fast(args: argparse.Namespace) -> int:
     """The benchmark's CPU fast path: fused attention/LayerNorm graphs, optionally a static-int8 RMBG."""
     from trt_bgswap.cli.batch import collect_inputs
     from trt_bgswap.engines.cpu_fast import build_cpu_fast
-    from trt_bgswap.runtime.image_io import read_image
+    from trt_bgswap.runtime.image_read import read_image
 
     images = []
     if args.rmbg_int8:

@@ -22,7 +22,7 @@ from trt_bgswap.cli.batch import MASK, RESULT, Input, Job
 from trt_bgswap.cli.mask_command import PROVIDERS
 from trt_bgswap.cli.options import add_batch_options, float_range, int_range
 from trt_bgswap.errors import UsageError
-from trt_bgswap.runtime.image_io import IMAGE_SUFFIXES
+from trt_bgswap.runtime.image_read import IMAGE_SUFFIXES
 
 if TYPE_CHECKING:
     from trt_bgswap.training.dataset import DatasetOptions
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from trt_bgswap.cli.run_command import mask_file_for
     from trt_bgswap.model_folders import masker_source
     from trt_bgswap.runtime.color_management import ColorSpace
-    from trt_bgswap.runtime.image_io import output_exif, write_image
+    from trt_bgswap.runtime.image_write import output_exif, write_image
     from trt_bgswap.training import dataset as ds
 
     options = _options(args)

@@ -14,7 +14,7 @@ from trt_bgswap.cli import batch
 from trt_bgswap.cli.batch import CUTOUT, Job
 from trt_bgswap.cli.options import add_batch_options
 from trt_bgswap.errors import UsageError
-from trt_bgswap.runtime.image_io import IMAGE_SUFFIXES
+from trt_bgswap.runtime.image_read import IMAGE_SUFFIXES
 
 if TYPE_CHECKING:
     from trt_bgswap.api import BackgroundReplacer
@@ -56,7 +56,7 @@ def open_masker(source: Path, provider: str, threads: int, max_pixels: int | Non
 def run(args: argparse.Namespace) -> int:
     from trt_bgswap.api import alpha_to_u8, load_photo
     from trt_bgswap.model_folders import masker_source
-    from trt_bgswap.runtime.image_io import output_exif, write_image
+    from trt_bgswap.runtime.image_write import output_exif, write_image
 
     out_dir = Path(args.output)
     if out_dir.suffix.lower() in IMAGE_SUFFIXES:

@@ -22,7 +22,7 @@ from trt_bgswap.cli.options import add_batch_options, color, float_range, int_ra
 from trt_bgswap.errors import UsageError
 from trt_bgswap.model_folders import SOURCE_SLOTS, check_model_folder, folder_for_job
 from trt_bgswap.registry import DEFAULTS
-from trt_bgswap.runtime.image_io import IMAGE_SUFFIXES
+from trt_bgswap.runtime.image_read import IMAGE_SUFFIXES
 
 log = logging.getLogger("trt_bgswap")
 
@@ -121,7 +121,7 @@ def _stages(args: argparse.Namespace, jobs: list[Job]) -> tuple[str, ...]:
 def run(args: argparse.Namespace) -> int:
     from trt_bgswap.api import BackgroundReplacer, alpha_to_u8, load_photo
     from trt_bgswap.paths import default_export_dir
-    from trt_bgswap.runtime.image_io import output_exif, write_image
+    from trt_bgswap.runtime.image_write import output_exif, write_image
     from trt_bgswap.runtime.mask_ops import MaskOptions, refine_alpha
 
     mask_options = MaskOptions(threshold=args.threshold, grow=args.grow, feather=args.feather, band=args.band)

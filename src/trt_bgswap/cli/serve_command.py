@@ -26,7 +26,7 @@ INSTALL_HINT = "pip install 'trt-bgswap[serve]'"
 
 
 def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
-    from trt_bgswap.runtime.image_io import DEFAULT_MAX_PIXELS
+    from trt_bgswap.runtime.image_read import DEFAULT_MAX_PIXELS
     from trt_bgswap.server.config import DEFAULT_MAX_BYTES
 
     s = sub.add_parser(NAME, help=HELP, parents=parents)
