@@ -23,7 +23,6 @@ compared with the host pipeline on ONNX Runtime per output.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -447,19 +446,6 @@ def test_emulated_trt_load_without_device_graphs_keeps_the_host_path(trt_machine
 # --- on a GPU --------------------------------------------------------------------------------
 
 GPU_TOL = {"fp32": {"generated": 1e-3, "alpha": 1e-3}, "fp16": {"generated": 3e-2, "alpha": 3e-2}}
-
-
-@pytest.fixture(scope="module")
-def trt_gpu() -> None:
-    """Skip (with the reason) unless tensorrt, cuda-python and a CUDA device are all present."""
-    if importlib.util.find_spec("tensorrt") is None:
-        pytest.skip("needs TensorRT: the tensorrt package is not installed (pip install 'trt-bgswap[trt]' on a GPU machine)")
-    if importlib.util.find_spec("cuda") is None:
-        pytest.skip("needs cuda-python (pip install 'trt-bgswap[trt]')")
-    from trt_bgswap.runtime.cuda_device import device_count_via_driver
-
-    if device_count_via_driver() < 1:
-        pytest.skip("needs an NVIDIA GPU: no CUDA device visible to the driver")
 
 
 @pytest.mark.gpu

@@ -13,7 +13,6 @@ are compared with a tolerance relative to each output's scale.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -30,19 +29,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.trt]
 
 SIZE = (64, 48)  # mini export: (width, height), multiples of its size multiple 16
 TOL = {"fp32": 1e-4, "fp16": 2e-2}  # max abs error relative to the reference output's max magnitude
-
-
-@pytest.fixture(scope="session")  # session scope: it must run before (and so skip) the session-scoped export
-def trt_gpu() -> None:
-    """Skip (with the reason) unless tensorrt, cuda-python and a CUDA device are all present."""
-    if importlib.util.find_spec("tensorrt") is None:
-        pytest.skip("needs TensorRT: the tensorrt package is not installed (pip install 'trt-bgswap[trt]' on a GPU machine)")
-    if importlib.util.find_spec("cuda") is None:
-        pytest.skip("needs cuda-python (pip install 'trt-bgswap[trt]')")
-    from trt_bgswap.runtime.cuda_device import device_count_via_driver
-
-    if device_count_via_driver() < 1:
-        pytest.skip("needs an NVIDIA GPU: no CUDA device visible to the driver")
 
 
 def assert_close(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], tol: float, label: str) -> None:
