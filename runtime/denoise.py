@@ -27,7 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from trt_bgswap.errors import ModelError, UsageError
-from trt_bgswap.runtime.engine import Engine
+from trt_bgswap.runtime.engine import Engine, EngineStage
 from trt_bgswap.runtime.scheduler import LCMCoefficients, LCMConfig, LCMScheduler
 from trt_bgswap.specs import UNET_STEP, StepIO, UnetIO
 
@@ -117,7 +117,7 @@ def cast_for(engine: Engine, name: str, arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=engine.spec.tensor(name).np_dtype)
 
 
-class HostDenoiser:
+class HostDenoiser(EngineStage):
     """The UNet per step; guidance and the LCM step in numpy (the diffusers parity reference).
 
     N generations stack into one UNet call of N rows (2N with guidance: all uncond rows, then all
@@ -125,13 +125,6 @@ class HostDenoiser:
     """
 
     max_rows = None
-
-    def __init__(self, unet: Engine) -> None:
-        self.engine = unet
-
-    @property
-    def backend(self) -> str:
-        return self.engine.backend
 
     def unet(self, sample: np.ndarray, timestep: float, embeddings: np.ndarray) -> np.ndarray:
         e = self.engine
@@ -158,9 +151,6 @@ class HostDenoiser:
                 eps = uncond + np.float32(inputs.guidance) * (text - uncond)
             latents, _ = scheduler.step(eps, int(t), latents, noise=inputs.step_noise[i] if i < len(timesteps) - 1 else None)
         return latents
-
-    def close(self) -> None:
-        self.engine.close()
 
 
 def step_noise(inputs: DenoiseInputs, index: int, steps: int) -> np.ndarray:
@@ -206,7 +196,7 @@ def fused_denoise(engine: Engine, coefficients: LCMCoefficients, inputs: Denoise
     return latents
 
 
-class FusedStepDenoiser:
+class FusedStepDenoiser(EngineStage):
     """The fused ``unet_step`` graph run step after step through the common engine interface (any backend)."""
 
     max_rows = 1
@@ -214,14 +204,7 @@ class FusedStepDenoiser:
     def __init__(self, engine: Engine) -> None:
         if engine.spec.name != UNET_STEP:
             raise ModelError(f"the fused loop needs the {UNET_STEP!r} graph, got {engine.spec.name!r}; export with --fused-step")
-        self.engine = engine
-
-    @property
-    def backend(self) -> str:
-        return self.engine.backend
+        super().__init__(engine)
 
     def denoise(self, scheduler: LCMScheduler, inputs: DenoiseInputs) -> np.ndarray:
         return fused_denoise(self.engine, schedule_of(scheduler), inputs)
-
-    def close(self) -> None:
-        self.engine.close()

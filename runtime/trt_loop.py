@@ -247,6 +247,7 @@ class TrtStepLoop:
     """Runs a whole denoising schedule with the fused UNet-step plan, on one stream, device-resident."""
 
     max_rows = 1  # the step graph's latents are batch 1
+    engine_class: type[StepEngine] = StepEngine  # a subclass may feed inputs differently (device_chain.DeviceFedStepEngine)
 
     def __init__(
         self,
@@ -258,7 +259,7 @@ class TrtStepLoop:
     ) -> None:
         if spec.name != STEP_MODEL:
             raise ModelError(f"TrtStepLoop runs the {STEP_MODEL!r} plan, not {spec.name!r}")
-        self.engine = StepEngine(spec, plan_path, stream=stream, shared_activations=shared_activations, use_cuda_graph=False)
+        self.engine = self.engine_class(spec, plan_path, stream=stream, shared_activations=shared_activations, use_cuda_graph=False)
         self.use_cuda_graph = use_cuda_graph
         self.layout: LoopLayout | None = None
         self._dims: dict[str, int] | None = None

@@ -82,7 +82,7 @@ def export_sources(
     ``loras`` (local files, ``--lora``) are fused after the LCM-LoRA, in order (:mod:`trt_bgswap.export.lora`).
     """
     from trt_bgswap.export.exporter import export_models
-    from trt_bgswap.export.sources import resolve_source
+    from trt_bgswap.export.sources import resolve
 
     values = {slot.key: source_value(sources.get(slot.key)) for slot in SOURCE_SLOTS}
     if values["inpaint"] is None and values["lcm_lora"] is not None:  # checked before anything is downloaded
@@ -94,7 +94,7 @@ def export_sources(
     resolved: dict[str, Path | None] = {}
     for slot in SOURCE_SLOTS:
         value = values[slot.key]
-        resolved[slot.key] = None if value is None else resolve_source(value, family=slot.family, offline=offline, allow_pickle=allow_pickle)
+        resolved[slot.key] = None if value is None else resolve(value, family=slot.family, offline=offline, allow_pickle=allow_pickle).path
     return export_models(
         resolved["inpaint"],
         resolved["lcm_lora"],
@@ -218,6 +218,6 @@ def masker_source(src: str | None) -> Path:
         raise UsageError(f"--rmbg {src}: no RMBG ONNX model here; give an .onnx file, an exported folder, or a folder with onnx/model.onnx")
     if p.exists():
         raise UsageError(f"--rmbg {src}: not an ONNX file; give an .onnx file, an exported folder or a hub id")
-    from trt_bgswap.export.sources import resolve_source
+    from trt_bgswap.export.sources import resolve
 
-    return masker_source(str(resolve_source(src, family="rmbg")))
+    return masker_source(str(resolve(src, family="rmbg").path))

@@ -31,12 +31,11 @@ from trt_bgswap.specs import pipeline_dims
 
 from trt_bgswap.benchmarking.machine import current_rss_bytes, device_memory_used, peak_rss_bytes
 from trt_bgswap.benchmarking.photos import load_photo
-from trt_bgswap.benchmarking.stats import StageClock, Stats, time_calls
+from trt_bgswap.benchmarking.stats import StageClock, Stats, non_model_stats, stage_stats, time_calls, time_runs
 from trt_bgswap.benchmarking.timed_engine import TimedEngine
 
 log = logging.getLogger(__name__)
 
-MODEL_STAGES = ("rmbg", "text_encoder", "vae_encoder", "unet", "vae_decoder")
 
 
 def _engine(spec: Any, plan: Mapping[str, Any], provider: str, threads: int) -> Engine:
@@ -50,19 +49,6 @@ def _engine(spec: Any, plan: Mapping[str, Any], provider: str, threads: int) -> 
         spec, path, provider=provider, intra_op_threads=threads, graph_optimization=plan.get("graph_optimization") or "all",
         provider_options=plan.get("provider_options") or None,
     )  # fmt: skip
-
-
-def _stage_stats(runs: list[dict[str, list[float]]], steps: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    stages = {}
-    for name in MODEL_STAGES:
-        per_run = [sum(r.get(name, [])) for r in runs]
-        stages[name] = Stats.of(per_run).to_json()
-    unet_steps = []
-    for i in range(steps):
-        samples = [r["unet"][i] for r in runs if len(r.get("unet", [])) > i]
-        if samples:
-            unet_steps.append(Stats.of(samples).to_json())
-    return stages, unet_steps
 
 
 def measure_ours(job: Mapping[str, Any]) -> dict[str, Any]:
@@ -100,21 +86,10 @@ def measure_ours(job: Mapping[str, Any]) -> dict[str, Any]:
         options = GenerationOptions(f"{job['prompt']} {i}", steps=steps, guidance=float(job["guidance"]), seed=0, size=(width, height))
         pipeline.replace(rgb, options, noise=noise)
 
-    samples = []
-    for i in range(warmup + runs):
-        clock.discard()
-        t = time.perf_counter()
-        e2e(i)
-        dt = time.perf_counter() - t
-        if i < warmup:
-            clock.discard()
-            continue
-        samples.append(dt)
-        clock.lap()
+    samples = time_runs(clock, e2e, warmup, runs)
     result["e2e"] = Stats.of(samples).to_json()
-    result["stages"], result["unet_steps"] = _stage_stats(clock.runs, steps)
-    model_sums = [sum(sum(v) for k, v in r.items() if k in MODEL_STAGES) for r in clock.runs]
-    result["non_model"] = Stats.of([e - m for e, m in zip(samples, model_sums)]).to_json()
+    result["stages"], result["unet_steps"] = stage_stats(clock.runs, steps)
+    result["non_model"] = non_model_stats(samples, clock.runs)
     clock.enabled = False
 
     # the prompt cache: the same prompt again skips the text encoder

@@ -15,8 +15,7 @@ NAME = "build"
 HELP = "exported folder -> engines (TensorRT plans or pre-optimized ONNX Runtime graphs)"
 
 
-def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
-    b = sub.add_parser(NAME, help=HELP, parents=parents)
+def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("dir")
     b.add_argument("--backend", choices=["ort", "trt"], default="ort", help="ort: pre-optimized ONNX Runtime graphs (+ EP caches); trt: TensorRT plans")
     b.add_argument("--provider", choices=["auto", "cpu", "cuda", "tensorrt"], default="cpu", help="for --backend ort: the ONNX Runtime provider to build for")
@@ -27,7 +26,6 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     b.add_argument("--cpu-fast", action="store_true", help="CPU: also fuse attention/LayerNorm with ONNX Runtime's transformer optimizer (parity-checked)")
     b.add_argument("--rmbg-int8", action="store_true", help="CPU: static-int8 (QDQ) RMBG, about 2x faster; needs --calibration")
     b.add_argument("--calibration", help="folder of typical photos for --rmbg-int8 calibration")
-    b.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

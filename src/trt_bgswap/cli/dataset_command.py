@@ -33,8 +33,7 @@ NAME = "dataset"
 HELP = "photos -> a background-completion training set for `finetune` (imagefolder layout)"
 
 
-def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
-    d = sub.add_parser(NAME, help=HELP, parents=parents)
+def add_arguments(d: argparse.ArgumentParser) -> None:
     add_batch_options(d, PROVIDERS)
     d.add_argument("-o", "--output", required=True, help="the dataset folder (new, or one an earlier run of the same options made)")
     d.add_argument("--rmbg", help="the masker: an RMBG .onnx file, an exported folder, an RMBG model folder or a hub id (default: the per-user export)")
@@ -53,7 +52,6 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     d.add_argument("--max-side", type=int_range("--max-side", 0, 65535), default=1024, help="store photos at most this many pixels a side (0: as they are)")
     d.add_argument("--format", choices=["jpg", "png", "webp"], default="jpg", help="format of the stored photos (masks are PNG)")
     d.add_argument("--quality", type=int_range("--quality", 1, 100), default=95, help="JPEG/WebP quality of the stored photos")
-    d.set_defaults(func=run)
 
 
 def _options(args: argparse.Namespace) -> "DatasetOptions":

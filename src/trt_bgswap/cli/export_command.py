@@ -15,8 +15,7 @@ NAME = "export"
 HELP = "PyTorch models -> ONNX folder (needs the export extra)"
 
 
-def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
-    e = sub.add_parser(NAME, help=HELP, parents=parents)
+def add_arguments(e: argparse.ArgumentParser) -> None:
     add_source_options(e, defaults=True)
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
@@ -27,7 +26,6 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         action="store_true",
         help="also export vae_encoder_sample/, vae_decoder_image/, rmbg_full/: the VAE and RMBG with their pre/post-processing inside (TensorRT keeps data on the GPU)",
     )
-    e.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,14 +26,12 @@ HELP = "subject masks only (no diffusion)"
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt", "trt")
 
 
-def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
-    m = sub.add_parser(NAME, help=HELP, parents=parents)
+def add_arguments(m: argparse.ArgumentParser) -> None:
     add_batch_options(m, PROVIDERS)
     m.add_argument("--rmbg", help="an RMBG .onnx file, an exported folder, an RMBG model folder or a hub id (default: the per-user export)")
     m.add_argument("-o", "--output", required=True, help="output folder for <stem>.png masks")
     m.add_argument("--cutout", action="store_true", help="also write <stem>_cutout.png RGBA cut-outs")
     m.add_argument("--ignore-alpha", action="store_true", help="run the masker on cut-out inputs too (default: an input's own transparency is its mask)")
-    m.set_defaults(func=run)
 
 
 def open_masker(source: Path, provider: str, threads: int, max_pixels: int | None) -> "BackgroundReplacer":

@@ -50,8 +50,7 @@ def given_sources(args: argparse.Namespace) -> dict[str, str]:
     return {slot.key: getattr(args, slot.key) for slot in SOURCE_SLOTS if getattr(args, slot.key) is not None}
 
 
-def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
-    r = sub.add_parser(NAME, help=HELP, parents=parents)
+def add_arguments(r: argparse.ArgumentParser) -> None:
     add_batch_options(r, PROVIDERS)
     r.add_argument("--models", help="exported model folder (default: the per-user cache)")
     r.add_argument("--prompt", help="what the new background shows")
@@ -75,7 +74,6 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     r.add_argument("--band", type=int_range("--band", 0, 512), default=8, help="how far the repainted area reaches into the subject, pixels")
     add_composite_options(r)
     add_source_options(r, defaults=False)
-    r.set_defaults(func=run)
 
 
 def mask_file_for(mask_arg: str, src: Path, n_inputs: int) -> Path:
