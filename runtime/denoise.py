@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,6 +50,15 @@ def check_step_scheduler(config: LCMConfig) -> None:
             f"scheduler clip_sample={config.clip_sample}, thresholding={config.thresholding}: the fused UNet-step "
             "graph does neither; use the separate UNet graph (the default pipeline) for this model"
         )
+
+
+def check_step_noise(name: str, arrays: Sequence[np.ndarray], steps: int, shape: tuple[int, ...]) -> None:
+    """``steps - 1`` noise arrays (one after every non-final step), each of the latents' ``shape``."""
+    if len(arrays) < steps - 1:
+        raise UsageError(f"{name} has {len(arrays)} arrays; {steps} steps need {steps - 1}")
+    for i, arr in enumerate(arrays[: steps - 1]):
+        if arr.shape != shape:
+            raise UsageError(f"{name}[{i}] has shape {arr.shape}; it must match the latents {shape}")
 
 
 @dataclass(frozen=True)
@@ -85,11 +95,7 @@ class DenoiseInputs:
                 raise UsageError(f"{name} has shape {arr.shape}; with latents {shape} it must be {want}")
         if steps < 1:
             raise UsageError(f"steps={steps}: the loop needs at least one step")
-        if len(self.step_noise) < steps - 1:
-            raise UsageError(f"{len(self.step_noise)} step-noise arrays for {steps} steps; pass {steps - 1}")
-        for i, arr in enumerate(self.step_noise[: steps - 1]):
-            if arr.shape != shape:
-                raise UsageError(f"step_noise[{i}] has shape {arr.shape}; it must match the latents {shape}")
+        check_step_noise("step_noise", self.step_noise, steps, shape)
         if self.embeddings.ndim != 3 or self.embeddings.shape[0] not in (shape[0], GUIDED_BATCH * shape[0]):
             raise UsageError(
                 f"embeddings have shape {self.embeddings.shape} for {shape[0]} generation(s); pass (N, S, D) [cond] "
