@@ -2,8 +2,8 @@
 
 Reference: ``StableDiffusionInpaintPipeline.load_lora_weights`` (diffusers converts the
 kohya-style keys and wraps each targeted layer in a PEFT LoRA layer). Our fusion must give
-the same UNet output to 1e-5, change exactly the layers the file names, and move the output
-far more than that tolerance.
+the same UNet output within the UNet's rounding noise (:mod:`tolerance`), change exactly the
+layers the file names, and move the output far more than that tolerance.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tolerance import assert_within, gamma, graph_tolerances
 
 from trt_bgswap.errors import ModelError
 from trt_bgswap.export.lora import fuse_lora
 from trt_bgswap.export.tiny_sd import LCM_LORA_ALPHA, LCM_LORA_FILE, LCM_LORA_RANK, kohya_key, lcm_lora_module_names
 from trt_bgswap.export.unet import load_unet, wrap
+from trt_bgswap.manifest import Manifest
 
 KOHYA_KEY = re.compile(r"^lora_unet_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
 
@@ -69,14 +71,19 @@ def test_lora_file_format(tiny_models_dir: Path) -> None:
     assert min(ups) > 0, "a zero lora_up makes that module's LoRA a no-op"
 
 
-def test_fused_matches_unfused_peft(tiny_models_dir: Path, peft_unet, unet_inputs) -> None:
+@pytest.mark.numerics
+def test_fused_matches_unfused_peft(tiny_models_dir: Path, exported_dir: Path, peft_unet, unet_inputs) -> None:
     base = _run(load_unet(tiny_models_dir / "sd-inpainting"), unet_inputs)
     fused = _run(load_unet(tiny_models_dir / "sd-inpainting", tiny_models_dir / "lcm-lora"), unet_inputs)
     reference = _run(peft_unet, unet_inputs)
     err = float(np.abs(fused - reference).max())
     moved = float(np.abs(base - reference).max())
-    assert err <= 1e-5, f"out_sample: fused vs unfused PEFT max abs err {err:.3g} (LoRA moves the output by {moved:.3g})"
-    assert moved > 1e-2 and moved > 1000 * max(err, 1e-9), f"the LoRA barely changes the UNet: {moved:.3g} vs err {err:.3g}"
+    # fused weights vs an extra rank-64 branch: the same function, so the UNet's rounding noise on these
+    # inputs (measured on its exported graph, the same network with the LoRA fused)
+    entry = Manifest.load(exported_dir).models["unet"]
+    tol = graph_tolerances(exported_dir / entry.file, dict(zip(entry.spec.input_names, (t.numpy() for t in unet_inputs))))["out_sample"]
+    assert_within(err, tol, f"out_sample: fused vs unfused PEFT (LoRA moves the output by {moved:.3g})")
+    assert moved > 1000 * tol, f"the LoRA barely changes the UNet: {moved:.3g} vs tolerance {tol:.3g}"
 
 
 def test_fusion_changes_exactly_the_lora_modules(tiny_models_dir: Path, peft_unet) -> None:
@@ -108,9 +115,24 @@ def test_scale_matches_diffusers_fuse(tiny_models_dir: Path, scale: float) -> No
     pipe.unload_lora_weights()
     ours = load_unet(tiny_models_dir / "sd-inpainting", tiny_models_dir / "lcm-lora", lora_scale=scale)
     ref = pipe.unet.state_dict()
-    errs = {k: float((v - ref[k]).abs().max()) for k, v in ours.state_dict().items()}
-    worst = max(errs, key=errs.get)
-    assert errs[worst] <= 1e-6, f"scale {scale}: weight {worst} differs from diffusers' fused weight by {errs[worst]:.3g}"
+    lora = load_file(str(tiny_models_dir / "lcm-lora" / LCM_LORA_FILE))
+    for key, value in ours.state_dict().items():
+        w = value.double().numpy()
+        bound = np.zeros_like(w)
+        module = key.removesuffix(".weight")
+        if f"{kohya_key(module)}.lora_up.weight" in lora:
+            # both compute W + scale (alpha / rank) (up @ down) in float32, in their own order: a rank-long dot
+            # product and three more roundings each, so 2 gamma_(rank+3) (|W| + |scale alpha/rank| |up| @ |down|)
+            up = lora[f"{kohya_key(module)}.lora_up.weight"].double().numpy()
+            down = lora[f"{kohya_key(module)}.lora_down.weight"].double().numpy()
+            rank = down.shape[0]
+            products = (np.abs(up.reshape(up.shape[0], rank)) @ np.abs(down.reshape(rank, -1))).reshape(w.shape)
+            bound = 2 * gamma(rank + 3) * (np.abs(w) + 2 * abs(scale) * LCM_LORA_ALPHA / rank * products)
+        err = np.abs(w - ref[key].double().numpy())
+        # every other weight is untouched on both sides: exact (bound 0)
+        ratio = np.where(bound > 0, err / np.where(bound > 0, bound, 1.0), np.where(err > 0, np.inf, 0.0))
+        worst = np.unravel_index(np.argmax(ratio), ratio.shape) if ratio.size else ()
+        assert_within(float(err[worst]), float(bound[worst]), f"scale {scale}: {key}{[int(i) for i in worst]} vs diffusers' fused weight")
 
 
 def test_foreign_lora_is_rejected(tiny_models_dir: Path, tmp_path: Path) -> None:
