@@ -108,13 +108,14 @@ def assert_within(err: float, tol: float | Callable[[], float], what: str) -> No
     no bound is needed for an exact match (both sides ran the very same operations), and
     noise-based bounds cost extra runs.
 
-    With ``NUMERICS_MARGINS=<file>`` in the environment each check also appends a JSON line
-    (test id, ``what``, err, tol) to that file; ``python tests/tolerance.py <file>`` then prints
-    the worst err/tol per test: the margins of the suite on this machine.
+    With ``NUMERICS_MARGINS=<file>`` in the environment every bound is computed, and each
+    check appends a JSON line (test id, ``what``, err, tol) to that file;
+    ``python tests/tolerance.py <file>`` then prints the worst err/tol per test: the margins
+    of the suite on this machine.
     """
-    if callable(tol):
-        tol = tol() if err > 0 else math.nan
     report = os.environ.get("NUMERICS_MARGINS")
+    if callable(tol):
+        tol = tol() if err > 0 or report else math.nan
     if report:
         test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0]
         with open(report, "a", encoding="utf-8") as f:
@@ -291,7 +292,7 @@ def _terms(node: onnx.NodeProto, g: _GraphBuilder, initializers: Mapping[str, on
     raise ValueError(f"no rounding rule for ONNX op {op!r}: add it to tests/tolerance.py (exact, elementwise, or a reduction)")
 
 
-def with_rounding_noise(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
+def with_rounding_noise(model: onnx.ModelProto, seed: int, float16: bool = False) -> onnx.ModelProto:
     """A copy of ``model`` in which every floating-point node output carries its own rounding noise.
 
     Each float16/float32 output ``y`` of a node that rounds becomes ``y (1 + s r)``, ``r`` drawn
@@ -301,11 +302,17 @@ def with_rounding_noise(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
     roundoff of a float16 output (0 for float32, whose accumulation and storage coincide).
     Inputs, outputs and their names are unchanged: the noisy graph drops in wherever the
     original runs (an ``OrtEngine``, a ``Pipeline``).
+
+    ``float16=True`` models a float32 graph run by an engine that may run any layer in float16
+    (TensorRT's FP16 mode picks per layer and does not promise float32 accumulation): every
+    node then stores float16, accumulates in float16 (``n u16**2``), and reads its weights
+    and the graph's inputs rounded to float16.
     """
     model = onnx.shape_inference.infer_shapes(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
     types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
     initializers = {t.name: t for t in model.graph.initializer}
+    graph_inputs = {i.name for i in model.graph.input if types.get(i.name) in (TensorProto.FLOAT, TensorProto.FLOAT16)}
     g = _GraphBuilder(opset)
     rename: dict[str, str] = {}
     out_nodes: list[onnx.NodeProto] = []
@@ -328,21 +335,25 @@ def with_rounding_noise(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
         out_nodes.extend(extent_nodes)
         extent, a, b = terms
         # float16 weights were rounded once from the float32 source: one more storage rounding each
-        weights = sum(1 for i in node.input if i in initializers and initializers[i].data_type == TensorProto.FLOAT16)
+        if float16:
+            weights = sum(1 for i in node.input if i in initializers or i in graph_inputs)
+        else:
+            weights = sum(1 for i in node.input if i in initializers and initializers[i].data_type == TensorProto.FLOAT16)
+        u_acc = U16 if float16 else U32
         for y in float_outputs:
-            half = types[y] == TensorProto.FLOAT16
-            fixed = b * U32**2 + (U16**2 if half else 0.0) + weights * U16**2
+            half = float16 or types[y] == TensorProto.FLOAT16
+            fixed = b * u_acc**2 + (U16**2 if half else 0.0) + weights * U16**2
             if extent is None:
                 variance = g.const(np.array(fixed, np.float32))
             else:
                 n = g.node("Cast", [extent], to=TensorProto.FLOAT)
-                variance = g.node("Add", [g.mul(n, g.const(np.array(a * U32**2, np.float32))), g.const(np.array(fixed, np.float32))])
+                variance = g.node("Add", [g.mul(n, g.const(np.array(a * u_acc**2, np.float32))), g.const(np.array(fixed, np.float32))])
             scale = g.node("Sqrt", [variance])
-            y32 = g.node("Cast", [y], to=TensorProto.FLOAT) if half else y
+            y32 = g.node("Cast", [y], to=TensorProto.FLOAT) if types[y] == TensorProto.FLOAT16 else y
             draws += 1
             r = g.node("RandomUniformLike", [y32], dtype=TensorProto.FLOAT, low=-SQRT3, high=SQRT3, seed=float(seed * 1_000_003 + draws))
             noisy = g.node("Add", [y32, g.mul(y32, g.mul(r, scale))])
-            rename[y] = g.node("Cast", [noisy], to=TensorProto.FLOAT16) if half else noisy
+            rename[y] = g.node("Cast", [noisy], to=TensorProto.FLOAT16) if types[y] == TensorProto.FLOAT16 else noisy
         out_nodes.extend(g.nodes)
         g.nodes = []
     for out in model.graph.output:  # graph outputs keep their names: route the noisy tensors to them
@@ -363,28 +374,28 @@ def with_rounding_noise(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
 
 
 @functools.lru_cache(maxsize=16)
-def _noisy_bytes(path: str, stamp: tuple[int, int]) -> bytes:
-    return with_rounding_noise(onnx.load(path), seed=0).SerializeToString()
+def _noisy_bytes(path: str, stamp: tuple[int, int], float16: bool) -> bytes:
+    return with_rounding_noise(onnx.load(path), seed=0, float16=float16).SerializeToString()
 
 
-def noisy_model(path: Path) -> bytes:
+def noisy_model(path: Path, float16: bool = False) -> bytes:
     """The serialized :func:`with_rounding_noise` of the graph at ``path`` (external weights inlined), cached per file version."""
     st = Path(path).stat()
-    return _noisy_bytes(str(path), (st.st_mtime_ns, st.st_size))
+    return _noisy_bytes(str(path), (st.st_mtime_ns, st.st_size), float16)
 
 
-def write_noisy_graph(path: Path, dest: Path) -> Path:
+def write_noisy_graph(path: Path, dest: Path, float16: bool = False) -> Path:
     """Save the noisy graph of ``path`` at ``dest``, for computations that open graphs by path (engines, pipelines).
 
     Every run of a session on it is a new draw, and a fresh session repeats the same draws,
     so a tolerance built from it is reproducible for a given ONNX Runtime build.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_bytes(noisy_model(path))
+    dest.write_bytes(noisy_model(path, float16))
     return dest
 
 
-def noisy_engine(spec: object, path: Path, dest: Path):  # noqa: ANN201 - an OrtEngine
+def noisy_engine(spec: object, path: Path, dest: Path, float16: bool = False):  # noqa: ANN201 - an OrtEngine
     """An ONNX Runtime CPU engine on the noisy graph of ``path`` (written to ``dest``), for computations built from engines.
 
     Graph optimizations are off: the noisy graph has ~3x the nodes, and optimizing them costs
@@ -392,16 +403,17 @@ def noisy_engine(spec: object, path: Path, dest: Path):  # noqa: ANN201 - an Ort
     """
     from trt_bgswap.runtime.ort_backend import OrtEngine
 
-    return OrtEngine(spec, write_noisy_graph(path, dest), provider="cpu", graph_optimization="disable")
+    return OrtEngine(spec, write_noisy_graph(path, dest, float16), provider="cpu", graph_optimization="disable")
 
 
-def noisy_pipeline(folder: Path, dest: Path):  # noqa: ANN201 - a Pipeline
+def noisy_pipeline(folder: Path, dest: Path, float16: bool = False, device_graphs: bool = False):  # noqa: ANN201 - a Pipeline
     """``Pipeline.load(folder)`` on ONNX Runtime CPU with every host-path model replaced by its noisy graph.
 
     Its output minus the clean pipeline's is the rounding noise of the whole computation:
     every graph's nodes, carried through the LCM loop, the VAE, the masker's min-max rescaling.
     The numpy steps between graphs (a few roundings each) are not perturbed; the graphs'
-    noise dwarfs them.
+    noise dwarfs them. ``device_graphs`` opens the export's device graphs instead of the
+    host-path models, as ``Pipeline.load`` does.
     """
     from trt_bgswap.manifest import Manifest
     from trt_bgswap.runtime.device_pipeline import models_to_open
@@ -409,10 +421,10 @@ def noisy_pipeline(folder: Path, dest: Path):  # noqa: ANN201 - a Pipeline
 
     manifest = Manifest.load(folder)
     engines = {
-        name: noisy_engine(manifest.models[name].spec, manifest.model_path(folder, name), dest / f"{name}.onnx")
-        for name in models_to_open(manifest, device_graphs=False)
+        name: noisy_engine(manifest.models[name].spec, manifest.model_path(folder, name), dest / f"{name}.onnx", float16)
+        for name in models_to_open(manifest, device_graphs=device_graphs)
     }
-    return Pipeline.load(folder, provider="cpu", engines=engines)
+    return Pipeline.load(folder, provider="cpu", engines=engines, device_graphs=device_graphs)
 
 
 def deviation(clean: np.ndarray, noisy: np.ndarray) -> float:
@@ -424,11 +436,13 @@ def network_tolerance(clean: np.ndarray, noisy: Sequence[np.ndarray]) -> float:
     return SAFETY * max(deviation(clean, n) for n in noisy)
 
 
-def graph_tolerances(path: Path, feeds: Mapping[str, np.ndarray], clean: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+def graph_tolerances(
+    path: Path, feeds: Mapping[str, np.ndarray], clean: Mapping[str, np.ndarray] | None = None, float16: bool = False
+) -> dict[str, float]:
     """Per output of the ONNX graph at ``path`` on ``feeds``: :func:`network_tolerance` of :data:`NOISE_SAMPLES` noisy runs.
 
     Runs on ONNX Runtime's CPU provider; ``clean`` is the graph's own output on ``feeds`` when
-    the test already has it (it is computed otherwise).
+    the test already has it (it is computed otherwise). ``float16``: see :func:`with_rounding_noise`.
     """
     import onnxruntime as ort
 
@@ -438,7 +452,7 @@ def graph_tolerances(path: Path, feeds: Mapping[str, np.ndarray], clean: Mapping
     if clean is None:
         clean = dict(zip(names, ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(names, dict(feeds))))
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # ~3x more nodes: optimizing them costs more than it saves
-    noisy = ort.InferenceSession(noisy_model(path), options, providers=["CPUExecutionProvider"])
+    noisy = ort.InferenceSession(noisy_model(path, float16), options, providers=["CPUExecutionProvider"])
     runs = [dict(zip(names, noisy.run(names, dict(feeds)))) for _ in range(NOISE_SAMPLES)]
     return {n: network_tolerance(clean[n], [r[n] for r in runs]) for n in names if n in clean}
 
