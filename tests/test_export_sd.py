@@ -143,7 +143,6 @@ def test_fp32_graph_matches_torch(exported_dir: Path, torch_models, sessions, mo
         assert_within(err, tols[name], f"fp32 {model}.{name} batch {batch} size {size}")
 
 
-@pytest.mark.numerics
 @pytest.mark.parametrize(("model", "batch", "size"), CASES)
 def test_fp16_graph_matches_torch(fp16_dir: Path, torch_models, sessions, model: str, batch: int, size) -> None:
     errs, tols = _errors(fp16_dir, model, batch, size, torch_models, sessions)

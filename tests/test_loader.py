@@ -30,7 +30,6 @@ def built_dir(exported_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return folder
 
 
-@pytest.mark.numerics
 def test_pipeline_uses_preoptimized_graphs(built_dir: Path, exported_dir: Path, tmp_path: Path) -> None:
     plain = Pipeline.load(exported_dir, provider="cpu")
     fast = Pipeline.load(built_dir, provider="cpu")
@@ -87,7 +86,6 @@ def fused_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     return out
 
 
-@pytest.mark.numerics
 @pytest.mark.parametrize("guidance", [1.0, 2.0])
 def test_pipeline_with_fused_step_graph_matches_host_loop(fused_dir: Path, exported_dir: Path, guidance: float, tmp_path: Path) -> None:
     host = Pipeline.load(exported_dir, provider="cpu")

@@ -113,7 +113,6 @@ def test_static_graph_size_wins_over_config(exported: Path, tmp_path: Path) -> N
     assert masker.cfg.input_size == (TINY_INPUT_SIZE, TINY_INPUT_SIZE)
 
 
-@pytest.mark.numerics
 def test_batch_equals_single_images(exported: Path, tmp_path: Path) -> None:
     masker = Masker.from_export(exported, Manifest.load(exported), provider="cpu")
     images = [getattr(data, n)() for n in PHOTOS]

@@ -20,7 +20,6 @@ from trt_bgswap.errors import UsageError
 from trt_bgswap.manifest import Manifest
 
 
-@pytest.mark.numerics
 @pytest.mark.parametrize(
     "model, model_type, dims, fused",
     [

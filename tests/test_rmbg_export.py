@@ -173,8 +173,8 @@ def test_tiny_folder_mirrors_published_files(tiny: Path) -> None:
 # --- (ii) export from safetensors weights vs PyTorch ---
 
 
-@pytest.mark.numerics
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+# fp32 is re-run under the portable arithmetic (PyTorch's kernels change there; fp16's own roundings dwarf that)
+@pytest.mark.parametrize("precision", [pytest.param("fp32", marks=pytest.mark.numerics), "fp16"])
 def test_export_from_weights_matches_pytorch(tiny: Path, tmp_path: Path, precision: str) -> None:
     entry, cfg = export_rmbg(tiny, tmp_path, precision=precision)
     path = tmp_path / entry.file
