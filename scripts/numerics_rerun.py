@@ -6,8 +6,8 @@ to the roundings those kernels happen to make (instead of derived from the arith
 can be changed from outside the processes, so such a tolerance fails here first:
 
 - one thread for OpenMP (PyTorch), MKL, OpenBLAS and ONNX Runtime's intra-op pool
-  (``ORT_INTRA_OP_NUM_THREADS``, read by ONNX Runtime >= 1.2x when a session does not set
-  its own): parallel reductions are no longer split;
+  (``ORT_INTRA_OP_NUM_THREADS``: the pinned ONNX Runtime reads it for sessions that set no
+  count of their own, as the product's do by default): parallel reductions are no longer split;
 - PyTorch's portable ATen kernels (``ATEN_CPU_CAPABILITY=default``: no AVX2/AVX-512 vector
   paths, and with them no FMA-contracted arithmetic);
 - oneDNN, PyTorch's convolution library, limited to SSE4.1 (``ONEDNN_MAX_CPU_ISA``);

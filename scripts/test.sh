@@ -6,9 +6,10 @@
 #     effect and prints one line saying what runs). A tolerance tuned to one CPU's rounding fails here, not on the
 #     next machine.
 # What it downloads: pip installs from the package index(es) and find-links it is configured with. It upgrades pip
-# itself, then installs the project and every package in constraints/test.txt that is not installed yet, at those
-# versions. On the public index the Linux x86-64 wheel of torch==2.13.0 is the CUDA build (several GB with its
-# nvidia-* dependencies); a machine whose pip finds the CPU wheel (torch 2.13.0+cpu) in its find-links gets that one.
+# itself, then installs the project with its export and test extras and whatever of their dependencies is not
+# installed yet, at the versions constraints/test.txt pins. On the public index the Linux x86-64 wheel of
+# torch==2.13.0 is the CUDA build (several GB with its nvidia-* dependencies); a machine whose pip finds the CPU
+# wheel (torch 2.13.0+cpu) in its find-links gets that one.
 # The tests themselves download nothing: they build tiny models and use scikit-image's bundled photos.
 # Pytest options pass through to both runs (e.g. -k parity); the second run keeps only numerics tests.
 set -euo pipefail
