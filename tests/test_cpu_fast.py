@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 from skimage import data
 
-from trt_bgswap.engines.cpu_fast import build_cpu_fast
+from trt_bgswap.engines.cpu_fast import PARITY_RTOL, build_cpu_fast
 from trt_bgswap.errors import UsageError
 from trt_bgswap.manifest import Manifest
-
-ATOL = 1e-4  # the fused UNet's parity error (as in tests/test_fusion.py)
 
 
 def test_build_cpu_fast_writes_the_index_the_runtime_reads(exported_dir: Path, tmp_path: Path) -> None:
@@ -29,7 +27,9 @@ def test_build_cpu_fast_writes_the_index_the_runtime_reads(exported_dir: Path, t
     assert set(index) == set(Manifest.load(export).models)
     assert index["unet"]["path"].endswith("model.fused.onnx") and index["unet"]["graph_optimization"] == "disable"
     assert index["rmbg"]["path"].endswith("model.int8.onnx")
-    assert not entries["unet"].cache_hit and entries["unet"].details["parity_max_abs"]["out_sample"] <= ATOL
+    parity = entries["unet"].details
+    # the build checked the fused graph itself (its own limit, PARITY_RTOL of the output's scale) and recorded it
+    assert not entries["unet"].cache_hit and parity["parity_max_abs"]["out_sample"] <= PARITY_RTOL * max(parity["parity_ref_max_abs"]["out_sample"], 1.0)
     _, again = build_cpu_fast(export, rmbg_int8=True, calibration_images=photos)
     assert all(e.cache_hit for e in again.values()), {k: e.cache_hit for k, e in again.items()}
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tolerance import assert_within, graph_tolerances
 
 from trt_bgswap.engines.fusion import fuse_transformer
 from trt_bgswap.engines.parity import max_abs_errors, random_feeds
 from trt_bgswap.manifest import Manifest
-
-ATOL = 1e-4  # fp32 fused kernels only reorder sums (~1e-6 on these O(1) outputs); a wrongly matched fusion is O(1)
 
 
 @pytest.mark.parametrize(
@@ -32,5 +31,8 @@ def test_fused_graph_matches_export(exported_dir: Path, tmp_path: Path, model: s
     out = tmp_path / "fused.onnx"
     counts = fuse_transformer(src, out, model_type, {"B": 1, "h": 16, "w": 16}, None)
     assert counts.get(fused, 0) > 0, f"{model}: no {fused} fused ({counts})"
-    errors = max_abs_errors(src, out, random_feeds(manifest.models[model].spec, dims), candidate_level="all")
-    assert max(errors.values()) <= ATOL, f"{model} at {dims}: fused vs export max abs error {errors}"
+    feeds = random_feeds(manifest.models[model].spec, dims)
+    errors = max_abs_errors(src, out, feeds, candidate_level="all")
+    tols = graph_tolerances(src, feeds)  # fused attention / layer norms compute the same function: rounding only
+    for name, err in errors.items():
+        assert_within(err, tols[name], f"{model}.{name} at {dims}: fused vs export")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tolerance import EIGHT_BIT_STEP, rounding_bound
 
 from image_files import PHOTOS, encode, leftovers, photo, rng, run_unprivileged
 from trt_bgswap.errors import OutputError, OutputExistsError, UsageError
@@ -24,7 +25,7 @@ def test_unwritable_output_folder(tmp_path: Path) -> None:
         f"""
         import numpy as np, os
         from trt_bgswap.errors import OutputError
-        from trt_bgswap.runtime.image_write import write_image
+        from trt_bgswap.runtime.image_read import write_image
         try:
             write_image({str(folder / "out.png")!r}, np.zeros((32, 32, 3), np.uint8)); result = {{"error": None}}
         except OutputError as e:
@@ -51,7 +52,7 @@ def test_photo_round_trip(tmp_path: Path, name: str, ext: str, min_psnr: float |
     diff = got.rgb.astype(np.float64) - rgb
     if min_psnr is None:
         assert np.abs(diff).max() == 0, f"{name}{ext}: PNG must be lossless"
-    else:
+    else:  # a lossy codec's quality at quality=95 (libjpeg's and libwebp's integer transforms), not float rounding
         psnr = 10 * np.log10(255.0**2 / max(np.mean(diff**2), 1e-12))
         assert psnr >= min_psnr, f"{name}{ext}: PSNR {psnr:.1f} dB < {min_psnr} (max abs error {np.abs(diff).max():.0f})"
     assert leftovers(tmp_path) == [out.name]
@@ -65,7 +66,8 @@ def test_rgba_round_trip(tmp_path: Path, ext: str) -> None:
     got = read_image(out)
     assert got.alpha is not None
     err = float(np.abs(got.alpha - a / 255.0).max())
-    assert err <= (1e-6 if ext == ".png" else 1 / 255 + 1e-6), f"{ext}: alpha max abs error {err}"
+    # PNG keeps the 8-bit alpha (one float32 division); WebP may re-quantise it by one step
+    assert err <= (0.0 if ext == ".png" else EIGHT_BIT_STEP) + rounding_bound(1.0, 1), f"{ext}: alpha max abs error {err}"
 
 
 def test_greyscale_mask_is_written_as_L(tmp_path: Path) -> None:

@@ -251,7 +251,7 @@ class Service:
             from PIL import Image
 
             alpha = self.replacer.source_alpha(photo, mask=Image.open(io.BytesIO(r.mask)))
-        job = Job(REPLACE, photo, alpha, options=options, color=color)
+        job = Job(REPLACE, photo, alpha, options=options, color=color, composite_options=r.composite)
         self._check_masker(job)
         if options is not None:
             assert self.batcher is not None
