@@ -25,7 +25,7 @@ def test_unwritable_output_folder(tmp_path: Path) -> None:
         f"""
         import numpy as np, os
         from trt_bgswap.errors import OutputError
-        from trt_bgswap.runtime.image_read import write_image
+        from trt_bgswap.runtime.image_write import write_image
         try:
             write_image({str(folder / "out.png")!r}, np.zeros((32, 32, 3), np.uint8)); result = {{"error": None}}
         except OutputError as e:
