@@ -1,0 +1,201 @@
+"""Know what a generation size costs before running it, and refuse (or pick a smaller size) when it does not fit.
+
+The guard is made from an export folder before any graph is opened: the manifest's memory
+facts (measured by the exporter, :mod:`trt_bgswap.export.memory_facts`), which graphs the
+chosen backend will open, whether ``trt-bgswap build`` tiled their attention (the build
+index says so), and the size of their weights. :mod:`trt_bgswap.memory` does the arithmetic.
+It guards host memory, so it applies where ONNX Runtime runs on the CPU; on a GPU the
+activations live in device memory, which TensorRT and ONNX Runtime's CUDA provider size
+(and refuse) themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from trt_bgswap.errors import UsageError
+from trt_bgswap.manifest import InpaintConfig, Manifest
+from trt_bgswap.memory import (
+    Available,
+    Estimate,
+    GraphMemory,
+    SAFETY_MARGIN,
+    area_of,
+    available_memory,
+    estimate_peak,
+    facts_from_json,
+    flash_attention_available,
+    gib,
+    largest_fitting,
+    process_rss,
+)
+from trt_bgswap.runtime.backends import BackendChoice
+
+log = logging.getLogger(__name__)
+
+BOUNDED = "bounded"  # engines/attention.py's index value for graphs whose attention is tiled
+GUIDED_MODELS = ("unet", "unet_step")  # their batch is 2 when classifier-free guidance runs
+
+
+def _weights_bytes(folder: Path, manifest: Manifest, names: list[str]) -> int:
+    """Bytes of each opened graph's file and its external weights (``model.onnx`` + ``model.onnx_data``)."""
+    total = 0
+    for name in names:
+        graph = folder / manifest.models[name].file
+        total += sum(f.stat().st_size for f in graph.parent.glob(graph.name + "*") if f.is_file())
+    return total
+
+
+@dataclass
+class MemoryGuard:
+    """What one loaded pipeline costs at a size, and whether it fits what is available."""
+
+    folder: Path
+    config: InpaintConfig
+    facts: Mapping[str, GraphMemory]
+    graphs: tuple[str, ...]  # the graphs that run a generation (all opened ones)
+    bounded: frozenset[str]  # graphs whose attention is tiled on this host
+    weights: int
+    base: int  # this process's RSS before the graphs were opened
+    budget: int | None = None
+    budget_source: str = "--memory-budget"
+    unbuilt_bounded: frozenset[str] = frozenset()  # graphs `trt-bgswap build` would tile (hint in messages)
+
+    @classmethod
+    def for_folder(
+        cls,
+        folder: str | Path,
+        choice: BackendChoice,
+        names: list[str],
+        manifest: Manifest | None = None,
+        budget: int | None = None,
+        budget_source: str = "--memory-budget",
+    ) -> "MemoryGuard | None":
+        """The guard for ``names`` opened from ``folder`` on ``choice``; None where it does not apply.
+
+        It does not apply on GPU backends (device memory) or to exports without memory facts
+        (made before they were recorded: re-export to get the check).
+        """
+        from trt_bgswap.runtime.loader import read_index
+
+        folder = Path(folder)
+        manifest = manifest if manifest is not None else Manifest.load(folder)
+        if choice.engine != "ort" or choice.provider != "cpu" or manifest.inpaint is None:
+            return None
+        facts = facts_from_json(manifest.memory)
+        if facts is None:
+            log.warning("%s records no memory facts (exported by an older trt-bgswap); re-export it to get the generation-size check", folder)
+            return None
+        index = read_index(folder, choice) or {}
+        flash = flash_attention_available()
+        built = {n for n in names if (index.get(n) or {}).get("attention") == BOUNDED}
+        has_attention = {n for n in names if n in facts and facts[n].attention}
+        return cls(
+            folder=folder,
+            config=manifest.inpaint,
+            facts=facts,
+            graphs=tuple(names),
+            bounded=frozenset(built if flash else ()),
+            weights=_weights_bytes(folder, manifest, names),
+            base=process_rss(),
+            budget=budget,
+            budget_source=budget_source,
+            unbuilt_bounded=frozenset(has_attention - built if flash else ()),
+        )
+
+    def _runs(self, guidance: float) -> dict[str, int]:
+        return {n: 2 if guidance > 1.0 and n in GUIDED_MODELS else 1 for n in self.graphs}
+
+    def estimate(self, width: int, height: int, guidance: float, photo_pixels: int = 0, bounded: frozenset[str] | None = None) -> Estimate:
+        est = estimate_peak(
+            self.facts,
+            self._runs(guidance),
+            self.bounded if bounded is None else bounded,
+            self.weights,
+            self.base,
+            area_of(width, height, self.config.vae_scale_factor),
+            photo_pixels,
+        )
+        return est
+
+    def need(self, est: Estimate) -> int:
+        """The prediction plus the safety margin on what the run adds (weights are known exactly)."""
+        return est.resident + int((est.total - est.resident) * (1.0 + SAFETY_MARGIN))
+
+    def available(self) -> Available:
+        return available_memory(self.budget, self.budget_source)
+
+    def _fits(self, guidance: float, photo_pixels: int, limit: int, bounded: frozenset[str] | None = None):  # noqa: ANN202
+        return lambda w, h: self.need(self.estimate(w, h, guidance, photo_pixels, bounded)) <= limit
+
+    def check(self, size: tuple[int, int], guidance: float, photo_pixels: int = 0, what: str | None = None) -> None:
+        """Raise a one-line UsageError when generating at ``size`` would not fit, naming a size that does."""
+        avail = self.available()
+        if avail.bytes is None:
+            return
+        width, height = size
+        est = self.estimate(width, height, guidance, photo_pixels)
+        need = self.need(est)
+        what = what or f"--size {width}x{height}"
+        log.debug("%s: predicted peak %s (%s); %s %s", what, gib(need), est, avail.source, gib(avail.bytes))
+        if need <= avail.bytes:
+            return
+        raise UsageError(f"{what} needs about {gib(need)} ({est.why()}) but {self._limit(avail)}: {self._advice(width, height, guidance, photo_pixels, avail.bytes)}")
+
+    def fit(self, size: tuple[int, int], guidance: float, photo_pixels: int = 0) -> tuple[int, int]:
+        """``size`` if it fits, else the largest size of about its aspect that does (the default-size policy's cap)."""
+        avail = self.available()
+        if avail.bytes is None:
+            return size
+        fits = self._fits(guidance, photo_pixels, avail.bytes)
+        if fits(*size):
+            return size
+        smaller = largest_fitting(size[0], size[1], self.config.size_multiple, fits)
+        if smaller is None:  # raises with the full explanation
+            self.check(size, guidance, photo_pixels, f"generating at {size[0]}x{size[1]} (the default size)")
+        assert smaller is not None
+        est = self.estimate(size[0], size[1], guidance, photo_pixels)
+        log.warning(
+            "generating at %dx%d instead of %dx%d: that would need about %s (%s) but %s", smaller[0], smaller[1], size[0], size[1], gib(self.need(est)), est.why(), self._limit(avail)
+        )
+        return smaller
+
+    def _limit(self, avail: Available) -> str:
+        assert avail.bytes is not None
+        if avail.source == "available":
+            return f"only {gib(avail.bytes)} are available"
+        if avail.source.startswith("the budget"):
+            return f"{avail.source} is {gib(avail.bytes)}"
+        return f"only {gib(avail.bytes)} are {avail.source}"
+
+    def _advice(self, width: int, height: int, guidance: float, photo_pixels: int, limit: int) -> str:
+        smaller = largest_fitting(width, height, self.config.size_multiple, self._fits(guidance, photo_pixels, limit))
+        parts = [f"use --size {smaller[0]}x{smaller[1]} or smaller" if smaller else "no size fits; free memory or raise the budget"]
+        if self.unbuilt_bounded:
+            tiled = self.bounded | self.unbuilt_bounded
+            est = self.estimate(width, height, guidance, photo_pixels, tiled)
+            if self.need(est) <= limit:
+                parts.append(f"or run `trt-bgswap build {self.folder}` first (tiled attention: about {gib(self.need(est))})")
+        return ", ".join(parts)
+
+
+def guard_for_run(folder: str | Path, provider: str = "auto", budget: int | None = None, budget_source: str = "--memory-budget") -> MemoryGuard | None:
+    """The guard of the graphs ``Pipeline.load(folder, provider)`` would open, made without opening any.
+
+    For callers that want to refuse a size before loading (the CLI does, once per batch).
+    """
+    from trt_bgswap.runtime.device_pipeline import models_to_open
+    from trt_bgswap.runtime.loader import resolve_backend
+
+    folder = Path(folder)
+    manifest = Manifest.load(folder)
+    choice = resolve_backend(provider)
+    if choice.engine != "ort" or choice.provider != "cpu":
+        return None
+    names = models_to_open(manifest, device_graphs=False)  # as Pipeline.load opens them on the CPU
+    if "unet_step" in names:
+        names = [n for n in names if n != "unet"]
+    return MemoryGuard.for_folder(folder, choice, names, manifest, budget, budget_source)
