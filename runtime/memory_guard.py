@@ -12,7 +12,7 @@ activations live in device memory, which TensorRT and ONNX Runtime's CUDA provid
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,7 +145,7 @@ class MemoryGuard:
             return
         raise UsageError(f"{what} needs about {gib(need)} ({est.why()}) but {self._limit(avail)}: {self._advice(width, height, guidance, photo_pixels, avail.bytes)}")
 
-    def fit(self, size: tuple[int, int], guidance: float, photo_pixels: int = 0) -> tuple[int, int]:
+    def fit(self, size: tuple[int, int], guidance: float, photo_pixels: int = 0, warn: bool = True) -> tuple[int, int]:
         """``size`` if it fits, else the largest size of about its aspect that does (the default-size policy's cap)."""
         avail = self.available()
         if avail.bytes is None:
@@ -158,9 +158,11 @@ class MemoryGuard:
             self.check(size, guidance, photo_pixels, f"generating at {size[0]}x{size[1]} (the default size)")
         assert smaller is not None
         est = self.estimate(size[0], size[1], guidance, photo_pixels)
-        log.warning(
-            "generating at %dx%d instead of %dx%d: that would need about %s (%s) but %s", smaller[0], smaller[1], size[0], size[1], gib(self.need(est)), est.why(), self._limit(avail)
-        )
+        if warn:
+            log.warning(
+                "generating at %dx%d instead of %dx%d: that would need about %s (%s) but %s",
+                smaller[0], smaller[1], size[0], size[1], gib(self.need(est)), est.why(), self._limit(avail),
+            )  # fmt: skip
         return smaller
 
     def _limit(self, avail: Available) -> str:
@@ -182,20 +184,29 @@ class MemoryGuard:
         return ", ".join(parts)
 
 
-def guard_for_run(folder: str | Path, provider: str = "auto", budget: int | None = None, budget_source: str = "--memory-budget") -> MemoryGuard | None:
-    """The guard of the graphs ``Pipeline.load(folder, provider)`` would open, made without opening any.
+def guard_for_run(
+    folder: str | Path,
+    provider: str = "auto",
+    budget: int | None = None,
+    budget_source: str = "--memory-budget",
+    stages: Collection[str] | None = None,
+) -> MemoryGuard | None:
+    """The guard of the graphs ``Pipeline.load(folder, provider, stages=stages)`` would open, made without opening any.
 
     For callers that want to refuse a size before loading (the CLI does, once per batch).
     """
     from trt_bgswap.runtime.device_pipeline import models_to_open
     from trt_bgswap.runtime.loader import resolve_backend
+    from trt_bgswap.runtime.pipeline import GENERATE_STAGE, MASK_MODELS, MASK_STAGE, STAGES
 
     folder = Path(folder)
     manifest = Manifest.load(folder)
     choice = resolve_backend(provider)
     if choice.engine != "ort" or choice.provider != "cpu":
         return None
-    names = models_to_open(manifest, device_graphs=False)  # as Pipeline.load opens them on the CPU
+    stages = STAGES if stages is None else stages
+    # as Pipeline.load opens them on the CPU
+    names = [n for n in models_to_open(manifest, device_graphs=False) if (MASK_STAGE if n in MASK_MODELS else GENERATE_STAGE) in stages]
     if "unet_step" in names:
         names = [n for n in names if n != "unet"]
     return MemoryGuard.for_folder(folder, choice, names, manifest, budget, budget_source)
