@@ -38,9 +38,11 @@ def reference_pipe(tiny_models_dir: Path):
     return pipe
 
 
-@pytest.fixture(scope="module")
-def runtime(exported_dir: Path) -> Pipeline:
-    return Pipeline.load(exported_dir, provider="cpu")
+@pytest.fixture(scope="module", params=["exported", "built"])
+def runtime(request: pytest.FixtureRequest, exported_dir: Path) -> Pipeline:
+    """The export as it is, and after `trt-bgswap build` (attention tiled): both must match diffusers."""
+    folder = exported_dir if request.param == "exported" else request.getfixturevalue("built_cpu_dir")
+    return Pipeline.load(folder, provider="cpu")
 
 
 @pytest.fixture(scope="module")

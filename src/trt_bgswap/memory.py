@@ -28,6 +28,11 @@ from __future__ import annotations
 import os
 import re
 import sys
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None  # type: ignore[assignment]
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,11 +242,29 @@ def _read(path: Path) -> str | None:
         return None
 
 
+def _status_kb(field: str, status: str | None = None) -> int:
+    text = _read(Path("/proc/self/status")) if status is None else status
+    m = re.search(rf"^{field}:\s+(\d+) kB", text or "", re.MULTILINE)
+    return int(m.group(1)) * 1024 if m else 0
+
+
 def process_rss(status: str | None = None) -> int:
     """This process's resident set (``VmRSS``), 0 where /proc is missing."""
+    return _status_kb("VmRSS", status)
+
+
+def address_space_room(status: str | None = None) -> int | None:
+    """The resident memory an address-space limit (``ulimit -v``, ``prlimit --as``) leaves this process.
+
+    Allocations fail once the virtual size reaches the limit; the part of it that is not resident
+    (thread stacks, reserved arenas) is taken as staying what it is now. None without a limit.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS) if resource is not None else (-1, -1)
+    if soft < 0 or soft == getattr(resource, "RLIM_INFINITY", -1):
+        return None
     text = _read(Path("/proc/self/status")) if status is None else status
-    m = re.search(r"^VmRSS:\s+(\d+) kB", text or "", re.MULTILINE)
-    return int(m.group(1)) * 1024 if m else 0
+    reserved = max(0, _status_kb("VmSize", text) - _status_kb("VmRSS", text))
+    return max(0, soft - reserved)
 
 
 def mem_available(meminfo: str | None = None) -> int | None:
@@ -275,6 +298,9 @@ def available_memory(budget: int | None = None, budget_source: str = "--memory-b
     room = cgroup_headroom()
     if room is not None:
         limits.append((rss + room, "available in this cgroup"))
+    space = address_space_room()
+    if space is not None:
+        limits.append((space, "allowed by the address-space limit (ulimit -v)"))
     if budget is None:
         budget = budget_from_env()
         budget_source = BUDGET_ENV
