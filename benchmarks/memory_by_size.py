@@ -53,11 +53,12 @@ def child_run(args: argparse.Namespace) -> dict[str, Any]:
     from trt_bgswap.runtime.memory_guard import guard_for_run
 
     width, height = args.size
-    with Image.open(PHOTO) as im:
+    photo = args.photo or PHOTO
+    with Image.open(photo) as im:
         photo_pixels = im.width * im.height
     guard = guard_for_run(args.models, "cpu", args.budget)
     est = guard.estimate(width, height, args.guidance, photo_pixels) if guard else None
-    argv = ["-q", "run", str(PHOTO), "--models", str(args.models), "--provider", "cpu", "--prompt", PROMPT, "--seed", "0"]
+    argv = ["-q", "run", str(photo), "--models", str(args.models), "--provider", "cpu", "--prompt", PROMPT, "--seed", "0"]
     argv += ["--steps", str(args.steps), "--size", f"{width}x{height}", "--guidance", str(args.guidance), "-o", str(args.output), "--overwrite"]
     if args.budget:
         argv += ["--memory-budget", str(args.budget)]
@@ -146,6 +147,18 @@ def build_copy(exported: Path, built: Path) -> Path:
     return built
 
 
+def big_photo(work: Path, megapixels: float) -> Path:
+    """examples/astronaut.jpg upscaled to about ``megapixels`` (4:3), written once as JPEG."""
+    from PIL import Image
+
+    path = work / f"photo-{megapixels:g}mp.jpg"
+    if not path.is_file():
+        w = int(round((megapixels * 1e6 * 4 / 3) ** 0.5))
+        with Image.open(PHOTO) as im:
+            im.convert("RGB").resize((w, w * 3 // 4), Image.Resampling.BICUBIC).save(path, quality=90)
+    return path
+
+
 def _gib(n: float | None) -> str:
     return "-" if n is None else f"{n / GIB:.2f} GiB"
 
@@ -160,8 +173,9 @@ def table(results: list[dict[str, Any]]) -> list[str]:
         ratio = f"{m['peak_rss'] / m['predicted']:.2f}" if m.get("predicted") and m.get("rc") == 0 else "-"
         outcome = "ran" if m.get("rc") == 0 else f"refused: `{m['message']}`" if m.get("rc") == 2 else f"failed: {m.get('error') or m.get('message')}"
         measured = _gib(m.get("peak_rss")) if m.get("rc") == 0 else f"({_gib(m.get('peak_rss'))} before refusing)" if m.get("rc") == 2 else "-"
+        photo = f", {r['photo_megapixels']:g} MP photo" if r.get("photo_megapixels") else ""
         rows.append(
-            f"| {r['variant']} | {r['size'][0]}x{r['size'][1]} | {r['guidance']:g} | {_gib(m.get('predicted'))} | {_gib(m.get('predicted_with_margin'))} | {measured} | {ratio} | {outcome} |"
+            f"| {r['variant']} | {r['size'][0]}x{r['size'][1]}{photo} | {r['guidance']:g} | {_gib(m.get('predicted'))} | {_gib(m.get('predicted_with_margin'))} | {measured} | {ratio} | {outcome} |"
         )
     return rows
 
@@ -199,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", nargs="+", type=int, default=[256, 512, 640, 768, 1024])
     ap.add_argument("--guided-sizes", nargs="*", type=int, default=[512], help="also run these with --guidance 2 (UNet batch 2)")
     ap.add_argument("--time-sizes", nargs="*", type=int, default=[512, 768])
+    ap.add_argument("--photo-megapixels", nargs="*", type=float, default=[12, 48], help="also run photos this large (tiled graphs, 256x256 generation)")
     ap.add_argument("--steps", type=int, default=2, help="LCM steps (each step holds the same memory)")
     ap.add_argument("--repeats", type=int, default=3, help="UNet calls timed per size (the fastest is reported)")
     ap.add_argument("--cap", default="10G", help="address-space cap of every child (RLIMIT_AS)")
@@ -211,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--guidance", type=float, default=1.0, help=argparse.SUPPRESS)
     ap.add_argument("--budget", help=argparse.SUPPRESS)
     ap.add_argument("--output", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--photo", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child_run:
         print(json.dumps(child_run(args)))
@@ -238,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         r = spawn("run", variants[variant], (side, side), cap, guidance=guidance, steps=args.steps, output=out)
         print(f"{variant:9s} {side}x{side} guidance {guidance:g}: {r}", file=sys.stderr)
         results.append({"variant": variant, "size": [side, side], "guidance": guidance, "result": r})
+    for mp in args.photo_megapixels:
+        photo = big_photo(args.work, mp)
+        out = args.work / f"out-photo-{mp:g}.png"
+        r = spawn("run", built, (256, 256), cap, steps=1, output=out, photo=photo)
+        print(f"photo {mp:g} MP: {r}", file=sys.stderr)
+        results.append({"variant": "tiled", "size": [256, 256], "guidance": 1.0, "photo_megapixels": mp, "result": r})
     speed = []
     for side in args.time_sizes:
         for variant in variants:

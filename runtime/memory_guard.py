@@ -175,7 +175,12 @@ class MemoryGuard:
 
     def _advice(self, width: int, height: int, guidance: float, photo_pixels: int, limit: int) -> str:
         smaller = largest_fitting(width, height, self.config.size_multiple, self._fits(guidance, photo_pixels, limit))
-        parts = [f"use --size {smaller[0]}x{smaller[1]} or smaller" if smaller else "no size fits; free memory or raise the budget"]
+        if smaller:
+            parts = [f"use --size {smaller[0]}x{smaller[1]} or smaller"]
+        elif photo_pixels and self.need(self.estimate(self.config.size_multiple, self.config.size_multiple, guidance)) <= limit:
+            parts = ["downscale the photo (no size fits beside its own arrays)"]
+        else:
+            parts = ["no size fits; free memory or raise the budget"]
         if self.unbuilt_bounded:
             tiled = self.bounded | self.unbuilt_bounded
             est = self.estimate(width, height, guidance, photo_pixels, tiled)

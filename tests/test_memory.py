@@ -195,3 +195,9 @@ def test_default_size_shrinks_to_fit(caplog: pytest.LogCaptureFixture) -> None:
     assert "instead of 1024x768" in caplog.text
     with pytest.raises(UsageError, match="no size fits"):
         guard(budget=1 << 20).fit((512, 512), 1.0)
+
+
+def test_a_photo_too_large_for_any_size_says_so() -> None:
+    g = guard(budget=2 << 30)
+    with pytest.raises(UsageError, match=r"\(compositing a 100\.0 MP photo\) but .*: downscale the photo"):
+        g.check((512, 512), guidance=1.0, photo_pixels=10_000 * 10_000)

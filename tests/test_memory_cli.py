@@ -27,8 +27,11 @@ REFUSAL = re.compile(
 
 
 def run(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The installed `trt-bgswap` command in its own process."""
+    command = shutil.which("trt-bgswap", path=str(Path(sys.executable).parent))
+    assert command, "the trt-bgswap console script is not installed next to this Python"
     environ = {k: v for k, v in os.environ.items() if k != "TRT_BGSWAP_MEMORY_BUDGET"} | (env or {})
-    return subprocess.run([sys.executable, "-m", "trt_bgswap.cli", *args], capture_output=True, text=True, timeout=300, env=environ)
+    return subprocess.run([command, *args], capture_output=True, text=True, timeout=300, env=environ)
 
 
 def gen_args(models: Path, out: Path, size: str) -> list[str]:

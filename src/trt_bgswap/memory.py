@@ -145,18 +145,20 @@ def facts_from_json(d: Mapping[str, Any] | None) -> dict[str, GraphMemory] | Non
 
 # --- Constants of this runtime (not of a model), each measured in benchmarks/memory_by_size.py ---
 
-# ONNX Runtime's own resident memory once imported and its sessions made (libraries, thread pools,
-# kernel registries), beyond the weights: measured 60-75 MiB on x86-64 (tiny models, whose weights are 12 MB).
+# ONNX Runtime's own resident memory for its sessions (thread pools, kernel registries, graph
+# structures) beyond the weights, once the library is imported: measured 34-45 MiB for the tiny
+# models' five sessions on 2 cores; each session's intra-op thread pool grows with the cores.
 ORT_OVERHEAD = 96 << 20
 # Weights held per byte of graph file: ONNX Runtime keeps one copy of each initializer; the CPU
 # provider's pre-packed GEMM/conv weights replace, not add to, the originals they are made from.
 WEIGHT_COPIES = 1.0
-# The photo's own arrays held while the graphs run (uint8 RGB, float32 raw and refined alpha,
-# uint8 repaint mask: 3 + 4 + 4 + 1 bytes a pixel) and the composite's float32 temporaries
-# at the end (runtime/composite.py: alpha, two float RGB copies, their products and the blend
-# alive together: about 4 + 4 * 12 bytes a pixel on top of the held arrays).
-PHOTO_HELD_BYTES_PER_PIXEL = 12
-PHOTO_COMPOSITE_BYTES_PER_PIXEL = 52
+# The photo's own arrays while the graphs run: uint8 RGB, float32 raw and refined alpha, the uint8
+# repaint mask (3 + 4 + 4 + 1 bytes a pixel), plus the decoder's copy. At the end the full-size
+# composite (runtime/composite.py: float32 alpha and RGB copies, their products and the blend, the
+# upscaled background) and the writer's buffers: measured 62.6 and 62.9 bytes a pixel with 12 and
+# 48 MP photos (benchmarks/README.md, "Peak memory by generation size"), held arrays included.
+PHOTO_HELD_BYTES_PER_PIXEL = 16
+PHOTO_COMPOSITE_BYTES_PER_PIXEL = 64
 # ONNX Runtime's arena keeps freed blocks and splits them for later requests; blocks freed by one
 # stage do not always fit the next one's tensors. Measured peaks were within this fraction above the
 # live-set prediction (the spread is in benchmarks/README.md); the check adds it to every prediction.
@@ -172,9 +174,14 @@ class Estimate:
     stage: str  # the graph (or "composite") whose run is the peak
     stage_bytes: int
     attention_tokens: int | None  # tokens of that stage's largest materialised self-attention
+    photo_pixels: int = 0
 
     def why(self) -> str:
-        return f"attention over {self.attention_tokens} tokens" if self.attention_tokens else f"{self.stage} at this size"
+        if self.attention_tokens:
+            return f"attention over {self.attention_tokens} tokens"
+        if self.stage == "composite":
+            return f"compositing a {self.photo_pixels / 1e6:.1f} MP photo"
+        return f"{self.stage} at this size"
 
 
 def estimate_peak(
@@ -207,7 +214,7 @@ def estimate_peak(
             stage, stage_bytes = name, cost
             # named in the message when its scores and probabilities are at least half of the stage's cost
             tokens = layer.tokens(area) if layer is not None and 4 * layer.scores_bytes(batch, area) >= cost else None
-    return Estimate(resident + held + stage_bytes, resident, stage, stage_bytes, tokens)
+    return Estimate(resident + held + stage_bytes, resident, stage, stage_bytes, tokens, photo_pixels)
 
 
 # --- What is available ---
