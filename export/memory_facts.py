@@ -223,7 +223,7 @@ def graph_memory(
     attention = [_layer(t, measured, configs) for t in triples]
     quadratic = {n for t in triples for n in (t.scores.output[0], t.softmax.output[0])}
     materialised = _live_sets(model, coef, set(), {})
-    hold = {t.scores.name: t.mix.output[0] for t in triples}  # the tiled op's output exists while it runs
+    hold = {t.scores.output[0]: t.mix.output[0] for t in triples}  # the tiled op's output exists while it runs
     bounded = _live_sets(model, coef, quadratic, hold)
     return GraphMemory(kind, tuple(attention), dominant(materialised), dominant(bounded))
 
@@ -245,7 +245,11 @@ def _layer(t: Any, measured: Sequence[Shapes], configs: Sequence[tuple[int, int,
 
 
 def _live_sets(model: Any, coef: Mapping[str, LiveSet], drop: set[str], hold: Mapping[str, str]) -> list[LiveSet]:
-    """The live set while each node runs: its inputs, its outputs and everything still needed later."""
+    """The live set while each node runs: its inputs, its outputs and everything still needed later.
+
+    ``drop``: tensors that take no memory (the scores a tiled attention never holds); ``hold``: a
+    node's first output -> another tensor alive while that node runs (the tiled op's own output).
+    """
     nodes = [n for n in model.graph.node if n.op_type != "Constant"]
     weights = {t.name for t in model.graph.initializer} | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
     outputs = {o.name for o in model.graph.output}
@@ -262,7 +266,7 @@ def _live_sets(model: Any, coef: Mapping[str, LiveSet], drop: set[str], hold: Ma
         for o in n.output:
             if o:
                 live[o] = size(o)
-        extra = coef.get(hold[n.name], zero) if n.name in hold else zero
+        extra = coef.get(hold[n.output[0]], zero) if n.output and n.output[0] in hold else zero
         total = [sum(v[k] for v in live.values()) + extra[k] for k in range(4)]
         sets.append(tuple(total))  # type: ignore[arg-type]
         for x in [x for x in live if x not in outputs and last.get(x, -1) <= i]:

@@ -99,7 +99,7 @@ def test_live_sets_extrapolate_to_an_unmeasured_size(exported_dir: Path, bounded
 
     triples, _ = find_attention(model.graph.node)
     drop = {n for t in triples for n in (t.scores.output[0], t.softmax.output[0])} if bounded else set()
-    hold = {t.scores.name: t.mix.output[0] for t in triples} if bounded else {}
+    hold = {t.scores.output[0]: t.mix.output[0] for t in triples} if bounded else {}
     replayed = max(v[0] for v in _live_sets(model, exact, drop, hold))
     predicted = facts_from_json(manifest.memory)["unet"].transient(2, h * w, bounded)
     assert predicted <= replayed * (1 + 1e-9) and predicted >= replayed * (1 - 1e-3), (predicted, replayed)
