@@ -1,6 +1,9 @@
 """Peak RSS of `trt-bgswap run` by generation size, each in its own capped process, against the cost model.
 
     python benchmarks/memory_by_size.py --work /tmp/memory-bench --readme benchmarks/README.md
+    python benchmarks/memory_by_size.py --models /tmp/bench-full/export --work /tmp/memory-bench-full \
+        --sizes 512 768 1024 --guided-sizes --photo-megapixels --time-sizes 512 --cap 14G \
+        --label full --out benchmarks/results/memory_by_size_full.json --readme benchmarks/README.md
 
 Writes (or reuses) the tiny models and their export in ``--work``, and a copy built with
 ``trt-bgswap build`` (ONNX Runtime CPU graphs, attention tiled: engines/attention.py). Then, one
@@ -11,8 +14,8 @@ CLI does before loading), runs the CLI in-process, and reports its own peak RSS 
 refuses is reported with its one-line message. A second table times one UNet call and one VAE
 decode with the exported and the tiled attention. ``--models DIR`` measures another export
 (the full-size random-weight models of ``trt-bgswap bench --mode full``, say) instead of the
-tiny ones. Results: ``--out`` (JSON) and, with ``--readme``, the section between the
-``memory-by-size`` markers of benchmarks/README.md.
+tiny ones. Results: ``--out`` (JSON) and, with ``--readme``, the block between this ``--label``'s
+``memory-by-size`` markers in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT / "examples" / "astronaut.jpg"
 PROMPT = "a sunny beach, photograph"
-START, END = "<!-- memory-by-size:start -->", "<!-- memory-by-size:end -->"
+SECTION = "## Peak memory by generation size"
 GIB = 1 << 30
 
 
@@ -191,13 +194,17 @@ def speed_table(speed: list[dict[str, Any]]) -> list[str]:
     return rows
 
 
-def write_readme(readme: Path, text: str) -> None:
+def write_readme(readme: Path, label: str, text: str) -> None:
+    """Replace the block between this label's markers (made at the end of the section the first time)."""
+    start, end = f"<!-- memory-by-size:{label}:start -->", f"<!-- memory-by-size:{label}:end -->"
     old = readme.read_text(encoding="utf-8") if readme.is_file() else ""
-    block = f"{START}\n{text}\n{END}"
-    if START in old and END in old:
-        new = old[: old.index(START)] + block + old[old.index(END) + len(END) :]
+    block = f"{start}\n{text}\n{end}"
+    if start in old and end in old:
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end) :]
+    elif SECTION in old:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
     else:
-        new = old.rstrip("\n") + "\n\n## Peak memory by generation size\n\n" + block + "\n"
+        new = old.rstrip("\n") + f"\n\n{SECTION}\n\n" + block + "\n"
     readme.write_text(new, encoding="utf-8")
 
 
@@ -219,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cap", default="10G", help="address-space cap of every child (RLIMIT_AS)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "memory_by_size.json")
     ap.add_argument("--readme", type=Path)
+    ap.add_argument("--label", default="tiny", help="names this run's block in --readme (several runs keep one block each)")
     # child modes (internal)
     ap.add_argument("--child-run", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-time", action="store_true", help=argparse.SUPPRESS)
@@ -289,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(text)
     if args.readme:
-        write_readme(args.readme, text)
+        write_readme(args.readme, args.label, text)
     return 0
 
 

@@ -363,7 +363,8 @@ def build_cpu_fast(
 
     models: dict[str, BuiltModel] = dict(report.models) if report is not None else {}
     for name, e in entries.items():
-        models[name] = BuiltModel(name, "ort", e.path, e.cache_hit, (), (), "cpu", e.graph_optimization, {}, attention_kind(e.path))
+        source = manifest.model_path(export_dir, name)  # what the tiling makes of it (the fused/int8 graph was made from it)
+        models[name] = BuiltModel(name, "ort", e.path, e.cache_hit, (), (), "cpu", e.graph_optimization, {}, attention_kind(source) if e.kind == "fused" else None)
     index = write_index(out, ORT, "cpu", {k: m.index_entry() for k, m in models.items()})
     full = BuildReport(export_dir, out, "ort", "cpu", models, index)
     return full, entries

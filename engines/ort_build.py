@@ -245,7 +245,7 @@ def prepare_ort_model(
             return [data_name] if data_name else []
 
         cache.store(model, OPTIMIZED_NAME, key, write)
-    return OrtArtifact(model, provider, found.path, "disable", options, found.hit, found.reasons, attention_kind(found.path))
+    return OrtArtifact(model, provider, found.path, "disable", options, found.hit, found.reasons, attention_kind(onnx_path) if provider == "cpu" else None)
 
 
 @contextlib.contextmanager
@@ -257,7 +257,7 @@ def _tiled_attention(onnx_path: Path, provider: str) -> Iterator[Path]:
     with tempfile.NamedTemporaryFile(dir=onnx_path.parent, prefix=".tiled.", suffix=".onnx", delete=False) as f:
         tiled = Path(f.name)
     try:
-        yield tiled if write_bounded(onnx_path, tiled) else onnx_path
+        yield tiled if write_bounded(onnx_path, tiled).tiled else onnx_path
     finally:
         with contextlib.suppress(FileNotFoundError):
             tiled.unlink()

@@ -221,7 +221,7 @@ def graph_memory(
 
     triples, _ = find_attention(model.graph.node, [o.name for o in model.graph.output])
     attention = [_layer(t, measured, configs) for t in triples]
-    quadratic = {n for t in triples for n in (t.scores.output[0], t.softmax.output[0])}
+    quadratic = {n for t in triples for n in (t.scores.output[0], t.softmax.output[0])}  # what `build` tiles: all of them
     materialised = _live_sets(model, coef, set(), {})
     hold = {t.scores.output[0]: t.mix.output[0] for t in triples}  # the tiled op's output exists while it runs
     bounded = _live_sets(model, coef, quadratic, hold)
