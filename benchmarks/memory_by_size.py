@@ -97,8 +97,10 @@ def child_time(args: argparse.Namespace) -> dict[str, Any]:
     emb = p.text_embeddings(PROMPT)
     x = rng.standard_normal((1, cfg.unet_in_channels, dims["h"], dims["w"])).astype(np.float32)
     z = rng.standard_normal((1, cfg.latent_channels, dims["h"], dims["w"])).astype(np.float32)
+    gen = p.stages.generator
     out: dict[str, Any] = {}
-    for name, fn, n in (("unet", lambda: p.unet(x, 999.0, emb), args.repeats), ("vae_decoder", lambda: p.decode(z), max(1, args.repeats - 1))):
+    calls = (("unet", lambda: gen.denoiser.unet(x, 999.0, emb), args.repeats), ("vae_decoder", lambda: gen.decoder.decode(z), max(1, args.repeats - 1)))
+    for name, fn, n in calls:
         times = []
         for _ in range(n):
             t0 = time.perf_counter()

@@ -16,6 +16,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from trt_bgswap.build_index import read_index
 from trt_bgswap.errors import UsageError
 from trt_bgswap.manifest import InpaintConfig, Manifest
 from trt_bgswap.memory import (
@@ -33,11 +34,13 @@ from trt_bgswap.memory import (
     process_rss,
 )
 from trt_bgswap.runtime.backends import BackendChoice
+from trt_bgswap.specs import UNET, UNET_STEP, VAE_DECODER, VAE_ENCODER
 
 log = logging.getLogger(__name__)
 
 BOUNDED = "bounded"  # engines/attention.py's index value for graphs whose attention is tiled
-GUIDED_MODELS = ("unet", "unet_step")  # their batch is 2 when classifier-free guidance runs
+GUIDED_MODELS = (UNET, UNET_STEP)  # their batch doubles when classifier-free guidance runs
+GENERATION_MODELS = (VAE_ENCODER, VAE_DECODER)  # they run stacked generations together with the UNet
 
 
 def _weights_bytes(folder: Path, manifest: Manifest, names: list[str]) -> int:
@@ -79,8 +82,6 @@ class MemoryGuard:
         It does not apply on GPU backends (device memory) or to exports without memory facts
         (made before they were recorded: re-export to get the check).
         """
-        from trt_bgswap.runtime.loader import read_index
-
         folder = Path(folder)
         manifest = manifest if manifest is not None else Manifest.load(folder)
         if choice.engine != "ort" or choice.provider != "cpu" or manifest.inpaint is None:
@@ -89,9 +90,9 @@ class MemoryGuard:
         if facts is None:
             log.warning("%s records no memory facts (exported by an older trt-bgswap); re-export it to get the generation-size check", folder)
             return None
-        index = read_index(folder, choice) or {}
+        index = read_index(folder, choice.engine, choice.provider) or {}
         flash = flash_attention_available()
-        built = {n for n in names if (index.get(n) or {}).get("attention") == BOUNDED}
+        built = {n for n in names if n in index and index[n].attention == BOUNDED}
         has_attention = {n for n in names if n in facts and facts[n].attention}
         return cls(
             folder=folder,
@@ -106,20 +107,24 @@ class MemoryGuard:
             unbuilt_bounded=frozenset(has_attention - built if flash else ()),
         )
 
-    def _runs(self, guidance: float) -> dict[str, int]:
-        return {n: 2 if guidance > 1.0 and n in GUIDED_MODELS else 1 for n in self.graphs}
+    def _runs(self, guidance: float, generations: int) -> dict[str, int]:
+        """Each graph's batch: the VAE and the UNet run stacked generations together, the UNet twice over with guidance."""
+        guided = 2 if guidance > 1.0 else 1
+        return {n: generations * guided if n in GUIDED_MODELS else generations if n in GENERATION_MODELS else 1 for n in self.graphs}
 
-    def estimate(self, width: int, height: int, guidance: float, photo_pixels: int = 0, bounded: frozenset[str] | None = None) -> Estimate:
-        est = estimate_peak(
+    def estimate(
+        self, width: int, height: int, guidance: float, photo_pixels: int = 0, bounded: frozenset[str] | None = None, generations: int = 1
+    ) -> Estimate:
+        """The predicted peak of ``generations`` stacked generations at ``width`` x ``height`` (photos of ``photo_pixels`` each)."""
+        return estimate_peak(
             self.facts,
-            self._runs(guidance),
+            self._runs(guidance, generations),
             self.bounded if bounded is None else bounded,
             self.weights,
             self.base,
             area_of(width, height, self.config.vae_scale_factor),
-            photo_pixels,
+            photo_pixels * generations,
         )
-        return est
 
     def need(self, est: Estimate) -> int:
         """The prediction plus the safety margin on what the run adds (weights are known exactly)."""
@@ -144,6 +149,17 @@ class MemoryGuard:
         if need <= avail.bytes:
             return
         raise UsageError(f"{what} needs about {gib(need)} ({est.why()}) but {self._limit(avail)}: {self._advice(width, height, guidance, photo_pixels, avail.bytes)}")
+
+    def stackable(self, size: tuple[int, int], guidance: float, most: int, photo_pixels: int = 0) -> int:
+        """How many generations of ``size`` may run stacked (at most ``most``, at least 1: one was checked alone)."""
+        avail = self.available()
+        if avail.bytes is None or most <= 1:
+            return max(1, most)
+        fits = [k for k in range(2, most + 1) if self.need(self.estimate(*size, guidance, photo_pixels, generations=k)) <= avail.bytes]
+        n = max(fits, default=1)
+        if n < most:
+            log.info("stacking %d generations at a time, not %d: more would not fit in memory (%s)", n, most, self._limit(avail))
+        return n
 
     def fit(self, size: tuple[int, int], guidance: float, photo_pixels: int = 0, warn: bool = True) -> tuple[int, int]:
         """``size`` if it fits, else the largest size of about its aspect that does (the default-size policy's cap)."""
@@ -200,18 +216,13 @@ def guard_for_run(
 
     For callers that want to refuse a size before loading (the CLI does, once per batch).
     """
-    from trt_bgswap.runtime.device_pipeline import models_to_open
+    from trt_bgswap.runtime.assemble import STAGES, models_to_open
     from trt_bgswap.runtime.loader import resolve_backend
-    from trt_bgswap.runtime.pipeline import GENERATE_STAGE, MASK_MODELS, MASK_STAGE, STAGES
 
     folder = Path(folder)
     manifest = Manifest.load(folder)
     choice = resolve_backend(provider)
     if choice.engine != "ort" or choice.provider != "cpu":
         return None
-    stages = STAGES if stages is None else stages
-    # as Pipeline.load opens them on the CPU
-    names = [n for n in models_to_open(manifest, device_graphs=False) if (MASK_STAGE if n in MASK_MODELS else GENERATE_STAGE) in stages]
-    if "unet_step" in names:
-        names = [n for n in names if n != "unet"]
+    names = models_to_open(manifest, False, STAGES if stages is None else stages)  # as Pipeline.load opens them on the CPU
     return MemoryGuard.for_folder(folder, choice, names, manifest, budget, budget_source)

@@ -250,6 +250,8 @@ class Pipeline:
         self.scheduler.set_timesteps(steps)
         sigma = np.float32(self.scheduler.init_noise_sigma)
         step = generator.max_batch or len(preps)
+        if self.memory is not None:  # as many generations stacked as fit in memory (one does: each was checked alone)
+            step = self.memory.stackable((width, height), guidance, step, max(p.photo_pixels for p in preps))
         images: list[np.ndarray] = []
         for start in range(0, len(preps), step):
             part = preps[start : start + step]

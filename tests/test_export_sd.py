@@ -147,14 +147,14 @@ def test_built_cpu_graph_matches_torch(built_cpu_dir: Path, torch_models, model:
     max and rescaling, then the weighted sum of V over the keys), an error of a few float32 ulps
     of the largest |V| per attention (u = 6e-8), as the fused/exported graphs' 2e-6 shows.
     """
-    from trt_bgswap.runtime.loader import read_index, resolve_backend
+    from trt_bgswap.build_index import ENGINES_DIR, ORT, read_index
     from trt_bgswap.runtime.ort_backend import OrtEngine
 
     manifest = Manifest.load(built_cpu_dir)
     entry = manifest.models[model]
-    built = read_index(built_cpu_dir, resolve_backend("cpu"))[model]
-    assert built["attention"] == "bounded", f"{model}: the build left attention materialised"
-    engine = OrtEngine(entry.spec, built_cpu_dir / "engines" / built["path"], provider="cpu", graph_optimization=built["graph_optimization"])
+    built = read_index(built_cpu_dir, ORT, "cpu")[model]
+    assert built.attention == "bounded", f"{model}: the build left attention materialised"
+    engine = OrtEngine(entry.spec, built.resolve(built_cpu_dir / ENGINES_DIR), provider="cpu", graph_optimization=built.graph_optimization)
     feeds = _inputs(model, batch, size, manifest, built_cpu_dir)
     got = engine(**feeds)
     for name, ref in zip(entry.spec.output_names, _reference(torch_models[model], feeds, entry.spec.input_names)):

@@ -123,7 +123,7 @@ def _stages(args: argparse.Namespace, jobs: list[Job]) -> tuple[str, ...]:
 
 def _check_memory(folder: Path, args: argparse.Namespace, jobs: list[Job], stages: tuple[str, ...]) -> None:
     """Refuse a generation that cannot fit in memory before any model is loaded (exit code 2)."""
-    from trt_bgswap.runtime.composite import generation_size
+    from trt_bgswap.runtime.sizing import generation_size
     from trt_bgswap.runtime.memory_guard import guard_for_run
 
     guard = guard_for_run(folder, args.provider, args.memory_budget, stages=stages)
