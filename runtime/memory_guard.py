@@ -11,6 +11,7 @@ activations live in device memory, which TensorRT and ONNX Runtime's CUDA provid
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from trt_bgswap.memory import (
     process_rss,
 )
 from trt_bgswap.runtime.backends import BackendChoice
+from trt_bgswap.runtime.sizing import generation_size
 from trt_bgswap.specs import UNET, UNET_STEP, VAE_DECODER, VAE_ENCODER
 
 log = logging.getLogger(__name__)
@@ -76,11 +78,11 @@ class MemoryGuard:
         manifest: Manifest | None = None,
         budget: int | None = None,
         budget_source: str = "--memory-budget",
-    ) -> "MemoryGuard | None":
+    ) -> "SizeGuard | None":
         """The guard for ``names`` opened from ``folder`` on ``choice``; None where it does not apply.
 
-        It does not apply on GPU backends (device memory) or to exports without memory facts
-        (made before they were recorded: re-export to get the check).
+        It does not apply on GPU backends (device memory). An export without memory facts (made
+        before they were recorded) gets an :class:`UnmeasuredGuard`.
         """
         folder = Path(folder)
         manifest = manifest if manifest is not None else Manifest.load(folder)
@@ -88,8 +90,7 @@ class MemoryGuard:
             return None
         facts = facts_from_json(manifest.memory)
         if facts is None:
-            log.warning("%s records no memory facts (exported by an older trt-bgswap); re-export it to get the generation-size check", folder)
-            return None
+            return UnmeasuredGuard.for_folder(folder, manifest.inpaint, budget, budget_source)
         index = read_index(folder, choice.engine, choice.provider) or {}
         flash = flash_attention_available()
         built = {n for n in names if n in index and index[n].attention == BOUNDED}
@@ -205,13 +206,70 @@ class MemoryGuard:
         return ", ".join(parts)
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_unmeasured(folder: Path, budget_source: str | None) -> None:
+    """Once per folder (the CLI makes a guard before loading, the pipeline another while loading)."""
+    log.warning("%s records no memory facts (exported by an older trt-bgswap): sizes above the model's native area are refused; re-export it to get the memory check", folder)
+    if budget_source is not None:
+        log.warning("%s cannot be checked against %s: it records no memory facts", budget_source, folder)
+
+
+@dataclass
+class UnmeasuredGuard:
+    """The guard of an export made before memory facts were recorded: what a size costs is unknown.
+
+    Sizes up to the one the default-size policy picks for the same aspect (the model's native
+    area, what such exports have always run at) run unchecked; larger ones are refused, because
+    self-attention memory grows with the square of the pixels (an older export took 12.9 GB at
+    768x768 and the whole machine at 1024x1024 with the tiny models). Re-exporting records the
+    facts and lifts the limit to what memory allows.
+    """
+
+    folder: Path
+    config: InpaintConfig
+
+    @classmethod
+    def for_folder(cls, folder: Path, config: InpaintConfig, budget: int | None = None, budget_source: str = "--memory-budget") -> "UnmeasuredGuard":
+        _warn_unmeasured(folder.resolve(), budget_source if budget is not None else None)
+        return cls(folder, config)
+
+    def _native(self, width: int, height: int) -> bool:
+        """Whether ``width`` x ``height`` is no larger than the default-size policy's size for its aspect."""
+        policy = generation_size(width, height, self.config.default_size, self.config.size_multiple)
+        return width * height <= policy[0] * policy[1]
+
+    def check(self, size: tuple[int, int], guidance: float, photo_pixels: int = 0, what: str | None = None) -> None:
+        """Raise a one-line UsageError for a size above the native area, naming the largest native one."""
+        width, height = size
+        if self._native(width, height):
+            return
+        policy = generation_size(width, height, self.config.default_size, self.config.size_multiple)
+        smaller = largest_fitting(width, height, self.config.size_multiple, lambda w, h: w * h <= policy[0] * policy[1])
+        raise UsageError(
+            f"{what or f'--size {width}x{height}'}: {self.folder} records no memory facts (exported by an older trt-bgswap), "
+            f"so the memory this size needs is unknown (attention memory grows with the square of the pixels): "
+            f"re-export it with `trt-bgswap export` to get the memory check, or use --size {smaller[0]}x{smaller[1]} or smaller"
+        )
+
+    def fit(self, size: tuple[int, int], guidance: float, photo_pixels: int = 0, warn: bool = True) -> tuple[int, int]:
+        """``size`` (the policy's own sizes are native)."""
+        return size
+
+    def stackable(self, size: tuple[int, int], guidance: float, most: int, photo_pixels: int = 0) -> int:
+        """``most``: stacking at native sizes is what such exports have always done."""
+        return max(1, most)
+
+
+SizeGuard = MemoryGuard | UnmeasuredGuard  # what Pipeline.memory holds: check, fit, stackable, config
+
+
 def guard_for_run(
     folder: str | Path,
     provider: str = "auto",
     budget: int | None = None,
     budget_source: str = "--memory-budget",
     stages: Collection[str] | None = None,
-) -> MemoryGuard | None:
+) -> SizeGuard | None:
     """The guard of the graphs ``Pipeline.load(folder, provider, stages=stages)`` would open, made without opening any.
 
     For callers that want to refuse a size before loading (the CLI does, once per batch).

@@ -51,7 +51,7 @@ from trt_bgswap.specs import RMBG, pipeline_dims
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from trt_bgswap.runtime.memory_guard import MemoryGuard
+    from trt_bgswap.runtime.memory_guard import SizeGuard
 
 __all__ = ["GENERATE_STAGE", "MASK_STAGE", "STAGES", "GenerationJob", "GenerationOptions", "Noise", "Pipeline", "Result"]
 
@@ -76,10 +76,10 @@ class Pipeline:
     Pipelines for parallel throughput.
     """
 
-    def __init__(self, manifest: Manifest, stages: Stages, memory: "MemoryGuard | None" = None) -> None:
+    def __init__(self, manifest: Manifest, stages: Stages, memory: "SizeGuard | None" = None) -> None:
         self.manifest = manifest
         self.stages = stages
-        self.memory = memory  # what a size costs in host memory; None on GPUs and for exports without memory facts
+        self.memory = memory  # what a size costs in host memory; None on GPUs (an UnmeasuredGuard for exports without memory facts)
         self.config: InpaintConfig | None = manifest.inpaint
         self.scheduler = LCMScheduler.from_config(self.config.scheduler) if self.config else None
         self._lock = threading.RLock()

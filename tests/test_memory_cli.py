@@ -8,6 +8,7 @@ tests do not depend on this machine's free memory. 1024x1024 with the tiny model
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,12 @@ PHOTO = Path(__file__).resolve().parents[1] / "examples" / "astronaut.jpg"
 REFUSAL = re.compile(
     r"error: --size 1024x1024 needs about \d+\.\d GiB \(attention over 16384 tokens\) but the budget \((?P<source>[^)]+)\) "
     r"is 1\.0 GiB: use --size (?P<w>\d+)x(?P<h>\d+) or smaller, or run `trt-bgswap build \S+` first \(tiled attention: about \d+\.\d GiB\)"
+)
+# An export made before memory facts were recorded: the tiny models' native size is 128x128.
+UNMEASURED = re.compile(
+    r"error: --size 1024x1024: \S+ records no memory facts \(exported by an older trt-bgswap\), so the memory this size needs is unknown "
+    r"\(attention memory grows with the square of the pixels\): re-export it with `trt-bgswap export` to get the memory check, "
+    r"or use --size 128x128 or smaller"
 )
 
 
@@ -84,3 +91,38 @@ def test_api_refuses_in_check_options(exported_dir: Path) -> None:
     with pytest.raises(UsageError, match=r"^--size 1024x1024 needs about .* but the budget"):
         swapper.check_options("a beach", size=(1024, 1024))
     swapper.check_options("a beach", size=(128, 128))
+
+
+@pytest.fixture
+def older_export(exported_dir: Path, tmp_path: Path) -> Path:
+    """The tiny export as an older trt-bgswap wrote it: a manifest without ``memory``."""
+    folder = tmp_path / "older"
+    shutil.copytree(exported_dir, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["memory"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_an_older_export_refuses_a_size_above_its_native_one_before_loading(older_export: Path, tmp_path: Path) -> None:
+    """No facts, no estimate: 1024x1024 is refused in one line (the corrupt UNet proves nothing was opened)."""
+    (older_export / "unet" / "model.onnx").write_bytes(b"not an onnx graph")
+    proc = run(gen_args(older_export, tmp_path / "a.png", "1024x1024"))
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and UNMEASURED.fullmatch(errors[0]), proc.stderr
+    assert "loaded " not in proc.stderr and not (tmp_path / "a.png").exists()
+
+
+def test_an_older_export_still_loads_and_generates_at_its_native_size(older_export: Path) -> None:
+    from PIL import Image
+
+    from trt_bgswap.api import BackgroundReplacer
+
+    swapper = BackgroundReplacer(older_export, provider="cpu", memory_budget="1G")
+    with pytest.raises(UsageError, match=r"^--size 1024x1024: .* records no memory facts .* or use --size 128x128 or smaller$"):
+        swapper.check_options("a beach", size=(1024, 1024))
+    with pytest.raises(UsageError, match=r"or use --size 128x64 or smaller$"):  # the aspect is kept
+        swapper.check_options("a beach", size=(512, 256))
+    out = swapper.replace(PHOTO, "a beach", steps=1, seed=1)  # the default size policy: 128x128 for a square photo
+    assert out.generation_size == (128, 128) and out.image.size == Image.open(PHOTO).size
