@@ -8,6 +8,7 @@ import numpy as np
 
 from trt_bgswap.errors import UsageError
 from trt_bgswap.runtime.color_management import ColorSpace
+from trt_bgswap.runtime.compose import CompositeOptions, CompositeReport
 from trt_bgswap.runtime.mask_ops import MaskOptions
 
 MAX_STEPS = 50
@@ -68,6 +69,7 @@ class Result:
     seed: int | None
     generation_size: tuple[int, int] | None  # (width, height)
     backends: dict[str, str] = field(default_factory=dict)
+    composite: CompositeReport | None = None  # what the composite did (runtime/compose.py)
 
 
 GenerationKey = tuple[int, int, int, float]  # (width, height, steps, guidance): jobs with equal keys stack
@@ -83,3 +85,5 @@ class GenerationJob:
     mask_options: MaskOptions = MaskOptions()
     color_space: ColorSpace | None = None
     noise: Noise | None = None  # every random draw, given (the parity tests hand diffusers' draws in)
+    composite_options: CompositeOptions = CompositeOptions()
+    from_masker: bool = False  # ``alpha`` is RMBG's (refined to the photo's edges when composite_options say so), not the caller's

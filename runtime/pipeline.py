@@ -36,10 +36,12 @@ from trt_bgswap.manifest import InpaintConfig, Manifest
 from trt_bgswap.runtime.assemble import GENERATE_STAGE, MASK_STAGE, STAGES, Stages, assemble, check_stages, device_graphs_in, models_to_open
 from trt_bgswap.runtime.backends import Availability
 from trt_bgswap.runtime.color_management import ColorSpace
-from trt_bgswap.runtime.composite import composite, solid_background, upscale_background
+from trt_bgswap.runtime.compose import CompositeOptions, compose, refine_masker_alpha
+from trt_bgswap.runtime.composite import solid_background, upscale_background
 from trt_bgswap.runtime.engine import Engine
 from trt_bgswap.runtime.generator import GenerationInputs
 from trt_bgswap.runtime.jobs import GenerationJob, GenerationKey, GenerationOptions, Noise, Result
+from trt_bgswap.runtime.guided_filter import Refinement
 from trt_bgswap.runtime.mask_ops import MaskOptions, inpaint_mask, refine_alpha
 from trt_bgswap.runtime.masker import Masker, MaskStage
 from trt_bgswap.runtime.preprocess import inpaint_inputs
@@ -83,6 +85,7 @@ class Pipeline:
         self.config: InpaintConfig | None = manifest.inpaint
         self.scheduler = LCMScheduler.from_config(self.config.scheduler) if self.config else None
         self._lock = threading.RLock()
+        self._closed = False
 
     # --- construction ---
 
@@ -168,6 +171,11 @@ class Pipeline:
         """Free every session, engine, device buffer and CUDA graph; the pipeline cannot be used afterwards."""
         with self._lock:
             self.stages.close()
+            self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError("this pipeline was closed; load the models again (Pipeline.load / BackgroundReplacer(...))")
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -183,10 +191,12 @@ class Pipeline:
 
     @property
     def can_mask(self) -> bool:
-        """Whether this pipeline has (or opens on first use) a masker."""
+        """Whether this pipeline has (or opens on first use) a masker; a closed pipeline says it is closed."""
+        self._check_open()
         return self.stages.masker is not None
 
     def _inpaint_config(self) -> InpaintConfig:
+        self._check_open()
         if self.config is None or self.stages.generator is None or self.stages.text_encoder is None:
             what = list(self.stages.missing) or ["the inpainting config"]
             raise ModelError(f"this model folder has no inpainting models ({', '.join(what)} missing); re-run `trt-bgswap export --inpaint ...`")
@@ -194,6 +204,7 @@ class Pipeline:
 
     def mask(self, rgb: np.ndarray) -> np.ndarray:
         """RMBG's soft alpha (float32 HxW in [0,1]) for an RGB uint8 image."""
+        self._check_open()
         if self.stages.masker is None:
             raise ModelError("this model folder has no RMBG model; re-run `trt-bgswap export --rmbg ...` or pass a mask")
         with self._lock:
@@ -290,28 +301,39 @@ class Pipeline:
         background_color: tuple[int, int, int] | None = None,
         noise: Noise | None = None,
         color_space: ColorSpace | None = None,
+        composite_options: CompositeOptions | None = None,
+        from_masker: bool = False,
     ) -> Result:
         """The whole job for one image: mask (or the given alpha), new background, composite.
 
         ``color_space``: the photo's ICC space; the masker and the generation see the photo in
         sRGB, and the new background (solid or generated, both sRGB) is converted into the
         photo's space before the subject is put back, so the output keeps the photo's profile.
+        ``composite_options``: edges, alpha refinement (of the masker's alpha only), grain, light, shadow;
+        ``from_masker``: the ``alpha`` given is RMBG's (a caller that batched the masks), refined as the masker's own.
         """
+        self._check_open()
         _check_rgb(rgb)
         cs = color_space or ColorSpace()
         if options is not None and background_color is None:  # size and memory are settled before any work on the image
             options = dataclasses.replace(options, size=self.generation_size_for(rgb.shape[1], rgb.shape[0], options))
-        if alpha is None:
-            alpha = self.mask(cs.to_srgb(rgb))
         mask_options = mask_options or MaskOptions()
+        composite_options = composite_options or CompositeOptions()
+        composite_options.validate()
+        if alpha is None:
+            alpha, from_masker = self.mask(cs.to_srgb(rgb)), True
         if background_color is not None:
+            model_rgb = cs.to_srgb(rgb)
+            alpha, refinement = self.refine_masker_alpha(model_rgb, alpha, composite_options) if from_masker else (alpha, None)
             a = _compositing_alpha(rgb, alpha, mask_options)
             h, w = rgb.shape[:2]
-            out = composite(rgb, solid_background(cs.color_from_srgb(background_color), w, h), a)
-            return Result(out, a, inpaint_mask(a, mask_options), None, None, None, self.backends())
+            out, report = compose(rgb, solid_background(cs.color_from_srgb(background_color), w, h), a, composite_options)
+            log.debug("%s", report.summary())
+            return Result(out, a, inpaint_mask(a, mask_options), None, None, None, self.backends(), dataclasses.replace(report, refinement=refinement))
         if options is None:
             raise UsageError("give a prompt (GenerationOptions) or a background colour")
-        return self.replace_batch([GenerationJob(rgb, alpha, options, mask_options, cs, noise)])[0]
+        job = GenerationJob(rgb, alpha, options, mask_options, cs, noise, composite_options, from_masker=from_masker)
+        return self.replace_batch([job])[0]
 
     def replace_batch(self, jobs: Sequence[GenerationJob]) -> list[Result]:
         """Generated backgrounds for several jobs of one :meth:`generation_key`, their UNet calls stacked; each result
@@ -322,20 +344,31 @@ class Pipeline:
             prepared = []
             for job in jobs:
                 _check_rgb(job.rgb)
+                job.composite_options.validate()
                 cs = job.color_space or ColorSpace()
-                a = _compositing_alpha(job.rgb, job.alpha, job.mask_options)
+                model_rgb = cs.to_srgb(job.rgb)
+                alpha, refinement = self.refine_masker_alpha(model_rgb, job.alpha, job.composite_options) if job.from_masker else (job.alpha, None)
+                a = _compositing_alpha(job.rgb, alpha, job.mask_options)
                 repaint = inpaint_mask(a, job.mask_options)
                 options = job.options
                 if options.seed is None and job.noise is None:
                     options = dataclasses.replace(options, seed=int(np.random.SeedSequence().entropy % 2**63))
-                prepared.append((job, cs, a, repaint, options, self._prepare(cs.to_srgb(job.rgb), repaint, options, job.noise)))
+                prepared.append((job, cs, a, repaint, options, refinement, self._prepare(model_rgb, repaint, options, job.noise)))
             generated = self._generate([p[-1] for p in prepared])
-        for (job, cs, a, repaint, options, prep), image in zip(prepared, generated):
+        for (job, cs, a, repaint, options, refinement, prep), image in zip(prepared, generated):
             h, w = job.rgb.shape[:2]
-            out = composite(job.rgb, cs.from_srgb(upscale_background(image, w, h)), a)
             seed = options.seed if job.noise is None else None
-            results.append(Result(out, a, repaint, image, seed, prep.key[:2], self.backends()))
+            # the generation's seed seeds the grain (0 when the caller handed the noise in)
+            out, report = compose(job.rgb, cs.from_srgb(upscale_background(image, w, h)), a, job.composite_options, seed=seed or 0)
+            log.debug("%s", report.summary())
+            results.append(Result(out, a, repaint, image, seed, prep.key[:2], self.backends(), dataclasses.replace(report, refinement=refinement)))
         return results
+
+    def refine_masker_alpha(self, rgb: np.ndarray, alpha: np.ndarray, options: CompositeOptions) -> tuple[np.ndarray, Refinement | None]:
+        """The masker's alpha sharpened at full resolution along the photo's edges, when ``options.refine_alpha``."""
+        if self.manifest.rmbg is None:
+            return alpha, None
+        return refine_masker_alpha(rgb, alpha, self.manifest.rmbg.input_size, options)
 
     def backends(self) -> dict[str, str]:
         return self.stages.backends()

@@ -112,3 +112,21 @@ def resize_nearest(x: np.ndarray, size: Sequence[int]) -> np.ndarray:
     rows = _nearest_index(x.shape[-2], out_h)
     cols = _nearest_index(x.shape[-1], out_w)
     return np.ascontiguousarray(x[..., rows[:, None], cols[None, :]])
+
+
+def sample_bilinear(x: np.ndarray, size: Sequence[int], rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``resize_bilinear(x, size)[..., rows, cols]`` without making the whole resized array.
+
+    For a sparse set of pixels (an edge band) of a large upsampling; same taps and float32
+    operations in the same order as :func:`resize_bilinear`, so the values are identical.
+    """
+    out_h, out_w = _check(x, size)
+    x = np.asarray(x)
+    r0, r1, rw0, rw1 = (t[rows] for t in _linear_taps(x.shape[-2], out_h))
+    c0, c1, cw0, cw1 = (t[cols] for t in _linear_taps(x.shape[-1], out_w))
+
+    def row(r: np.ndarray) -> np.ndarray:
+        a = x[..., r, c0].astype(np.float32) * cw0
+        return a + x[..., r, c1].astype(np.float32) * cw1
+
+    return row(r0) * rw0 + row(r1) * rw1

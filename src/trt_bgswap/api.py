@@ -31,6 +31,7 @@ from trt_bgswap.colors import RGB, parse_color
 from trt_bgswap.errors import ModelError, UsageError
 from trt_bgswap.memory import parse_bytes
 from trt_bgswap.runtime.color_management import ColorSpace
+from trt_bgswap.runtime.compose import CompositeOptions
 from trt_bgswap.runtime.sizing import check_generation_size
 from trt_bgswap.runtime.image_io import DEFAULT_MAX_PIXELS, MIN_SIDE, from_pil, read_image
 from trt_bgswap.runtime.mask_ops import MaskOptions
@@ -186,6 +187,17 @@ class BackgroundReplacer:
         self.max_pixels = max_pixels
         self._lock = threading.Lock()
 
+    def close(self) -> None:
+        """Free every session, engine and device buffer (the instance cannot be used afterwards)."""
+        with self._lock:
+            self.pipeline.close()
+
+    def __enter__(self) -> "BackgroundReplacer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def check_options(
         self,
         prompt: str | None,
@@ -246,12 +258,15 @@ class BackgroundReplacer:
         mask_options: MaskOptions | None = None,
         noise: Noise | None = None,
         use_alpha: bool = True,
+        composite_options: CompositeOptions | None = None,
     ) -> Output:
         """Replace the background behind the subject: a prompt generates it, ``bg_color`` paints it.
 
         ``mask`` (white = subject) replaces RMBG; an input that is already a cut-out (its alpha
         hides something) is its own mask unless ``use_alpha=False``; ``mask_options`` refines
         either (threshold, grow, feather, band). ``seed`` None draws one (reported in the output).
+        ``composite_options`` (:class:`~trt_bgswap.runtime.compose.CompositeOptions`): clean edges
+        (default on), full-resolution refinement of RMBG's alpha (default on), grain, harmonize, shadow.
         A wide-gamut photo keeps its ICC profile: the new background is converted into its space.
         """
         options, color = self.check_options(
@@ -266,12 +281,15 @@ class BackgroundReplacer:
         )
         if mask_options is not None:
             mask_options.validate()
+        if composite_options is not None:
+            composite_options.validate()
         photo = _as_photo(image, self.max_pixels)
         rgb = photo.rgb
         alpha = self._given_alpha(photo, mask, use_alpha)
         with self._lock:
             result = self.pipeline.replace(
-                rgb, options, mask_options=mask_options, alpha=alpha, background_color=color, noise=noise, color_space=ColorSpace(photo.icc)
+                rgb, options, mask_options=mask_options, alpha=alpha, background_color=color, noise=noise, color_space=ColorSpace(photo.icc),
+                composite_options=composite_options,
             )
         return self._output(result, photo)
 
@@ -286,8 +304,11 @@ class BackgroundReplacer:
             raise ModelError("the model folder has no RMBG model; pass your own mask (--mask / mask=) or re-export with --rmbg")
         return alpha
 
-    def source_alpha(self, image: "ImageLike | Photo", mask: ImageLike | None = None, use_alpha: bool = True) -> np.ndarray:
-        """The subject's alpha before refinement (float32 HxW): the given mask, the input's own alpha, or RMBG's.
+    def source_alpha(
+        self, image: "ImageLike | Photo", mask: ImageLike | None = None, use_alpha: bool = True, composite_options: CompositeOptions | None = None
+    ) -> np.ndarray:
+        """The subject's alpha before mask options (float32 HxW): the given mask, the input's own alpha, or RMBG's
+        (refined at full resolution unless ``composite_options.refine_alpha`` is False).
 
         What ``replace(mask=...)`` takes: a batch computes it once for several results of one photo.
         """
@@ -295,8 +316,10 @@ class BackgroundReplacer:
         alpha = self._given_alpha(photo, mask, use_alpha)
         if alpha is not None:
             return alpha
+        srgb = ColorSpace(photo.icc).to_srgb(photo.rgb)
         with self._lock:
-            return self.pipeline.mask(ColorSpace(photo.icc).to_srgb(photo.rgb))
+            refined, _ = self.pipeline.refine_masker_alpha(srgb, self.pipeline.mask(srgb), composite_options or CompositeOptions())
+        return refined
 
     def mask(self, image: "ImageLike | Photo") -> Image.Image | np.ndarray:
         """RMBG's soft alpha: an 8-bit L image for PIL/path input, float32 HxW in [0,1] for arrays."""

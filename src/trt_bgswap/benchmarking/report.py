@@ -258,12 +258,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(readme: str | Path, markdown: str) -> None:
-    """Replace the block between the results markers of ``readme`` with ``markdown``."""
+def update_readme(readme: str | Path, markdown: str, start: str = README_START, end: str = README_END) -> None:
+    """Replace the block between the results markers (``start`` ... ``end``) of ``readme`` with ``markdown``."""
     path = Path(readme)
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if README_START not in text or README_END not in text:
-        raise UsageError(f"{path}: no '{README_START}' ... '{README_END}' block to replace; add the two markers")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    write_text_atomic(path, f"{head}{README_START}\n{markdown}{README_END}{tail}")
+    if start not in text or end not in text:
+        raise UsageError(f"{path}: no '{start}' ... '{end}' block to replace; add the two markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    write_text_atomic(path, f"{head}{start}\n{markdown}{end}{tail}")

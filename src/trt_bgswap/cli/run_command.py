@@ -17,6 +17,7 @@ import numpy as np
 
 from trt_bgswap.cli import batch
 from trt_bgswap.cli.batch import CUTOUT, MASK, RESULT, Job
+from trt_bgswap.cli.composite_options import add_composite_options, composite_options_from
 from trt_bgswap.cli.options import add_batch_options, byte_size, color, float_range, int_range, lora_spec, parse_size
 from trt_bgswap.errors import UsageError
 from trt_bgswap.model_folders import SOURCE_SLOTS, check_model_folder, folder_for_job
@@ -77,6 +78,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     r.add_argument("--grow", type=int_range("--grow", -512, 512), default=0, help="grow (or with a negative value shrink) the subject, pixels")
     r.add_argument("--feather", type=float_range("--feather", 0.0, 256.0), default=0.0, help="soften the mask edge, pixels")
     r.add_argument("--band", type=int_range("--band", 0, 512), default=8, help="how far the repainted area reaches into the subject, pixels")
+    add_composite_options(r)
     add_source_options(r, defaults=False)
     r.set_defaults(func=run)
 
@@ -146,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
 
     mask_options = MaskOptions(threshold=args.threshold, grow=args.grow, feather=args.feather, band=args.band)
     mask_options.validate()
+    composite_options = composite_options_from(args)
     _check_options(args)
     needs_models = not (args.bg_color is not None and args.mask is not None)
     folder = Path(args.models).expanduser() if args.models else default_export_dir()
@@ -185,14 +188,14 @@ def run(args: argparse.Namespace) -> int:
         photo = load_photo(src, max_pixels=args.max_pixels)
         mask = mask_file_for(args.mask, src, len(inputs)) if args.mask is not None else None
         # the subject's alpha once per photo, however many results: it is the mask of every seed
-        raw = swapper.source_alpha(photo, mask=mask, use_alpha=not args.ignore_alpha)
+        raw = swapper.source_alpha(photo, mask=mask, use_alpha=not args.ignore_alpha, composite_options=composite_options)
         exif = None if args.strip_metadata else output_exif(photo.exif, keep_gps=args.keep_gps)
         for target in job.todo:
             if target.kind == RESULT:
                 seed = None if args.seed is None else args.seed + target.index
                 out = swapper.replace(
                     photo, args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, seed=seed,
-                    size=args.size, bg_color=args.bg_color, mask=raw, mask_options=mask_options,
+                    size=args.size, bg_color=args.bg_color, mask=raw, mask_options=mask_options, composite_options=composite_options,
                 )
                 write_image(target.path, out.result.image, quality=args.quality, overwrite=args.overwrite, protected=protected, icc=photo.icc, exif=exif)
                 how = f" (seed {out.seed}, generated at {out.generation_size[0]}x{out.generation_size[1]})" if out.generation_size else ""
