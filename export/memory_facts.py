@@ -32,27 +32,16 @@ import numpy as np
 
 from trt_bgswap.attention_pattern import find_attention
 from trt_bgswap.errors import ModelError
-from trt_bgswap.memory import AREA_FIXED, AREA_LATENT, AREA_PHOTO, AttentionLayer, GraphMemory, LiveSet, dominant
+from trt_bgswap.memory import AREA_FIXED, AREA_LATENT, AREA_PHOTO, AttentionLayer, GraphMemory, LiveSet, area_kind, dominant
 from trt_bgswap.specs import ModelSpec, pipeline_dims
 
 log = logging.getLogger(__name__)
 
-LATENT_SYMBOLS = ("h", "w", "H", "W")
-PHOTO_SYMBOLS = ("PH", "PW")
 # Small sizes to measure at, in units of the graph's size step: (batch, rows, columns). Three areas
 # (2, 6, 12 units) and two batches determine the four coefficients with one equation to spare.
 CONFIGS = ((1, 1, 2), (1, 2, 3), (1, 3, 4), (2, 1, 2), (2, 2, 3))
 PHOTO_STEP = 8  # photo graphs: any size works; small multiples keep the measurement cheap
 FIT_TOLERANCE = 0.5  # bytes: sizes are integers, so an exact polynomial fits to rounding
-
-
-def area_kind(spec: ModelSpec) -> str:
-    symbols = set(spec.symbols())
-    if symbols & set(LATENT_SYMBOLS):
-        return AREA_LATENT
-    if symbols & set(PHOTO_SYMBOLS):
-        return AREA_PHOTO
-    return AREA_FIXED
 
 
 def _feeds(spec: ModelSpec, dims: Mapping[str, int]) -> dict[str, np.ndarray]:
@@ -196,7 +185,7 @@ def graph_memory(
 
     onnx_path = Path(onnx_path)
     model = onnx.load(str(onnx_path), load_external_data=False)
-    kind = area_kind(spec)
+    kind = area_kind(spec.symbols())
     configs = _configs(spec, kind, size_step, vae_scale_factor, extra_dims or {})
     runner = _Runner(onnx_path, model, spec)
     measured: list[Shapes] = []

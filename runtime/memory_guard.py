@@ -11,7 +11,6 @@ activations live in device memory, which TensorRT and ONNX Runtime's CUDA provid
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -21,10 +20,12 @@ from trt_bgswap.build_index import read_index
 from trt_bgswap.errors import UsageError
 from trt_bgswap.manifest import InpaintConfig, Manifest
 from trt_bgswap.memory import (
+    AREA_FIXED,
     Available,
     Estimate,
     GraphMemory,
     SAFETY_MARGIN,
+    area_kind,
     area_of,
     available_memory,
     estimate_peak,
@@ -91,6 +92,10 @@ class MemoryGuard:
         facts = facts_from_json(manifest.memory)
         if facts is None:
             return UnmeasuredGuard.for_folder(folder, manifest.inpaint, budget, budget_source)
+        # a graph whose cost grows with the size but was not measured (the exporter could not): no estimate is safe
+        unmeasured = tuple(n for n in names if n not in facts and area_kind(manifest.models[n].spec.symbols()) != AREA_FIXED)
+        if unmeasured:
+            return UnmeasuredGuard.for_folder(folder, manifest.inpaint, budget, budget_source, unmeasured)
         index = read_index(folder, choice.engine, choice.provider) or {}
         flash = flash_attention_available()
         built = {n for n in names if n in index and index[n].attention == BOUNDED}
@@ -206,12 +211,17 @@ class MemoryGuard:
         return ", ".join(parts)
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_unmeasured(folder: Path, budget_source: str | None) -> None:
+_WARNED: set[Path] = set()
+
+
+def _warn_unmeasured(folder: Path, missing: str, budget_source: str | None) -> None:
     """Once per folder (the CLI makes a guard before loading, the pipeline another while loading)."""
-    log.warning("%s records no memory facts (exported by an older trt-bgswap): sizes above the model's native area are refused; re-export it to get the memory check", folder)
+    if folder.resolve() in _WARNED:
+        return
+    _WARNED.add(folder.resolve())
+    log.warning("%s: sizes above the model's native area are refused; re-export it to get the memory check", missing)
     if budget_source is not None:
-        log.warning("%s cannot be checked against %s: it records no memory facts", budget_source, folder)
+        log.warning("%s cannot be checked: %s", budget_source, missing)
 
 
 @dataclass
@@ -227,11 +237,22 @@ class UnmeasuredGuard:
 
     folder: Path
     config: InpaintConfig
+    graphs: tuple[str, ...] = ()  # the graphs without facts; () for none at all
 
     @classmethod
-    def for_folder(cls, folder: Path, config: InpaintConfig, budget: int | None = None, budget_source: str = "--memory-budget") -> "UnmeasuredGuard":
-        _warn_unmeasured(folder.resolve(), budget_source if budget is not None else None)
-        return cls(folder, config)
+    def for_folder(
+        cls, folder: Path, config: InpaintConfig, budget: int | None = None, budget_source: str = "--memory-budget", graphs: tuple[str, ...] = ()
+    ) -> "UnmeasuredGuard":
+        guard = cls(folder, config, graphs)
+        _warn_unmeasured(folder, guard.missing(), budget_source if budget is not None else None)
+        return guard
+
+    def missing(self) -> str:
+        """What the folder lacks, for messages."""
+        return f"{self.folder} records no memory facts" + (f" for {', '.join(self.graphs)}" if self.graphs else "")
+
+    def _why(self) -> str:
+        return "its exporter could not measure them" if self.graphs else "exported by an older trt-bgswap"
 
     def _native(self, width: int, height: int) -> bool:
         """Whether ``width`` x ``height`` is no larger than the default-size policy's size for its aspect."""
@@ -246,7 +267,7 @@ class UnmeasuredGuard:
         policy = generation_size(width, height, self.config.default_size, self.config.size_multiple)
         smaller = largest_fitting(width, height, self.config.size_multiple, lambda w, h: w * h <= policy[0] * policy[1])
         raise UsageError(
-            f"{what or f'--size {width}x{height}'}: {self.folder} records no memory facts (exported by an older trt-bgswap), "
+            f"{what or f'--size {width}x{height}'}: {self.missing()} ({self._why()}), "
             f"so the memory this size needs is unknown (attention memory grows with the square of the pixels): "
             f"re-export it with `trt-bgswap export` to get the memory check, or use --size {smaller[0]}x{smaller[1]} or smaller"
         )

@@ -126,3 +126,20 @@ def test_an_older_export_still_loads_and_generates_at_its_native_size(older_expo
         swapper.check_options("a beach", size=(512, 256))
     out = swapper.replace(PHOTO, "a beach", steps=1, seed=1)  # the default size policy: 128x128 for a square photo
     assert out.generation_size == (128, 128) and out.image.size == Image.open(PHOTO).size
+
+
+def test_an_export_missing_the_unets_facts_is_not_estimated_without_it(exported_dir: Path, tmp_path: Path) -> None:
+    """A graph whose cost grows with the size but has no facts (the exporter could not measure it) is never left out of
+    the estimate: the export is treated as unmeasured (sizes up to the native one), not as costing nothing."""
+    from trt_bgswap.runtime.memory_guard import UnmeasuredGuard, guard_for_run
+
+    folder = tmp_path / "partial"
+    shutil.copytree(exported_dir, folder, ignore=shutil.ignore_patterns("*.onnx", "*.onnx_data"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["memory"]["graphs"]["unet"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    guard = guard_for_run(folder, "cpu", budget=1 << 40)
+    assert isinstance(guard, UnmeasuredGuard) and guard.graphs == ("unet",)
+    guard.check((128, 128), 1.0)
+    with pytest.raises(UsageError, match=r"records no memory facts for unet \(its exporter could not measure them\).* or use --size 128x128 or smaller$"):
+        guard.check((1024, 1024), 1.0)

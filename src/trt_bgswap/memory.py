@@ -51,6 +51,18 @@ AREA_LATENT = "latent"  # h*w latent pixels of the generation (UNet, VAE)
 AREA_PHOTO = "photo"  # PH*PW pixels of the photo (graphs that take the photo as it is)
 AREA_FIXED = "fixed"  # nothing size-dependent (text encoder, RMBG at its own input size)
 AREAS = (AREA_LATENT, AREA_PHOTO, AREA_FIXED)
+LATENT_SYMBOLS = ("h", "w", "H", "W")  # specs.py's symbols of latent (and generation pixel) sides
+PHOTO_SYMBOLS = ("PH", "PW")  # specs.py's symbols of the photo's sides
+
+
+def area_kind(symbols: Iterable[str]) -> str:
+    """What a graph's tensors scale with, from its I/O spec's symbols (``ModelSpec.symbols()``)."""
+    names = set(symbols)
+    if names & set(LATENT_SYMBOLS):
+        return AREA_LATENT
+    if names & set(PHOTO_SYMBOLS):
+        return AREA_PHOTO
+    return AREA_FIXED
 
 
 @dataclass(frozen=True)
