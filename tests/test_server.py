@@ -361,6 +361,9 @@ def test_page_in_headless_chromium(server: ServerProcess, photos: dict[str, byte
         driver.find_element(By.ID, "seed").send_keys("5")
         driver.find_element(By.ID, "steps").clear()
         driver.find_element(By.ID, "steps").send_keys("2")
+        driver.find_element(By.ID, "harmonize").clear()
+        driver.find_element(By.ID, "harmonize").send_keys("0.5")
+        driver.find_element(By.ID, "shadow").click()
         driver.find_element(By.ID, "go").click()
         loaded = "const i = document.getElementById(arguments[0]); return i.complete && i.naturalWidth"
         WebDriverWait(driver, 120).until(lambda d: d.execute_script(loaded, "result-view") or "error" in d.find_element(By.ID, "status").get_attribute("class"))
@@ -370,6 +373,11 @@ def test_page_in_headless_chromium(server: ServerProcess, photos: dict[str, byte
         link = driver.find_element(By.ID, "download")
         assert link.is_displayed() and link.get_attribute("download") == "astronaut_bgswap.png" and link.get_attribute("href").startswith("blob:")
         assert "seed 5" in status
+        # the page sent the composite options it shows: its result is the server's answer to the same fields
+        read_blob = "const done = arguments[arguments.length - 1]; fetch(arguments[0]).then(r => r.arrayBuffer()).then(b => done(Array.from(new Uint8Array(b))))"
+        shown = bytes(driver.execute_async_script(read_blob, link.get_attribute("href")))
+        fields = {"image": photos["astronaut"], "prompt": "a quiet lake", "seed": "5", "steps": "2", "guidance": "1", "harmonize": "0.5", "shadow": "true"}
+        assert shown == server.post_form("/v1/replace", fields).body, "the page's result differs from a request with its fields"
         driver.save_screenshot(str(tmp_path / "page.png"))  # to look at: pytest --basetemp
     finally:
         driver.quit()
