@@ -32,6 +32,7 @@ from trt_bgswap.errors import ModelError, UsageError
 from trt_bgswap.manifest import Manifest
 from trt_bgswap.specs import pipeline_dims
 
+from trt_bgswap.engines.attention import TILED_ATTENTION, attention_kind
 from trt_bgswap.engines.build import BuildReport, BuiltModel, build_engines
 from trt_bgswap.engines.cache import EngineCache, onnx_graph_hash, onnxruntime_key
 from trt_bgswap.engines.fusion import DEFAULT_FUSED, FUSION_MODEL_TYPES, FUSION_VERSION, fuse_transformer
@@ -74,7 +75,7 @@ def _fused_entry(
     model_type = FUSION_MODEL_TYPES[name]
     key = onnxruntime_key(
         onnx_graph_hash(onnx_path), "cpu", "all", onnxruntime_version(), host_fingerprint(),
-        extra={"transformer_fusion": model_type, "fusion_version": FUSION_VERSION, "pinned": dict(symbols)},
+        extra={"transformer_fusion": model_type, "fusion_version": FUSION_VERSION, "pinned": dict(symbols), "attention": TILED_ATTENTION},
     )  # fmt: skip
     found = cache.lookup(name, FUSED_NAME, key)
     details: dict[str, Any] = {}
@@ -193,7 +194,8 @@ def build_cpu_fast(
 
     models: dict[str, BuiltModel] = dict(report.models) if report is not None else {}
     for name, e in entries.items():
-        models[name] = BuiltModel(name, "ort", e.path, e.cache_hit, (), (), "cpu", e.graph_optimization, {})
+        source = manifest.model_path(export_dir, name)  # what the tiling makes of it (the fused/int8 graph was made from it)
+        models[name] = BuiltModel(name, "ort", e.path, e.cache_hit, (), (), "cpu", e.graph_optimization, {}, attention_kind(source) if e.kind == "fused" else None)
     index = write_index(out, ORT, "cpu", {k: m.index_entry() for k, m in models.items()})
     full = BuildReport(export_dir, out, "ort", "cpu", models, index)
     return full, entries

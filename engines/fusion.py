@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from trt_bgswap.engines.attention import bound_attention
 from trt_bgswap.errors import BackendUnavailable, UsageError
 from trt_bgswap.onnx_graph import pin_symbols
 
@@ -111,6 +112,7 @@ def fuse_transformer(onnx_path: str | Path, out_path: str | Path, model_type: st
     src = onnx.load(str(onnx_path))
     inputs = {v.name: copy.deepcopy(v) for v in src.graph.input}
     outputs = {v.name: copy.deepcopy(v) for v in src.graph.output}
+    bound_attention(src)  # first: the optimizer's own attention fusion (contrib Attention) holds the scores on the CPU
     pin_symbols(src, symbols)
     optimizer = _model_class(model_type)(src, 0, 0)
     optimizer.optimize(cpu_fusion_options(model_type))
