@@ -62,7 +62,7 @@ def test_explicit_choice_is_honoured(requested: str, facts: Availability, want: 
     "requested, facts, match",
     [
         ("trt", Availability(0, True, GPU_ORT), "no CUDA device"),
-        ("trt", Availability(1, False, GPU_ORT), r"pip install 'trt-bgswap\[trt\]'"),
+        ("trt", Availability(1, False, GPU_ORT), r"pip install 'trt-bgswap\[trt-cu13\]'"),
         ("ort-tensorrt", Availability(1, True, CUDA_ORT), "onnxruntime-gpu"),
         ("ort-cuda", Availability(1, True, CPU_ORT), "onnxruntime-gpu"),
         ("ort-cuda", Availability(0, True, GPU_ORT), "no CUDA device"),
@@ -98,7 +98,7 @@ def test_trt_engine_load_without_tensorrt_is_actionable(tmp_path: Path) -> None:
 
     engine = TrtEngine(mini_specs()["unet"], tmp_path / "model.plan")
     assert engine.backend == "tensorrt (not loaded)"
-    with pytest.raises(BackendUnavailable, match=r"TensorRT is not installed.*pip install 'trt-bgswap\[trt\]'.*pypi.nvidia.com"):
+    with pytest.raises(BackendUnavailable, match=r"TensorRT is not installed.*pip install 'trt-bgswap\[trt-cu13\]'"):
         engine.load()
 
 
@@ -107,7 +107,7 @@ def test_trt_build_without_tensorrt_is_actionable(tmp_path: Path) -> None:
     from trt_bgswap.engines.build import build_engines
 
     export = write_mini_export(tmp_path / "export")
-    with pytest.raises(BackendUnavailable, match=r"pip install 'trt-bgswap\[trt\]'"):
+    with pytest.raises(BackendUnavailable, match=r"pip install 'trt-bgswap\[trt-cu13\]'"):
         build_engines(export, backend="trt")
     assert not (export / "engines" / "unet" / "model.plan").exists()
 
@@ -116,7 +116,7 @@ def test_trt_build_without_tensorrt_is_actionable(tmp_path: Path) -> None:
 def test_cuda_calls_without_cuda_python_are_actionable() -> None:
     from trt_bgswap.runtime.cuda_device import Stream
 
-    with pytest.raises(BackendUnavailable, match=r"cuda-python.*pip install 'trt-bgswap\[trt\]'"):
+    with pytest.raises(BackendUnavailable, match=r"cuda-python.*pip install 'trt-bgswap\[trt-cu13\]'"):
         Stream()
 
 

@@ -200,7 +200,7 @@ def test_modules_import_without_tensorrt_torch_or_cuda() -> None:
 def test_using_the_loop_without_tensorrt_says_how_to_install(tmp_path: Path) -> None:
     loop = TrtStepLoop(SPEC, tmp_path / "model.plan")
     assert "not loaded" in loop.backend
-    with pytest.raises(BackendUnavailable, match=r"trt-bgswap\[trt\]"):
+    with pytest.raises(BackendUnavailable, match=r"trt-bgswap\[trt-cu13\]"):
         loop.denoise_with(coefficients(2), inputs_for(SIZES[0], 2))
 
 
