@@ -47,7 +47,8 @@ from trt_bgswap.manifest import Manifest
 from trt_bgswap.specs import ModelSpec, pipeline_dims
 
 from trt_bgswap.engines.build import BuildReport, BuiltModel, build_engines
-from trt_bgswap.engines.cache import EngineCache, external_data_files, onnx_graph_hash, onnxruntime_key
+from trt_bgswap.engines.cache import EngineCache, onnx_graph_hash, onnxruntime_key
+from trt_bgswap.onnx_graph import external_data_files, pin_symbols
 from trt_bgswap.engines.ort_build import host_fingerprint, onnxruntime_version, optimize_offline
 
 log = logging.getLogger(__name__)
@@ -135,17 +136,6 @@ def cpu_fusion_options(model_type: str) -> Any:
     return options
 
 
-def _pin_symbols(model: Any, symbols: Mapping[str, int]) -> None:
-    for value in model.graph.input:
-        for d in value.type.tensor_type.shape.dim:
-            if d.dim_param:
-                if d.dim_param not in symbols:
-                    raise UsageError(f"input {value.name} has symbol {d.dim_param!r}; give its size to pin it")
-                v = int(symbols[d.dim_param])
-                d.ClearField("dim_param")
-                d.dim_value = v
-
-
 def fuse_transformer(onnx_path: str | Path, out_path: str | Path, model_type: str, symbols: Mapping[str, int], data_name: str | None) -> dict[str, int]:
     """Fuse ``onnx_path`` with the optimizer for ``model_type``; writes ``out_path`` (+ ``data_name`` weights).
 
@@ -156,7 +146,7 @@ def fuse_transformer(onnx_path: str | Path, out_path: str | Path, model_type: st
     src = onnx.load(str(onnx_path))
     inputs = {v.name: copy.deepcopy(v) for v in src.graph.input}
     outputs = {v.name: copy.deepcopy(v) for v in src.graph.output}
-    _pin_symbols(src, symbols)
+    pin_symbols(src, symbols)
     optimizer = _model_class(model_type)(src, 0, 0)
     optimizer.optimize(cpu_fusion_options(model_type))
     optimizer.topological_sort()

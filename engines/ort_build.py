@@ -34,7 +34,8 @@ from typing import Any
 from trt_bgswap.errors import BackendUnavailable, UsageError
 from trt_bgswap.runtime.ort_backend import PROVIDER_NAMES, available_providers
 
-from trt_bgswap.engines.cache import CacheKey, EngineCache, external_data_files, onnxruntime_key
+from trt_bgswap.engines.cache import CacheKey, EngineCache, onnxruntime_key
+from trt_bgswap.onnx_graph import external_data_files
 from trt_bgswap.engines.profiles import envelope
 from trt_bgswap.runtime.trt_shapes import ShapeProfile
 

@@ -79,6 +79,7 @@ class Pipeline:
         self.config: InpaintConfig | None = manifest.inpaint
         self.scheduler = LCMScheduler.from_config(self.config.scheduler) if self.config else None
         self._lock = threading.RLock()
+        self._closed = False
 
     # --- construction ---
 
@@ -158,6 +159,11 @@ class Pipeline:
         """Free every session, engine, device buffer and CUDA graph; the pipeline cannot be used afterwards."""
         with self._lock:
             self.stages.close()
+            self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError("this pipeline was closed; load the models again (Pipeline.load / BackgroundReplacer(...))")
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -173,10 +179,12 @@ class Pipeline:
 
     @property
     def can_mask(self) -> bool:
-        """Whether this pipeline has (or opens on first use) a masker."""
+        """Whether this pipeline has (or opens on first use) a masker; a closed pipeline says it is closed."""
+        self._check_open()
         return self.stages.masker is not None
 
     def _inpaint_config(self) -> InpaintConfig:
+        self._check_open()
         if self.config is None or self.stages.generator is None or self.stages.text_encoder is None:
             what = list(self.stages.missing) or ["the inpainting config"]
             raise ModelError(f"this model folder has no inpainting models ({', '.join(what)} missing); re-run `trt-bgswap export --inpaint ...`")
@@ -184,6 +192,7 @@ class Pipeline:
 
     def mask(self, rgb: np.ndarray) -> np.ndarray:
         """RMBG's soft alpha (float32 HxW in [0,1]) for an RGB uint8 image."""
+        self._check_open()
         if self.stages.masker is None:
             raise ModelError("this model folder has no RMBG model; re-run `trt-bgswap export --rmbg ...` or pass a mask")
         with self._lock:
@@ -284,6 +293,7 @@ class Pipeline:
         ``composite_options``: edges, alpha refinement (of the masker's alpha only), grain, light, shadow;
         ``from_masker``: the ``alpha`` given is RMBG's (a caller that batched the masks), refined as the masker's own.
         """
+        self._check_open()
         _check_rgb(rgb)
         cs = color_space or ColorSpace()
         mask_options = mask_options or MaskOptions()

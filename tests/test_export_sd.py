@@ -22,7 +22,8 @@ from skimage import data
 from trt_bgswap.export import text_encoder as te_export
 from trt_bgswap.export import unet as unet_export
 from trt_bgswap.export import vae as vae_export
-from trt_bgswap.export.onnx_export import DATA_FILE, MODEL_FILE, check_graph_against_spec
+from trt_bgswap.export.onnx_export import DATA_FILE, MODEL_FILE
+from trt_bgswap.onnx_graph import check_graph_against_spec
 from trt_bgswap.manifest import Manifest
 
 FP32_ATOL = 1e-4

@@ -19,7 +19,8 @@ from skimage import data
 
 from trt_bgswap.errors import ModelError
 from trt_bgswap.export.isnet import RSU4, RSU7, BriaRMBG, _upsample_like
-from trt_bgswap.export.rmbg import export_rmbg, graph_precision, load_rmbg_weights, prune_to_outputs
+from trt_bgswap.export.rmbg import export_rmbg, load_rmbg_weights
+from trt_bgswap.onnx_graph import graph_precision, prune_to_outputs
 from trt_bgswap.export.tiny_rmbg import TINY_CHANNEL_DIVISOR, TINY_INPUT_SIZE, random_isnet, write_tiny_rmbg
 
 SEED = 0

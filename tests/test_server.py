@@ -31,7 +31,7 @@ pytest.importorskip("fastapi", reason="the server needs the serve extra: pip ins
 
 from server_process import Reply, ServerProcess, multipart, png_bytes, wait_for  # noqa: E402
 
-from trt_bgswap.api import BackgroundReplacer, alpha_to_u8  # noqa: E402
+from trt_bgswap.api import BackgroundReplacer  # noqa: E402
 from trt_bgswap.cli.main import main as cli_main  # noqa: E402
 
 MAX_PIXELS = 300_000

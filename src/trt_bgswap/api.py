@@ -178,6 +178,17 @@ class BackgroundReplacer:
         self.max_pixels = max_pixels
         self._lock = threading.Lock()
 
+    def close(self) -> None:
+        """Free every session, engine and device buffer (the instance cannot be used afterwards)."""
+        with self._lock:
+            self.pipeline.close()
+
+    def __enter__(self) -> "BackgroundReplacer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def check_options(
         self,
         prompt: str | None,
