@@ -165,3 +165,21 @@ def test_trt_engine_falls_back_to_eager_when_its_capture_fails(tmp_path: Path, c
         finally:
             engine.close()
         assert not em.leaks(), em.leaks()
+
+
+@pytest.mark.parametrize(("stack", "fits"), [
+    (StackSpec("10.0.1", "12.9.10", 12, 12040), True),  # a JetPack-era CUDA 12 pair on an R550 driver
+    (StackSpec("11.1.0", "13.5.0", 13, 12080), False),  # CUDA 13 wheels on an R570 driver (CUDA 12.8)
+], ids=["cu12-on-cuda12.4-driver", "cu13-on-cuda12.8-driver"])
+def test_info_prints_the_versions_and_says_when_they_do_not_fit(stack: StackSpec, fits: bool) -> None:
+    from trt_bgswap.info import cuda_lines
+
+    with emulate(stack):
+        lines = cuda_lines(tensorrt_cuda=stack.tensorrt_cuda)
+    text = "\n".join(lines)
+    assert f"driver supports CUDA {stack.driver // 1000}.{stack.driver % 1000 // 10}" in text and f"TensorRT built for CUDA {stack.tensorrt_cuda}" in text, text
+    assert f"cuda-bindings {stack.cuda_bindings}" in text, text
+    if fits:
+        assert lines[-1] == "cuda fit: ok", text
+    else:
+        assert lines[-1].startswith("cuda fit: NO") and ">= 580" in lines[-1], text
