@@ -37,7 +37,7 @@ from trt_bgswap.runtime.denoise import schedule_of
 from trt_bgswap.runtime.generator import GenerationInputs
 from trt_bgswap.runtime.scheduler import LCMScheduler
 from trt_bgswap.runtime.trt_backend import SharedActivations, TrtEngine
-from trt_bgswap.runtime.trt_loop import StepEngine, TrtStepLoop
+from trt_bgswap.runtime.trt_loop import STEP_INPUTS, StepEngine, TrtStepLoop
 from trt_bgswap.runtime.vae import image_hwc
 from trt_bgswap.specs import UNET_STEP, VAE_DECODER_IMAGE, VAE_ENCODER_SAMPLE, ModelSpec, StepIO, VaeDecoderImageIO, VaeEncoderSampleIO, pipeline_dims
 
@@ -74,9 +74,9 @@ class ChainPlan:
     links: tuple[Link, ...]
     downloads: tuple[Endpoint, ...]
 
-    def copies(self, schedule_changed: bool) -> dict[str, int]:
-        """cudaMemcpy counts of one generation (the loop also uploads its schedule when it changed)."""
-        return {HTOD: len(self.uploads) + int(schedule_changed), DTOD: len(self.links), DTOH: len(self.downloads)}
+    def copies(self, schedule_changed: bool, steps: int) -> dict[str, int]:
+        """cudaMemcpy counts of one generation (the loop also uploads its schedule when it changed, and copies each step's rows in)."""
+        return {HTOD: len(self.uploads) + int(schedule_changed), DTOD: len(self.links) + steps * len(STEP_INPUTS), DTOH: len(self.downloads)}
 
 
 LINKED_INPUT = StepIO.MASKED_IMAGE_LATENTS  # the step graph's input the encoder's output feeds on the device

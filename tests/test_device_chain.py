@@ -139,8 +139,8 @@ def test_chain_plan_dims_links_and_copies(manifest: Manifest, size: tuple[int, i
     ]
     assert Endpoint(STEP_MODEL, "masked_image_latents") not in plan.uploads, "the encoder's latents must not come from the host"
     assert plan.downloads == (Endpoint(DECODER, "image"),)
-    assert plan.copies(schedule_changed=True) == {HTOD: 7, DTOD: 2, DTOH: 1}
-    assert plan.copies(schedule_changed=False) == {HTOD: 6, DTOD: 2, DTOH: 1}
+    assert plan.copies(schedule_changed=True, steps=3) == {HTOD: 7, DTOD: 2 + 3 * 4, DTOH: 1}
+    assert plan.copies(schedule_changed=False, steps=1) == {HTOD: 6, DTOD: 2 + 4, DTOH: 1}
 
 
 def test_chain_plan_refuses_graphs_that_do_not_fit(manifest: Manifest) -> None:
@@ -212,7 +212,6 @@ def test_device_graph_inpaint_equals_host_with_given_mask_and_noise(host: Pipeli
 # --- the TensorRT orchestration on an emulated device (CPU) --------------------------------------
 
 
-UNDOCUMENTED_MULTI_ENQUEUE = frozenset({"multiple enqueues per capture"})  # see tests/test_trt_loop.py: the loop's capture
 
 
 def plan_profiles(name: str, manifest: Manifest) -> list:
@@ -308,7 +307,7 @@ def test_emulated_device_chain_equals_graph_chain_with_one_download(
     plan_store, stack: StackSpec, device_export: Path, manifest: Manifest, host: Pipeline, guidance: float  # noqa: ANN001
 ) -> None:
     plans = plan_store(stack)
-    with emulate(stack, allow=UNDOCUMENTED_MULTI_ENQUEUE) as em:
+    with emulate(stack) as em:
         _device_chain_runs(em, plans, device_export, manifest, host, guidance)
         assert not em.leaks(), f"left behind: {em.leaks()}"
 
@@ -323,7 +322,7 @@ def _device_chain_runs(em: Emulation, plans: dict[str, Path], device_export: Pat
             got = chain.generate(coeff, inputs)
             delta = {k: counts[k] - before.get(k, 0) for k in (HTOD, DTOD, DTOH)}
             assert chain.last_plan is not None
-            expected = chain.last_plan.copies(schedule_changed=run != 1)  # run 1 repeats run 0's schedule
+            expected = chain.last_plan.copies(schedule_changed=run != 1, steps=steps)  # run 1 repeats run 0's schedule
             assert delta == expected, f"run {run}: copies {delta}, the plan says {expected}"
             want = graph_chain_reference(device_export, manifest, coeff, inputs)
             err = max_err(got, want)
@@ -394,7 +393,7 @@ GPU_MACHINE = Availability(cuda_devices=1, tensorrt=True, ort_providers=("CPUExe
 @pytest.fixture()
 def trt_machine(emulated_stack: StackSpec) -> Iterator[Emulation]:
     """The emulated TensorRT + cuda-python."""
-    with emulate(emulated_stack, allow=UNDOCUMENTED_MULTI_ENQUEUE) as emulation:
+    with emulate(emulated_stack) as emulation:
         yield emulation
 
 
@@ -416,7 +415,7 @@ def test_emulated_trt_load_picks_the_device_chain_and_replace_downloads_only_alp
         got = pipe.replace(rgb, options)
         delta = {k: counts[k] - before.get(k, 0) for k in (HTOD, DTOD, DTOH)}
         assert delta[DTOH] == 2, f"a replace must download the alpha and the generated image only: {delta}"
-        assert delta[DTOD] == 2, f"encoder -> loop and loop -> decoder stay on the device: {delta}"
+        assert delta[DTOD] == 2 + options.steps * 4, f"encoder -> loop and loop -> decoder stay on the device, plus the loop's 4 copies per step: {delta}"
         assert delta[HTOD] == 1 + 7, f"the photo once, then the generation's seven uploads: {delta}"
         want = host.replace(rgb, options)
         assert want.generated is not None and got.generated is not None
