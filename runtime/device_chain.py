@@ -168,6 +168,7 @@ class DeviceChain:
     def __init__(self, encoder: TrtEngine, loop: ChainedStepLoop, decoder: TrtEngine, cfg: InpaintConfig) -> None:
         self.encoder, self.loop, self.decoder, self.cfg = encoder, loop, decoder, cfg
         self.last_plan: ChainPlan | None = None
+        self._warm = False
 
     @property
     def backend(self) -> str:
@@ -179,6 +180,9 @@ class DeviceChain:
         self.loop.load()
         if not same_stream(self.encoder.stream, self.loop.stream, self.decoder.stream):
             raise UsageError("the device chain's engines run on different CUDA streams; open them with one stream (runtime.loader does)")
+        if not self._warm:
+            self.loop.warm_up()  # the step graphs are captured at load, not on the first request
+            self._warm = True
 
     def generate(self, scheduler: LCMScheduler, inputs: GenerationInputs) -> np.ndarray:
         """The whole generation on the device; returns the float32 (1, H, W, 3) image in [0, 1] (one download)."""

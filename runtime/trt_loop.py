@@ -298,15 +298,49 @@ class TrtStepLoop:
     def load(self) -> None:
         self.engine.load()
 
+    def warm_up(self) -> list[dict[str, int]]:
+        """Capture the step graph of every static profile now (at ``Pipeline.load``), so no request pays for it.
+
+        Each profile's inputs are zeroed, run once eagerly (TensorRT's warm-up after a shape change)
+        and recorded; returns the dims captured. Dynamic profiles run eagerly and need nothing.
+        """
+        self.load()
+        done = []
+        if not self.use_cuda_graph or self._graph_failed:
+            return done
+        spec = self.engine.spec
+        for profile in self.engine.profiles:
+            if not cuda_graph_eligibility(profile).eligible:
+                continue
+            feeds = {t.name: np.zeros(t.opt, dtype=spec.tensor(t.name).np_dtype) for t in profile.tensors}
+            dims = spec.infer_dims(feeds)
+            self._allocate(dims)
+            key = GraphKey.of(dims, self._addresses())
+            if key in self._graphs:
+                continue
+            for name, zeros in feeds.items():
+                self.engine.upload(name, zeros)
+            self.engine.run()
+            if not self._capture(key):
+                break
+            done.append(dims)
+        self.stream.synchronize()
+        return done
+
+    def _allocate(self, dims: dict[str, int]) -> None:
+        """Shapes for this run; buffers sized once for the largest guidance batch, so 1/2/1/2 keeps every address."""
+        if dims == self._dims:
+            return
+        sample = tuple(sorted((k, v) for k, v in dims.items() if k != "B"))
+        if sample != self._reserved:
+            self.engine.reserve({**dims, "B": max(self.engine.max_batch(), dims.get("B", 1))} if "B" in dims else dims)
+            self._reserved = sample
+        self.engine.allocate(dims)
+        self._dims = dims
+
     def _prepare(self, dims: dict[str, int], coefficients: LCMCoefficients) -> LoopLayout:
         """Shapes, block and schedule for this run; (re)allocates only when something grew or changed."""
-        if dims != self._dims:
-            sample = tuple(sorted((k, v) for k, v in dims.items() if k != "B"))
-            if sample != self._reserved:  # buffers for the largest guidance batch: 1/2/1/2 keeps every address
-                self.engine.reserve({**dims, "B": max(self.engine.max_batch(), dims.get("B", 1))} if "B" in dims else dims)
-                self._reserved = sample
-            self.engine.allocate(dims)
-            self._dims = dims
+        self._allocate(dims)
         layout = loop_layout(self.engine.spec, dims, len(coefficients))
         if self._block is None or self._block.nbytes < layout.nbytes:
             if self._block is not None:

@@ -46,7 +46,7 @@ from trt_bgswap.runtime.masker import DeviceMasker, Masker
 from trt_bgswap.runtime.ort_backend import OrtEngine
 from trt_bgswap.runtime.pipeline import GenerationOptions, Noise, Pipeline
 from trt_bgswap.runtime.scheduler import LCMScheduler
-from trt_bgswap.runtime.trt_loop import TrtStepLoop
+from trt_bgswap.runtime.trt_loop import GRAPH_REPLAY, TrtStepLoop
 from trt_bgswap.runtime.vae import image_hwc
 from trt_bgswap.specs import DEVICE_GRAPHS, pipeline_dims, rmbg_full_spec, vae_decoder_image_spec
 from trt_bgswap.specs import RMBG_FULL as RMBG
@@ -315,6 +315,8 @@ def test_emulated_device_chain_equals_graph_chain_with_one_download(
 def _device_chain_runs(em: Emulation, plans: dict[str, Path], device_export: Path, manifest: Manifest, host: Pipeline, guidance: float) -> None:
     chain = emulated_chain(plans, manifest, use_cuda_graph=True)
     counts = em.counts
+    chain.load()  # as Pipeline.load does: engines deserialized and step graphs captured before the first generation
+    captures = counts["captures"]
     try:
         for run, (steps, seed) in enumerate(((3, 1), (3, 2), (2, 3))):
             inputs, coeff = chain_inputs(host, steps, guidance, seed), scheduler(steps)
@@ -329,6 +331,7 @@ def _device_chain_runs(em: Emulation, plans: dict[str, Path], device_export: Pat
             assert got.shape == (1, HEIGHT, WIDTH, 3) and err <= 1e-6, f"run {run} ({chain.loop.last_action}): image max abs err {err:.3g} vs the ONNX Runtime graph chain"
             # the encoder's latents reached the loop on the device (the host placeholder is zeros)
             assert max_err(graph_chain_reference(device_export, manifest, coeff, inputs, masked_latents=False), want) > 1e-4
+            assert chain.loop.last_action == GRAPH_REPLAY and counts["captures"] == captures, "the step graph was captured at load"
     finally:
         chain.close()  # the loop, the encoder and the decoder
         chain.loop.stream.close()  # the chain's engines share a stream the test made

@@ -514,3 +514,24 @@ def test_emulated_alternating_guidance_replays_both_graphs(tmp_path: Path) -> No
         finally:
             loop.close()
     assert actions == [GRAPH_CAPTURE, GRAPH_CAPTURE, GRAPH_REPLAY, GRAPH_REPLAY], actions
+
+
+def test_emulated_warm_up_captures_every_static_profile_before_the_first_request(tmp_path: Path) -> None:
+    """Pipeline.load calls warm_up: the first request (guidance 1 or 2) replays, it neither deserializes nor captures."""
+    from emulation import STACKS
+
+    with emulate(STACKS[0]) as emulated:
+        loop = TrtStepLoop(TOY, toy_plan(emulated, tmp_path, static_profiles()), use_cuda_graph=True)
+        try:
+            captured = loop.warm_up()
+            assert sorted(d["B"] for d in captured) == [1, 2] and emulated.counts["captures"] == 2, captured
+            assert loop.warm_up() == [], "a second warm-up finds every slot captured"
+            for seed, batch in enumerate((2, 1)):
+                inputs, coeff = inputs_for_spec(TOY, {"B": batch, "h": 3, "w": 5}, 3, seed=seed, guidance=2.0 if batch == 2 else 1.0), coefficients(3)
+                got = loop.denoise_with(coeff, inputs)
+                assert loop.last_action == GRAPH_REPLAY, (batch, loop.last_action)
+                assert float(np.max(np.abs(got - toy_reference(tmp_path, coeff, inputs)))) == 0.0
+            assert emulated.counts["captures"] == 2
+        finally:
+            loop.close()
+        assert not emulated.leaks(), emulated.leaks()
