@@ -288,10 +288,12 @@ def test_device_loop_matches_onnxruntime_step_loop(step_onnx, plans, steps: int,
 
 @pytest.mark.gpu
 @pytest.mark.trt
-def test_cuda_graph_replay_equals_eager_and_reuses_buffers(step_onnx, plans, tmp_path: Path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_graph_replay_equals_eager_and_reuses_buffers(step_onnx, plans, precision: str, tmp_path: Path) -> None:  # noqa: ANN001
+    """fp32 and the strongly typed fp16 plan (the fp16 graph with fp32 islands): a replayed step is the eager step, bit for bit."""
     _, entry = step_onnx
-    eager = TrtStepLoop(entry.spec, plans["fp32"], use_cuda_graph=False)
-    graphed = TrtStepLoop(entry.spec, plans["fp32"], use_cuda_graph=True)
+    eager = TrtStepLoop(entry.spec, plans[precision], use_cuda_graph=False)
+    graphed = TrtStepLoop(entry.spec, plans[precision], use_cuda_graph=True)
     dims = {**GPU_DIMS, "B": 2}
     try:
         actions, blocks = [], []
@@ -300,16 +302,67 @@ def test_cuda_graph_replay_equals_eager_and_reuses_buffers(step_onnx, plans, tmp
             want, got = eager.denoise_with(coeff, inputs), graphed.denoise_with(coeff, inputs)
             err = float(np.max(np.abs(got - want)))
             # exact: a replay launches the very kernels the eager run launched, on the same bytes
-            assert err == 0.0, f"CUDA-graph loop ({graphed.last_action}) differs from eager by {err:.3g} ({steps} steps, seed {seed})"
+            assert err == 0.0, f"CUDA-graph loop ({graphed.last_action}, {precision}) differs from eager by {err:.3g} ({steps} steps, seed {seed})"
             actions.append(graphed.last_action)
             blocks.append(graphed._block.ptr if graphed._block is not None else None)
-        assert actions == [GRAPH_CAPTURE, GRAPH_REPLAY, GRAPH_REPLAY, GRAPH_CAPTURE, GRAPH_REPLAY]
+        # the graph is one step on fixed buffers: a shorter schedule replays it too
+        assert actions == [GRAPH_CAPTURE, GRAPH_REPLAY, GRAPH_REPLAY, GRAPH_REPLAY, GRAPH_REPLAY]
         assert len(set(blocks)) == 1, f"the loop block was reallocated for a smaller schedule: {blocks}"
         # and the replayed result is the ONNX Runtime loop's
-        assert_close(got, reference(step_onnx, coeff, inputs), step_onnx, coeff, inputs, "fp32", tmp_path, "graph replay")
+        assert_close(got, reference(step_onnx, coeff, inputs), step_onnx, coeff, inputs, precision, tmp_path, f"graph replay ({precision})")
     finally:
         eager.close()
         graphed.close()
+
+
+@pytest.fixture(scope="module")
+def vae_decoder_plan(trt_gpu: None, tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - (plan, spec)
+    """The tiny VAE decoder as an fp32 plan at the loop's latent size (the VAE stays fp32 in fp16 builds)."""
+    from trt_bgswap.engines.trt_build import TrtBuildOptions, build_plan
+    from trt_bgswap.export.vae import export_vae
+
+    out = tmp_path_factory.mktemp("vae")
+    _, decoder = export_vae(tiny_models_dir / "sd-inpainting", out / "vae_encoder", out / "vae_decoder")
+    profile = profile_from_ranges(decoder.spec, {s: DimRange.fixed({"B": 1, **GPU_DIMS}[s]) for s in decoder.spec.symbols() if s in ("B", "h", "w")})
+    plan = out / "vae_decoder.plan"
+    build_plan(out / "vae_decoder" / "model.onnx", plan, [profile], TrtBuildOptions(precision="fp32", opt_level=1, tf32=False, timing_cache=False), None, "vae_decoder")
+    return plan, decoder.spec
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+def test_alternating_guidance_on_shared_scratch_with_a_vae_call_between_replays(step_onnx, plans, vae_decoder_plan) -> None:  # noqa: ANN001
+    """Guidance 1/2/1/2 on the fp16 plan, sharing scratch memory with the VAE decoder that runs between generations.
+
+    The step graphs are captured at warm-up (Pipeline.load) and every generation replays one of
+    them, bit-identical to an eager loop; the VAE's use of the shared block between replays does
+    not disturb them (one stream orders everything).
+    """
+    from trt_bgswap.runtime.trt_backend import SharedActivations, TrtEngine
+
+    _, entry = step_onnx
+    plan, vae_spec = vae_decoder_plan
+    shared = SharedActivations()
+    vae = TrtEngine(vae_spec, plan, shared_activations=shared)
+    loop = TrtStepLoop(entry.spec, plans["fp16"], use_cuda_graph=True, shared_activations=shared)
+    eager = TrtStepLoop(entry.spec, plans["fp16"], use_cuda_graph=False)
+    try:
+        vae.load()  # the block is sized for both before the loop captures
+        assert sorted(d["B"] for d in loop.warm_up()) == [1, 2]
+        actions = []
+        for seed, guidance in enumerate((1.0, 2.0, 1.0, 2.0)):
+            dims = {**GPU_DIMS, "B": 2 if guidance > 1 else 1}
+            inputs, coeff = inputs_for(dims, 4, seed=seed, guidance=guidance), coefficients(4)
+            got, want = loop.denoise_with(coeff, inputs), eager.denoise_with(coeff, inputs)
+            assert float(np.max(np.abs(got - want))) == 0.0, f"guidance {guidance}: replay differs from eager"
+            image = vae(**{vae_spec.inputs[0].name: got})[vae_spec.outputs[0].name]
+            assert np.isfinite(image).all()
+            actions.append(loop.last_action)
+        assert actions == [GRAPH_REPLAY] * 4, actions
+    finally:
+        loop.close()
+        eager.close()
+        vae.close()
 
 
 # --- the loop's CUDA code on an emulated device, on CPU ----------------------------------------
