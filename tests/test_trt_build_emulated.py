@@ -92,3 +92,26 @@ def test_weakly_typed_fp16_is_an_explicit_fallback_on_tensorrt10_only(stack: Sta
         plan = product_build(em, tmp_path, "fp16", weak_fp16=True)
         assert not plan["strongly_typed"] and plan["flags"] == ["FP16"], plan
         assert not (tmp_path / "tiny.fp16.onnx").exists(), "a weakly typed build converts no graph"
+
+
+def test_builder_and_runtime_share_one_logger_that_forwards_to_logging(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One trt.ILogger for the process (Polygraphy's get_trt_logger does the same); TensorRT's errors reach `logging`."""
+    from trt_bgswap.errors import ModelError
+    from trt_bgswap.runtime.trt_backend import TrtEngine
+
+    with emulate(STACKS[-1]) as em:
+        plan = product_build(em, tmp_path, "fp32")
+        engine = TrtEngine(SPEC, Path(plan["path"]))
+        try:
+            engine.load()
+            runtime_logger = engine._runtime.logger
+        finally:
+            engine.close()
+        bad = tmp_path / "bad.plan"
+        bad.write_bytes(b"not a plan")
+        with caplog.at_level("ERROR", logger="tensorrt"), pytest.raises(ModelError):
+            TrtEngine(SPEC, bad).load()
+        assert "deserializeCudaEngine" in caplog.text, caplog.text
+        from trt_bgswap.runtime.trt_backend import import_tensorrt, trt_logger
+
+        assert runtime_logger is trt_logger(import_tensorrt()), "the runtime gets the process logger, the one build_plan gives the builder"
