@@ -87,7 +87,7 @@ def _feeds(name: str, spec, rng: np.random.Generator, timestep: float) -> dict[s
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize(("name", "timestep"), [(TEXT_ENCODER, 0.0), (UNET, 999.0), (UNET, 259.0), (RMBG, 0.0)], ids=["text_encoder", "unet-t999", "unet-t259", "rmbg"])
+@pytest.mark.parametrize(("name", "timestep"), [(TEXT_ENCODER, 0.0), (UNET, 999.0), (RMBG, 0.0)], ids=["text_encoder", "unet-t999", "rmbg"])
 def test_each_fp16_stage_matches_its_fp32_source(exported_dir: Path, fp16_dir: Path, name: str, timestep: float) -> None:
     """Per stage: max |fp16 graph - fp32 graph| within the fp16 graph's own rounding noise (t = 999 is the LCM schedule's first step)."""
     manifest = Manifest.load(exported_dir)
@@ -110,6 +110,7 @@ def test_each_fp16_stage_matches_its_fp32_source(exported_dir: Path, fp16_dir: P
 
 
 @pytest.mark.numerics
+@pytest.mark.slow  # ~35 s on the shared 2-core machine (two noisy 4-step loops): run with -m slow
 def test_whole_loop_at_four_steps_in_fp16_matches_fp32(exported_dir: Path, fp16_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     """The 4-step LCM loop with fp16 text encoder and UNet (VAE fp32, as the build keeps it) against the fp32 loop, same noise."""
     rgb = data.chelsea()
