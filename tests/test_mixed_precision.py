@@ -142,3 +142,46 @@ def test_whole_loop_at_four_steps_in_fp16_matches_fp32(exported_dir: Path, fp16_
     finally:
         fp32.close()
         fp16.close()
+
+
+def test_the_step_arithmetic_of_unet_step_stays_fp32(tmp_path: Path) -> None:
+    """In the fused step graph, every node outside the wrapped UNet (``/model/``: guidance and the LCM update) computes fp32."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from trt_bgswap.specs import UNET_STEP
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32), "w")
+    c = numpy_helper.from_array(np.array([0.07], np.float32), "c")  # sqrt(alpha_prod) at t = 999
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["eps"], name="/model/conv_in/MatMul"),
+        helper.make_node("Mul", ["eps", "c"], ["scaled"], name="/Mul_4"),
+        helper.make_node("Sub", ["x", "scaled"], ["diff"], name="/Sub"),
+        helper.make_node("Div", ["diff", "c"], ["x0"], name="/Div"),
+    ]
+    graph = helper.make_graph(nodes, "step", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [2, 4])], [w, c])
+    path = tmp_path / "step.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    model = to_mixed_fp16(path, UNET_STEP)
+    onnx.checker.check_model(model)
+    types = _types(model)
+    FLOAT, HALF = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    assert types["w"] == HALF and types["eps"] == HALF, "the UNet part runs fp16"
+    for node in model.graph.node:
+        if node.name in ("/Mul_4", "/Sub", "/Div"):  # fp32 from the island's inputs to its outputs: no fp16 round trip between
+            seen = {t: types.get(t) for t in (*node.input, *node.output)}
+            assert all(v == FLOAT for v in seen.values()), f"{node.name}: {seen}"
+            for t in node.input:
+                src = next((n for n in model.graph.node if t in n.output), None)
+                assert src is None or src.op_type != "Cast" or src.input[0] != "eps" or t.endswith("fp32"), src
+    casts = [(n.input[0], n.output[0]) for n in model.graph.node if n.op_type == "Cast"]
+    assert not any(types.get(i) == FLOAT and types.get(o) == HALF and any(c[0] == o for c in casts) and all(
+        types.get(c[1]) == FLOAT for c in casts if c[0] == o) for i, o in casts), f"an fp32 -> fp16 -> fp32 round trip is left: {casts}"
+    x = np.random.default_rng(1).standard_normal((2, 4)).astype(np.float32)
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    # only the fp16 part rounds: eps = x.w (fp16 x and w, fp32 accumulation, stored fp16) errs by at most
+    # 3 u16 sum |x_i w_ij| (two input roundings, one output rounding; Higham eq. 3.5); x0 = x/c - eps has it once,
+    # and no further fp16 rounding (an fp16 round trip of diff would add u16 |diff| / c ~ 14 u16 |diff|)
+    bound = 3 * 2.0**-11 * (np.abs(x) @ np.abs(numpy_helper.to_array(w))) + 8 * 2.0**-24 * np.abs(want)
+    assert np.all(np.abs(got - want) <= bound), f"max err {np.max(np.abs(got - want)):.3g}, bound {np.min(bound):.3g}..{np.max(bound):.3g}"

@@ -23,6 +23,13 @@ arithmetic, not of measurement on one machine:
 - **the VAE** is not converted at all (:data:`FP32_GRAPHS`): SD1.5's decoder activations pass
   65504 (see :mod:`trt_bgswap.export.fp16`), unless an export deliberately made it fp16.
 
+The converter computes a blocked node in fp32 but stores its output as fp16 again (Cast fp32 ->
+fp16 after it, Cast fp16 -> fp32 before the next blocked node), and rounds fp32 graph inputs to
+fp16 before they reach a blocked node: the islands would compute in fp32 on fp16-rounded values.
+:func:`drop_fp16_round_trips` removes every such fp32 -> fp16 -> fp32 pair (the fp16 consumers keep
+their fp16 copy), so an island is fp32 from its inputs to its outputs; a strongly typed TensorRT
+build honours each remaining Cast.
+
 Why not NVIDIA ModelOpt AutoCast (``nvidia-modelopt``), which NVIDIA recommends: it hard-requires
 torch (imported with ``modelopt.onnx``) and its ``[onnx]`` extra pins ``onnxruntime-gpu`` and cupy,
 so ``trt-bgswap build`` on a GPU box would need torch; and its islands come from magnitudes measured
@@ -87,4 +94,57 @@ def to_mixed_fp16(path: str | Path, graph_name: str | None = None) -> Any:
     )
     # the converter appends the boundary casts after their consumers; ONNX requires topological order
     OnnxModel(model).topological_sort()
+    dropped = drop_fp16_round_trips(model)
+    log.debug("%s: %d fp32 -> fp16 -> fp32 round trip(s) removed from the islands", graph_name or path, dropped)
     return model
+
+
+def _cast_to(node: Any) -> int | None:
+    return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+
+def drop_fp16_round_trips(model: Any) -> int:
+    """Make every ``Cast(fp32)`` of a ``Cast(fp16)`` of an fp32 tensor read that tensor; drop the casts left idle.
+
+    Only removes roundings (the result is the fp32 value the pair rounded), never adds a type change:
+    the source must be known fp32. A cast that became fp32 -> fp32 is bypassed (kept, as an identity,
+    only where it writes a graph output). Returns the round trips removed.
+    """
+    from onnx import TensorProto
+
+    g = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
+    types.update({t.name: t.data_type for t in g.initializer})
+    producer = {o: n for n in g.node for o in n.output}
+    outputs = {o.name for o in g.output}
+    removed = 0
+    rename: dict[str, str] = {}
+    for node in g.node:
+        if _cast_to(node) != TensorProto.FLOAT:
+            continue
+        half = producer.get(node.input[0])
+        if half is not None and _cast_to(half) == TensorProto.FLOAT16 and types.get(half.input[0]) == TensorProto.FLOAT:
+            node.input[0] = half.input[0]  # now an fp32 -> fp32 cast: the identity
+            removed += 1
+            if node.output[0] not in outputs:
+                rename[node.output[0]] = node.input[0]
+    if not removed:
+        return 0
+    for node in g.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    keep = list(g.node)
+    while True:  # drop casts nobody reads (the bypassed identities, then the fp16 casts only they read)
+        used = {i for n in keep for i in n.input} | outputs
+        idle = [n for n in keep if n.op_type == "Cast" and n.output[0] not in used]
+        if not idle:
+            break
+        keep = [n for n in keep if n not in idle]
+    gone = {o for n in g.node for o in n.output} - {o for n in keep for o in n.output}
+    del g.node[:]
+    g.node.extend(keep)
+    kept_info = [v for v in g.value_info if v.name not in gone]
+    del g.value_info[:]
+    g.value_info.extend(kept_info)
+    return removed
