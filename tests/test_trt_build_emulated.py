@@ -65,11 +65,13 @@ def test_fp16_requested_on_tensorrt11_gives_a_half_precision_engine(tmp_path: Pa
         assert "float16" in plan["compute_types"], f"an fp16 build computes in {plan['compute_types']}"
 
 
-def test_fp16_build_keeps_the_vae_in_fp32(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stack", ON_EVERY_RELEASE)
+def test_fp16_build_keeps_the_vae_in_fp32(stack: StackSpec, tmp_path: Path) -> None:
+    """`build --precision fp16` on every release: strongly typed, the UNet from its fp16 graph, the VAE as exported (fp32)."""
     from trt_bgswap.engines.build import build_engines
 
     export = write_mini_export(tmp_path / "export")
-    with emulate(STACKS[1]) as em:  # TensorRT 10.16: the FP16 builder flag still exists
+    with emulate(stack) as em:
         build_engines(export, backend="trt", precision="fp16", sizes=[(64, 48)], opt_level=1, tf32=False)
         plans = {Path(em.read_plan(p)["onnx"]).parent.name: em.read_plan(p) for p in (export / "engines").rglob("*.plan")}
         assert {"unet", "vae_encoder", "vae_decoder"} <= set(plans), sorted(plans)
@@ -77,6 +79,9 @@ def test_fp16_build_keeps_the_vae_in_fp32(tmp_path: Path) -> None:
         assert "float16" in plans["unet"]["compute_types"], "the UNet is what --precision fp16 is for"
         vae = {model: p["compute_types"] for model, p in plans.items() if model.startswith("vae")}
         assert all(types == ["float32"] for types in vae.values()), f"VAE plans compute in {vae}"
+        # the fp16 graph a plan was built from is kept beside it in the cache, so a rebuild reuses everything
+        again = build_engines(export, backend="trt", precision="fp16", sizes=[(64, 48)], opt_level=1, tf32=False)
+        assert again.rebuilt == [], again.rebuilt
 
 
 @pytest.mark.parametrize("stack", ON_EVERY_RELEASE)
