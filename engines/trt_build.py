@@ -82,6 +82,7 @@ class TrtBuildOptions:
 
     def key_parts(self) -> dict[str, Any]:
         return {
+            "precision": self.precision,
             "opt_level": self.opt_level,
             "workspace_bytes": self.workspace_bytes,
             "flags": self.builder_flags(),

@@ -125,7 +125,7 @@ def test_cuda_calls_without_cuda_python_are_actionable() -> None:
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"precision": "int8"}, "fp16, fp32"), ({"opt_level": 6}, "0..5"), ({"opt_level": -1}, "0..5"), ({"workspace_bytes": 1000}, "1 MiB")],
+    [({"precision": "int8"}, "fp16, fp32"), ({"precision": "fp32", "weak_fp16": True}, "needs --precision fp16"), ({"opt_level": 6}, "0..5"), ({"opt_level": -1}, "0..5"), ({"workspace_bytes": 1000}, "1 MiB")],
 )
 def test_bad_builder_options(kwargs: dict, match: str) -> None:
     with pytest.raises(UsageError, match=match):
@@ -134,13 +134,14 @@ def test_bad_builder_options(kwargs: dict, match: str) -> None:
 
 @pytest.mark.parametrize(
     "kwargs, flags",
-    [({}, {"FP16": True, "TF32": True}), ({"precision": "fp32"}, {"FP16": False, "TF32": True}), ({"tf32": False}, {"FP16": True, "TF32": False})],
+    [({}, {"TF32": True}), ({"precision": "fp32"}, {"TF32": True}), ({"tf32": False}, {"TF32": False}), ({"weak_fp16": True}, {"TF32": True, "FP16": True})],
 )
 def test_builder_flags(kwargs: dict, flags: dict) -> None:
+    """Strongly typed builds set no precision flag (precision is the graph's); FP16 only for the explicit weak fallback."""
     assert TrtBuildOptions(**kwargs).builder_flags() == flags
 
 
-@pytest.mark.parametrize("field, value", [("opt_level", 5), ("workspace_bytes", 1 << 30), ("tf32", False), ("timing_cache", False), ("precision", "fp32")])
+@pytest.mark.parametrize("field, value", [("opt_level", 5), ("workspace_bytes", 1 << 30), ("tf32", False), ("timing_cache", False), ("precision", "fp32"), ("weak_fp16", True)])
 def test_every_builder_option_is_in_the_key(field: str, value: object) -> None:
     assert TrtBuildOptions(**{field: value}).key_parts() != TrtBuildOptions().key_parts()
 
