@@ -1,10 +1,11 @@
 """runtime/cuda_device.py (and TrtEngine's CUDA graphs) against emulated cuda-bindings 12 and 13 (tests/emulation).
 
-What passes: streams, device buffers, the three copies and a captured graph work on both
-cuda-bindings majors and leave nothing behind. What issue 10 says is wrong is pinned by
-``xfail(strict=True)`` tests: the driver error names no driver, handles go through the
-deprecated ``int()``, captures use the global mode (another thread's allocation breaks them),
-a failed capture hides its cause and leaks its graph, and TrtEngine has no eager fallback.
+Streams, device buffers, the three copies and a captured graph work on both cuda-bindings
+majors and leave nothing behind. Issue 10's items, pinned here as strict xfails until fixed: a
+too-old driver's error names the driver needed, handles go through ``get_cuda_native_handle``
+(not the deprecated ``int()``), captures are thread-local (another thread's allocation cannot
+break them), a failed capture reports its cause and leaks no graph, TrtEngine falls back to eager;
+``trt-bgswap info`` prints the versions and says when they do not fit.
 """
 
 from __future__ import annotations
