@@ -72,6 +72,12 @@ def test_quick_report_has_every_stage(quick_report: tuple[dict, Path], side: str
         _check_stats(st, f"{side}.unet_steps[{i}]", 2)
     assert r["prepost"], f"{side}: no pre/post-processing timings"
     assert r["peak_rss"] >= r["rss_after_load"] > 0
+    assert len(r["requests_in_order"]) == 2  # warm-up 0 + 2 runs: the first request after load is recorded
+    memory = r["stage_memory"]
+    if memory["per_stage_available"]:  # the process's own peak while each stage ran (issue 15)
+        for stage in STAGES:
+            assert 0 < memory["peak"][stage] <= r["peak_rss"], f"{side}: {stage} peak {memory['peak'][stage]} vs process {r['peak_rss']}"
+            assert 0 <= memory["rise"][stage] <= memory["peak"][stage]
     # model stages happen inside the end-to-end runs: their sum cannot exceed the slowest run
     for run_max, stage_sum in [(r["e2e"]["p90"] * 1.0001 + 1e-9, sum(r["stages"][s]["min"] for s in STAGES))]:
         assert stage_sum <= run_max, f"{side}: stage minima sum to {stage_sum} s, more than a whole run ({run_max} s)"

@@ -228,6 +228,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"{_x(_ratio(co['to_first_image'], cb['to_first_image']) if co and cb else None)} |"
         )
     lines.append(f"| end-to-end images/s (sequential) | {o['throughput']['e2e_images_per_s']:.3f} | {b['throughput']['e2e_images_per_s']:.3f} |" + (f" {_x(_ratio(o['throughput']['e2e_images_per_s'], b['throughput']['e2e_images_per_s']))} |" if b else " - |") if b else f"| end-to-end images/s | {o['throughput']['e2e_images_per_s']:.3f} | - | - |")
+    lines += _stage_memory_lines(o, b)
     lines += ["", "| batch | RMBG images/s (ours) | UNet samples/s (ours) |", "|---:|---:|---:|"]
     for k, v in o["throughput"].items():
         if k.startswith("batch"):
@@ -256,6 +257,32 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         met = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")
         lines.append(f"| {t['name']}: {t['target']} | {meas} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def _first_vs_second(side: Mapping[str, Any] | None) -> str:
+    order = (side or {}).get("requests_in_order") or []
+    return "-" if len(order) < 2 else f"{_s(order[0])} / {_s(order[1])} ({_x(order[0] / order[1])})"
+
+
+def _stage_memory_lines(o: Mapping[str, Any], b: Mapping[str, Any] | None) -> list[str]:
+    """The process's own peak while each model stage ran, and what the stage added over the RSS at its start."""
+    om, bm = o.get("stage_memory") or {}, (b or {}).get("stage_memory") or {}
+    if not om.get("peak"):
+        return []
+    lines = [
+        "",
+        "| memory per stage: peak RSS while it ran (its own rise) | ours | baseline |",
+        "|---|---:|---:|",
+    ]
+    for name in STAGES:
+
+        def cell(m: Mapping[str, Any]) -> str:
+            peak = m.get("peak", {}).get(name)
+            return "-" if peak is None else f"{_gb(peak)} (+{_gb(m['rise'][name])})"
+
+        lines.append(f"| {name} | {cell(om)} | {cell(bm)} |")
+    lines.append(f"| first / second request after load | {_first_vs_second(o)} | {_first_vs_second(b)} |")
+    return lines
 
 
 def update_readme(readme: str | Path, markdown: str, start: str = README_START, end: str = README_END) -> None:
