@@ -44,6 +44,7 @@ from trt_bgswap.runtime.guided_filter import Refinement
 from trt_bgswap.runtime.mask_ops import MaskOptions, inpaint_mask, refine_alpha
 from trt_bgswap.runtime.masker import Masker, MaskStage
 from trt_bgswap.runtime.preprocess import inpaint_inputs
+from trt_bgswap.runtime.residency import residency_for
 from trt_bgswap.runtime.scheduler import LCMScheduler
 from trt_bgswap.runtime.sizing import check_generation_size, generation_size
 from trt_bgswap.runtime.tokenizer import ClipTokenizer
@@ -93,6 +94,7 @@ class Pipeline:
         device_graphs: bool | None = None,
         stages: Collection[str] = STAGES,
         facts: Availability | None = None,
+        low_memory: bool | int = False,
     ) -> "Pipeline":
         """Open an exported folder on a backend, using `trt-bgswap build`'s engines when present.
 
@@ -103,6 +105,8 @@ class Pipeline:
         export has them. ``stages``: the work this pipeline does (``mask``, ``generate``): the
         other stage's models are not opened (a solid-colour run opens no UNet), and a masker
         left out opens on first use. ``engines`` overrides models with engines the caller made.
+        ``low_memory``: True opens each model's session only while its stage runs (one at a time);
+        a number of bytes keeps the most recently used sessions that fit it (:mod:`~.residency`).
         """
         from trt_bgswap.runtime.loader import open_engines, resolve_backend
 
@@ -123,10 +127,10 @@ class Pipeline:
             tokenizer = ClipTokenizer.from_dir(folder / manifest.inpaint.tokenizer_dir)
 
         def open_masker() -> MaskStage | None:
-            return cls.load(folder, provider, threads, device_graphs=device_graphs, stages=(MASK_STAGE,), facts=facts).stages.masker
+            return cls.load(folder, provider, threads, device_graphs=device_graphs, stages=(MASK_STAGE,), facts=facts, low_memory=low_memory).stages.masker
 
         lazy = open_masker if MASK_STAGE not in stages and any(n in manifest.models for n in models_to_open(manifest, device_graphs, (MASK_STAGE,))) else None
-        assembled = assemble(manifest, opened.engines, tokenizer, lazy_masker=lazy)
+        assembled = assemble(manifest, opened.engines, tokenizer, lazy_masker=lazy, residency=residency_for(low_memory))
         assembled.on_close.append(lambda: [r.close() for r in opened.shared])
         try:
             assembled.load()
@@ -137,9 +141,11 @@ class Pipeline:
         return cls(manifest, assembled)
 
     @classmethod
-    def from_engines(cls, manifest: Manifest, engines: Mapping[str, Engine], tokenizer: ClipTokenizer | None) -> "Pipeline":
+    def from_engines(
+        cls, manifest: Manifest, engines: Mapping[str, Engine], tokenizer: ClipTokenizer | None, low_memory: bool | int = False
+    ) -> "Pipeline":
         """A pipeline over engines the caller opened (the benchmark's timed engines), assembled by the same rules."""
-        stages = assemble(manifest, engines, tokenizer)
+        stages = assemble(manifest, engines, tokenizer, residency=residency_for(low_memory))
         stages.load()
         return cls(manifest, stages)
 

@@ -167,13 +167,16 @@ class BackgroundReplacer:
         max_pixels: int | None = None,
         pipeline: Pipeline | None = None,
         stages: Collection[str] = STAGES,
+        low_memory: bool | int = False,
     ) -> None:
         """``models``: an exported folder, or None for solid colours behind your own masks (nothing is loaded).
 
         ``stages``: the work this instance does (``mask``, ``generate``); the other stage's models are not opened.
+        ``low_memory``: each model's session opens only while its stage runs (True), or a budget in bytes
+        decides which stay open; results are identical, each request pays for opening sessions again.
         """
         if pipeline is None:
-            pipeline = Pipeline.without_models() if models is None else Pipeline.load(Path(models).expanduser(), provider=provider, threads=threads, stages=stages)
+            pipeline = Pipeline.without_models() if models is None else Pipeline.load(Path(models).expanduser(), provider=provider, threads=threads, stages=stages, low_memory=low_memory)
         self.pipeline = pipeline
         self.max_pixels = max_pixels
         self._lock = threading.Lock()

@@ -64,6 +64,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     r.add_argument("--guidance", type=float_range("--guidance", 0.0, 30.0), default=1.0, help="classifier-free guidance (1: off)")
     r.add_argument("--num-results", type=int_range("--num-results", 1, 64), default=1, help="results per image, with seeds seed, seed+1, ...")
     r.add_argument("--size", type=parse_size, help="generation size WxH, multiples of the model's (64 for SD1.5) (default: ~512^2 at the image's aspect)")
+    r.add_argument("--low-memory", action="store_true", help="open each model only while its stage runs: far less memory, same results, slower")
     r.add_argument("--bg-color", type=color, help="a solid background instead of a generated one: '#RRGGBB', '#RGB' or a name")
     r.add_argument("--mask", help="your own subject mask (white = keep) instead of RMBG: a file, or a folder of <stem>.png")
     r.add_argument("--ignore-alpha", action="store_true", help="run the masker on cut-out inputs too (default: an input's own transparency is its mask)")
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
             folder, given, need_inpaint=args.bg_color is None, need_rmbg=args.mask is None,
             opset=args.opset, offline=args.offline, allow_pickle=args.allow_pickle, loras=args.loras,
         )
-    swapper = BackgroundReplacer(models, provider=args.provider, threads=args.threads, max_pixels=args.max_pixels, stages=stages)
+    swapper = BackgroundReplacer(models, provider=args.provider, threads=args.threads, max_pixels=args.max_pixels, stages=stages, low_memory=args.low_memory)
     swapper.check_options(  # once, before any image: a bad option stops the run with exit code 2
         args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,
         size=args.size, bg_color=args.bg_color, has_mask=True,

@@ -1,0 +1,93 @@
+"""``--low-memory`` (issue 15): each model's session is open only while its stage runs, and the results are
+the default mode's bit for bit (the same graphs with the same session options; only when they open differs).
+Sessions of the default mode open at load, in parallel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from test_cli_run import trt_bgswap
+from trt_bgswap.api import BackgroundReplacer
+from trt_bgswap.errors import UsageError
+from trt_bgswap.runtime.pipeline import GenerationOptions, Pipeline
+from trt_bgswap.runtime.residency import ResidentEngine, residency_for
+
+OPTIONS = GenerationOptions(prompt="a beach at dusk", steps=3, guidance=1.6, seed=11, size=(128, 64))  # guided: both UNet rows
+
+
+def photo() -> np.ndarray:
+    return np.asarray(Image.fromarray(data.chelsea()).convert("RGB").resize((150, 110), Image.Resampling.LANCZOS))
+
+
+def open_sessions(pipe: Pipeline) -> list[str]:
+    return [n for n, e in pipe.engines.items() if (e.inner if isinstance(e, ResidentEngine) else e).session is not None]
+
+
+@pytest.fixture(scope="module")
+def default_result(exported_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    with Pipeline.load(exported_dir, provider="cpu", threads=2) as pipe:
+        assert sorted(open_sessions(pipe)) == sorted(pipe.engines), "the default mode opens every session at load"
+        r = pipe.replace(photo(), OPTIONS)
+        return r.image, r.alpha, r.generated
+
+
+def test_low_memory_is_bit_identical_and_keeps_one_session_open(exported_dir: Path, default_result: tuple[np.ndarray, ...]) -> None:
+    with Pipeline.load(exported_dir, provider="cpu", threads=2, low_memory=True) as pipe:
+        residency = pipe.stages.residency
+        assert residency is not None and open_sessions(pipe) == [], "low memory opens nothing at load"
+        for request in range(2):  # the second request opens every session again
+            r = pipe.replace(photo(), OPTIONS)
+            assert len(open_sessions(pipe)) == 1, f"request {request}: open sessions {open_sessions(pipe)}"
+            for got, want, what in zip((r.image, r.alpha, r.generated), default_result, ("composite", "alpha", "generated")):
+                np.testing.assert_array_equal(got, want, err_msg=f"request {request}: low-memory {what} differs from the default mode")
+        # the second request's prompt is cached: its text encoder does not run, so it does not open
+        assert residency.loads == 2 * len(pipe.engines) - 1, f"{residency.loads} session opens for 2 requests of {len(pipe.engines)} models"
+
+
+def test_a_budget_keeps_what_fits(exported_dir: Path, default_result: tuple[np.ndarray, ...]) -> None:
+    with Pipeline.load(exported_dir, provider="cpu", threads=2, low_memory=2**40) as pipe:
+        for _ in range(2):
+            r = pipe.replace(photo(), OPTIONS)
+        np.testing.assert_array_equal(r.image, default_result[0])
+        assert pipe.stages.residency.loads == len(pipe.engines), "everything fits the budget: each session opens once"
+
+
+def test_low_memory_through_the_api_and_bad_values(exported_dir: Path, default_result: tuple[np.ndarray, ...]) -> None:
+    with BackgroundReplacer(exported_dir, provider="cpu", threads=2, low_memory=True) as swapper:
+        got = swapper.pipeline.replace(photo(), OPTIONS)
+    np.testing.assert_array_equal(got.image, default_result[0])
+    for bad in (-1, 1.5, "1G"):
+        with pytest.raises(UsageError, match="low_memory"):
+            residency_for(bad)  # type: ignore[arg-type]
+
+
+def test_run_low_memory_writes_the_same_file(exported_dir: Path, tmp_path: Path) -> None:
+    src = tmp_path / "cat.png"
+    Image.fromarray(photo()).save(src)
+    outs = []
+    for flag in ([], ["--low-memory"]):
+        out = tmp_path / f"out{len(outs)}.png"
+        proc = trt_bgswap(
+            "run", src, "--models", exported_dir, "--prompt", "a beach", "--steps", "2", "--seed", "3", "--size", "64x128",
+            "--provider", "cpu", "--threads", "2", "-o", out, *flag, home=tmp_path / "home",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        outs.append(np.asarray(Image.open(out)))
+    np.testing.assert_array_equal(outs[1], outs[0], err_msg="run --low-memory wrote a different image")
+
+
+def test_parallel_open_reports_a_broken_model(exported_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from trt_bgswap.errors import ModelError
+
+    copy = tmp_path / "export"
+    shutil.copytree(exported_dir, copy)
+    (copy / "vae_decoder" / "model.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(ModelError, match="vae_decoder"):
+        Pipeline.load(copy, provider="cpu", threads=2)
