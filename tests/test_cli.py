@@ -500,6 +500,7 @@ def test_mask_command(source: str, tiny_models_dir: Path, exported_dir: Path, ph
         assert m.mode == "L" and m.size == (rgb.shape[1], rgb.shape[0]), src
         ref = alpha_to_u8(masker.predict(rgb) if isinstance(masker, Masker) else masker.mask(rgb))
         err = int(np.abs(np.asarray(m).astype(int) - ref.astype(int)).max())
+        # exact: the CLI runs the same masker code on the same graph in this process
         assert err == 0, f"{src.name}: mask differs from the masker's by {err}/255"
         c = Image.open(mirrored / f"{src.stem}_cutout.png")
         assert c.mode == "RGBA"
