@@ -15,6 +15,7 @@ overflows float16 at real sizes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -183,6 +184,7 @@ def export_models(
     device_graphs: bool = False,
     loras: Sequence["LoraSource"] = (),
     allow_pickle: bool = False,
+    tiny_vae_src: Path | None = None,
 ) -> Manifest:
     """Export everything given into ``out_dir`` and return its manifest.
 
@@ -195,6 +197,8 @@ def export_models(
     LCM step inside one graph, which the TensorRT device loop runs without host round trips.
     ``device_graphs`` also writes ``vae_encoder_sample/``, ``vae_decoder_image/`` and ``rmbg_full/``:
     the VAE and RMBG graphs with the pipeline's host arithmetic inside (:mod:`.device_graphs`).
+    ``tiny_vae_src`` (``--vae tiny``): a tiny autoencoder (TAESD) folder exported as the VAE graphs
+    instead of the model's own VAE, its scaling from its own config (:mod:`.taesd`).
     ``vae_precision=None`` keeps the VAE in fp32 (fp16 VAEs overflow); ``external_data=None``
     puts weights in ``model.onnx_data`` only for graphs near protobuf's 2 GB limit.
     """
@@ -214,6 +218,14 @@ def export_models(
     if out_dir.exists() and not (out_dir / "manifest.json").is_file():
         raise UsageError(f"{out_dir} exists and is not an exported folder (no manifest.json); refusing to replace it")
     configs = validate_inpaint_source(inpaint_src) if inpaint_src is not None else None
+    taesd_config = None
+    if tiny_vae_src is not None:
+        from trt_bgswap.export.taesd import check_matches_vae, read_taesd_config
+
+        if configs is None:
+            raise UsageError("a tiny autoencoder (--vae tiny) replaces the VAE of an inpainting model: give --inpaint SRC too")
+        taesd_config = read_taesd_config(tiny_vae_src)
+        check_matches_vae(tiny_vae_src, taesd_config, configs["vae"])
     lora_sources: list[LoraSource] = []
     if inpaint_src is not None and (lcm_lora_src is not None or loras):
         from trt_bgswap.export.lora import LoraSource, inspect_lora, lora_file
@@ -239,6 +251,13 @@ def export_models(
 
             inpaint_src = Path(inpaint_src)
             inpaint = inpaint_config(configs)
+            if taesd_config is not None and tiny_vae_src is not None:
+                from trt_bgswap.export.taesd import latent_constants
+
+                scaling, shift = latent_constants(taesd_config)
+                inpaint = dataclasses.replace(inpaint, vae_scaling_factor=scaling, vae_shift_factor=shift)
+                files = sorted(p for p in Path(tiny_vae_src).iterdir() if p.is_file())
+                sources["taesd"] = {"path": str(Path(tiny_vae_src).resolve()), "sha256": _hash_files(Path(tiny_vae_src), files)}
             log.info("exporting %s (%s, opset %d)", inpaint_src, precision, opset)
             weights = [f for c in SD_WEIGHTS for f in _weight_files(inpaint_src, c)]
             sources["sd-inpainting"] = {"path": str(inpaint_src.resolve()), "sha256": _hash_files(inpaint_src, weights)}
@@ -264,10 +283,16 @@ def export_models(
                 log.info("[2b/4] unet_step: UNet + guidance + LCM step in one graph")
                 models["unet_step"] = export_unet_step_module(unet, stage / "unet_step", inpaint.max_length, precision, opset, external_data)
             del unet
-            log.info("[3/4] vae encoder + [4/4] vae decoder (%s)", vae_precision)
-            models["vae_encoder"], models["vae_decoder"] = export_vae(
-                inpaint_src, stage / "vae_encoder", stage / "vae_decoder", vae_precision, opset
-            )
+            if tiny_vae_src is not None:
+                from trt_bgswap.export.taesd import export_taesd
+
+                log.info("[3/4] vae encoder + [4/4] vae decoder: the tiny autoencoder %s (%s)", tiny_vae_src, vae_precision)
+                models["vae_encoder"], models["vae_decoder"] = export_taesd(tiny_vae_src, stage / "vae_encoder", stage / "vae_decoder", vae_precision, opset)
+            else:
+                log.info("[3/4] vae encoder + [4/4] vae decoder (%s)", vae_precision)
+                models["vae_encoder"], models["vae_decoder"] = export_vae(
+                    inpaint_src, stage / "vae_encoder", stage / "vae_decoder", vae_precision, opset
+                )
             _copy_tokenizer(inpaint_src / "tokenizer", stage / inpaint.tokenizer_dir)
         if rmbg_src is not None:
             from trt_bgswap.export.rmbg import export_rmbg
@@ -301,6 +326,7 @@ def export_models(
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             extra={
                 "vae_precision": vae_precision if inpaint is not None else None,
+                "vae": ("tiny" if tiny_vae_src is not None else "full") if inpaint is not None else None,
                 "lora_scale": lora_scale if lcm_lora_src is not None and inpaint is not None else None,
                 "external_data_sha256": data_hashes,
             },
