@@ -15,7 +15,6 @@ overflows float16 at real sizes.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -218,14 +217,12 @@ def export_models(
     if out_dir.exists() and not (out_dir / "manifest.json").is_file():
         raise UsageError(f"{out_dir} exists and is not an exported folder (no manifest.json); refusing to replace it")
     configs = validate_inpaint_source(inpaint_src) if inpaint_src is not None else None
-    taesd_config = None
     if tiny_vae_src is not None:
-        from trt_bgswap.export.taesd import check_matches_vae, read_taesd_config
+        from trt_bgswap.export.taesd import check_matches_vae, latent_api, read_taesd_config
 
         if configs is None:
             raise UsageError("a tiny autoencoder (--vae tiny) replaces the VAE of an inpainting model: give --inpaint SRC too")
-        taesd_config = read_taesd_config(tiny_vae_src)
-        check_matches_vae(tiny_vae_src, taesd_config, configs["vae"])
+        check_matches_vae(tiny_vae_src, read_taesd_config(tiny_vae_src), *latent_api(configs["vae"]))  # before any heavy work
     lora_sources: list[LoraSource] = []
     if inpaint_src is not None and (lcm_lora_src is not None or loras):
         from trt_bgswap.export.lora import LoraSource, inspect_lora, lora_file
@@ -251,13 +248,10 @@ def export_models(
 
             inpaint_src = Path(inpaint_src)
             inpaint = inpaint_config(configs)
-            if taesd_config is not None and tiny_vae_src is not None:
-                from trt_bgswap.export.taesd import latent_constants
+            if tiny_vae_src is not None:
+                from trt_bgswap.export.taesd import tiny_vae_inpaint
 
-                scaling, shift = latent_constants(taesd_config)
-                inpaint = dataclasses.replace(inpaint, vae_scaling_factor=scaling, vae_shift_factor=shift)
-                files = sorted(p for p in Path(tiny_vae_src).iterdir() if p.is_file())
-                sources["taesd"] = {"path": str(Path(tiny_vae_src).resolve()), "sha256": _hash_files(Path(tiny_vae_src), files)}
+                inpaint, sources["taesd"] = tiny_vae_inpaint(tiny_vae_src, inpaint)
             log.info("exporting %s (%s, opset %d)", inpaint_src, precision, opset)
             weights = [f for c in SD_WEIGHTS for f in _weight_files(inpaint_src, c)]
             sources["sd-inpainting"] = {"path": str(inpaint_src.resolve()), "sha256": _hash_files(inpaint_src, weights)}

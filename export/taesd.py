@@ -16,15 +16,28 @@ suffer). Its quality is not measured here (random weights); the benchmark measur
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
+from trt_bgswap.atomic import make_staging_dir
 from trt_bgswap.errors import ModelError
 from trt_bgswap.export.onnx_export import DEFAULT_OPSET, export_onnx
-from trt_bgswap.manifest import ModelEntry
-from trt_bgswap.specs import VaeDecoderIO, VaeEncoderIO, vae_decoder_spec, vae_encoder_spec
+from trt_bgswap.manifest import InpaintConfig, Manifest, ModelEntry, sha256_file
+from trt_bgswap.specs import (
+    VAE_DECODER,
+    VAE_DECODER_IMAGE,
+    VAE_ENCODER,
+    VAE_ENCODER_SAMPLE,
+    VaeDecoderIO,
+    VaeEncoderIO,
+    vae_decoder_spec,
+    vae_encoder_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +61,13 @@ def downsampling(config: dict[str, Any]) -> int:
     return int(config.get("upsampling_scaling_factor", 2)) ** (len(blocks) - 1)
 
 
-def check_matches_vae(src: str | Path, taesd: dict[str, Any], vae: dict[str, Any]) -> None:
+def latent_api(vae: dict[str, Any]) -> tuple[int, int]:
+    """(latent channels, pixels per latent) of a diffusers ``AutoencoderKL`` config."""
+    return int(vae["latent_channels"]), 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def check_matches_vae(src: str | Path, taesd: dict[str, Any], vae_channels: int, vae_factor: int) -> None:
     """The tiny autoencoder must speak its family's latent API: the same channels and downsampling."""
-    vae_channels, vae_factor = int(vae["latent_channels"]), 2 ** (len(vae["block_out_channels"]) - 1)
     channels, factor = int(taesd.get("latent_channels", 4)), downsampling(taesd)
     if (channels, factor) != (vae_channels, vae_factor):
         raise ModelError(
@@ -63,6 +80,46 @@ def latent_constants(taesd: dict[str, Any]) -> tuple[float, float | None]:
     """(scaling factor, shift factor or None) the pipeline applies around the tiny autoencoder, from its config."""
     shift = float(taesd.get("shift_factor") or 0.0)
     return float(taesd.get("scaling_factor", 1.0)), (shift or None)
+
+
+def tiny_vae_inpaint(src: str | Path, inpaint: InpaintConfig) -> tuple[InpaintConfig, dict[str, Any]]:
+    """The inpainting constants with the tiny autoencoder's scaling, and its ``sources`` entry (path and weight hashes)."""
+    taesd = read_taesd_config(src)
+    check_matches_vae(src, taesd, inpaint.latent_channels, inpaint.vae_scale_factor)
+    scaling, shift = latent_constants(taesd)
+    files = sorted(p for p in Path(src).iterdir() if p.is_file())
+    source = {"path": str(Path(src).resolve()), "sha256": {f.name: sha256_file(f) for f in files}}
+    return dataclasses.replace(inpaint, vae_scaling_factor=scaling, vae_shift_factor=shift), source
+
+
+def with_tiny_vae(export_dir: str | Path, src: str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET) -> Manifest:
+    """A copy of an export (weights hard-linked, not copied) whose VAE graphs are the tiny autoencoder's.
+
+    What ``export --vae tiny`` makes, without exporting the UNet and text encoder again (the
+    benchmark's ``--vae tiny`` rows). The VAE device graphs, made from the full VAE, are left out.
+    """
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    manifest = Manifest.load(export_dir)
+    if manifest.inpaint is None:
+        raise ModelError(f"{export_dir}: the export has no inpainting models; the tiny autoencoder replaces their VAE")
+    inpaint, source = tiny_vae_inpaint(src, manifest.inpaint)
+    stage = make_staging_dir(out_dir.parent, f".{out_dir.name}.")
+    try:
+        dropped = {VAE_ENCODER, VAE_DECODER, VAE_ENCODER_SAMPLE, VAE_DECODER_IMAGE}
+        keep = [Path(e.file).parts[0] for n, e in manifest.models.items() if n not in dropped] + [inpaint.tokenizer_dir]
+        for part in dict.fromkeys(keep):
+            shutil.copytree(export_dir / part, stage / part, copy_function=os.link)
+        models = {n: e for n, e in manifest.models.items() if n not in dropped}
+        models[VAE_ENCODER], models[VAE_DECODER] = export_taesd(src, stage / VAE_ENCODER, stage / VAE_DECODER, manifest.extra.get("vae_precision") or "fp32", opset)
+        extra = {**manifest.extra, "vae": "tiny"}
+        dataclasses.replace(manifest, models=models, inpaint=inpaint, sources={**manifest.sources, "taesd": source}, extra=extra).save(stage)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(stage, out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return Manifest.load(out_dir)
 
 
 def load_taesd(src: str | Path) -> Any:

@@ -18,7 +18,7 @@ import torch
 
 from tolerance import assert_within, graph_tolerances, rounding_bound
 from trt_bgswap.errors import ModelError
-from trt_bgswap.export.taesd import check_matches_vae, downsampling, export_taesd, latent_constants, read_taesd_config
+from trt_bgswap.export.taesd import check_matches_vae, downsampling, export_taesd, latent_api, latent_constants, read_taesd_config, with_tiny_vae
 from trt_bgswap.export.tiny_taesd import write_tiny_taesd
 from trt_bgswap.manifest import InpaintConfig
 from trt_bgswap.runtime.ort_backend import OrtEngine
@@ -111,10 +111,11 @@ def test_config_facts_and_a_mismatched_family_is_refused(exported: tuple, tmp_pa
     src, _, _, vae_config = exported
     taesd = read_taesd_config(src)
     assert latent_constants(taesd) == (1.0, None)  # TAESD works in the family's scaled latents: diffusers' defaults 1.0 / 0.0
-    check_matches_vae(src, taesd, vae_config)
-    wrong = {**vae_config, "latent_channels": vae_config["latent_channels"] + 1}
-    with pytest.raises(ModelError, match="latent channels"):
-        check_matches_vae(src, taesd, wrong)
+    channels, factor = latent_api(vae_config)
+    check_matches_vae(src, taesd, channels, factor)
+    for wrong in ((channels + 1, factor), (channels, factor * 2)):
+        with pytest.raises(ModelError, match="latent channels"):
+            check_matches_vae(src, taesd, *wrong)
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}), encoding="utf-8")
     with pytest.raises(ModelError, match="not a tiny autoencoder"):
         read_taesd_config(tmp_path)
@@ -158,3 +159,14 @@ def test_the_whole_loop_with_the_tiny_autoencoder_matches_diffusers(tiny_models_
     noisy = noisy_pipeline(exported_tiny_vae_dir, tmp_path / "noisy")
     tol = lambda: network_tolerance(ours, [noisy.inpaint(rgb, mask, options, noise) for _ in range(NOISE_SAMPLES)])  # noqa: E731
     assert_within(float(np.abs(ours - expected).max()), tol, "--vae tiny loop vs diffusers with AutoencoderTiny")
+
+
+def test_with_tiny_vae_swaps_only_the_vae(exported_dir: Path, exported_tiny_vae_dir: Path, tiny_models_dir: Path, tmp_path: Path) -> None:
+    """The benchmark's shortcut (an export's other graphs hard-linked, the VAE graphs the TAESD's) equals exporting with --vae tiny."""
+    from trt_bgswap.manifest import Manifest
+
+    made = with_tiny_vae(exported_dir, tiny_models_dir / "taesd", tmp_path / "swapped")
+    full = Manifest.load(exported_tiny_vae_dir)
+    assert made.inpaint == full.inpaint and made.extra["vae"] == "tiny"
+    assert {n: e.sha256 for n, e in made.models.items()} == {n: e.sha256 for n, e in full.models.items()}, "same graphs, byte for byte"
+    assert (tmp_path / "swapped" / "unet" / "model.onnx").stat().st_ino == (exported_dir / "unet" / "model.onnx").stat().st_ino, "weights linked, not copied"
