@@ -83,6 +83,25 @@ def test_quick_report_has_every_stage(quick_report: tuple[dict, Path], side: str
         assert stage_sum <= run_max, f"{side}: stage minima sum to {stage_sum} s, more than a whole run ({run_max} s)"
 
 
+def test_quick_report_has_the_small_box_rows(quick_report: tuple[dict, Path]) -> None:
+    """Issue 15: --low-memory, --vae tiny and diffusers with the same tiny autoencoder, each in its own worker; the targets listed."""
+    report, work = quick_report
+    v = report["variants"]
+    assert set(v) == {"ours_low_memory", "ours_vae_tiny", "baseline_vae_tiny"}, sorted(v)
+    for name, r in v.items():
+        _check_stats(r["e2e"], f"{name}.e2e", 2)
+        assert r["peak_rss"] > 0 and r["stage_memory"]["peak"], name
+        assert len(r["load_average"]["start"]) == 3, name
+    assert v["ours_low_memory"]["session_opens"] >= 2 * len(STAGES) - 1  # sessions open per request (a repeated prompt skips one)
+    assert "throughput" not in v["ours_low_memory"], "the variant rows skip the default row's extra comparisons"
+    assert report["cold_start"]["ours_low_memory"]["peak_rss"] > 0
+    names = {t["name"] for t in report["targets_small_boxes"]}
+    assert {"--low-memory: peak RSS", "--vae tiny: end to end", "first request after load"} <= names
+    md = (work / "results" / "tiny.md").read_text(encoding="utf-8")
+    for row in ("trt-bgswap --low-memory", "trt-bgswap --vae tiny", "diffusers + the same tiny autoencoder", "memory per stage", "issue 15"):
+        assert row in md, f"the Markdown report lacks {row!r}"
+
+
 def test_quick_report_compares_flops_targets_and_int8(quick_report: tuple[dict, Path]) -> None:
     report, _ = quick_report
     for stage in STAGES:

@@ -43,7 +43,7 @@ MODEL_STAGES = ("rmbg", "text_encoder", "vae_encoder", "unet", "vae_decoder")
 class Baseline:
     """The loaded baseline: diffusers pipeline + RMBG module, with optional stage hooks."""
 
-    def __init__(self, sd: Path, lora: Path | None, rmbg: Path, threads: int, rmbg_size: int) -> None:
+    def __init__(self, sd: Path, lora: Path | None, rmbg: Path, threads: int, rmbg_size: int, taesd: Path | None = None) -> None:
         import torch
         from diffusers import LCMScheduler, StableDiffusionInpaintPipeline
 
@@ -62,6 +62,10 @@ class Baseline:
             pipe.load_lora_weights(str(lora_path.parent if lora_path.is_file() else lora_path), weight_name=weight)
             pipe.fuse_lora()
             pipe.unload_lora_weights()
+        if taesd is not None:  # diffusers' documented swap: pipe.vae = AutoencoderTiny.from_pretrained("madebyollin/taesd")
+            from diffusers import AutoencoderTiny
+
+            pipe.vae = AutoencoderTiny.from_pretrained(str(taesd), torch_dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self.net = load_rmbg_weights(Path(rmbg)).eval()
@@ -135,7 +139,10 @@ class Baseline:
 
 def _load(job: Mapping[str, Any]) -> Baseline:
     src = job["sources"]
-    return Baseline(Path(src["sd-inpainting"]), Path(src["lcm-lora"]) if src.get("lcm-lora") else None, Path(src["rmbg"]), int(job["threads"]), int(job["rmbg_size"]))
+    return Baseline(
+        Path(src["sd-inpainting"]), Path(src["lcm-lora"]) if src.get("lcm-lora") else None, Path(src["rmbg"]), int(job["threads"]), int(job["rmbg_size"]),
+        taesd=Path(job["taesd"]) if job.get("taesd") else None,
+    )  # fmt: skip
 
 
 def measure_baseline(job: Mapping[str, Any]) -> dict[str, Any]:

@@ -51,14 +51,18 @@ def timed_command(cmd: Sequence[str], output: Path, log_path: Path) -> dict[str,
     }  # fmt: skip
 
 
-def cold_start_ours(export_dir: Path, photo: Path, out_dir: Path, prompt: str, steps: int, guidance: float, size: tuple[int, int], threads: int, provider: str) -> dict[str, Any]:
-    out = out_dir / "cold-ours.png"
+def cold_start_ours(
+    export_dir: Path, photo: Path, out_dir: Path, prompt: str, steps: int, guidance: float, size: tuple[int, int], threads: int, provider: str,
+    low_memory: bool = False,
+) -> dict[str, Any]:
+    name = "cold-ours-low-memory" if low_memory else "cold-ours"
+    out = out_dir / f"{name}.png"
     cmd = [
         *_cli(), "-q", "run", str(photo), "--models", str(export_dir), "--prompt", prompt, "--steps", str(steps),
         "--guidance", str(guidance), "--seed", "0", "--size", f"{size[0]}x{size[1]}", "--threads", str(threads),
-        "--provider", provider, "-o", str(out), "--overwrite",
+        "--provider", provider, "-o", str(out), "--overwrite", *(["--low-memory"] if low_memory else []),
     ]  # fmt: skip
-    return timed_command(cmd, out, out_dir / "cold-ours.log")
+    return timed_command(cmd, out, out_dir / f"{name}.log")
 
 
 def cold_start_baseline(sources: dict[str, Path], photo: Path, out_dir: Path, prompt: str, steps: int, guidance: float, size: tuple[int, int], threads: int, rmbg_size: int) -> dict[str, Any]:
