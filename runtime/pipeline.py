@@ -44,7 +44,7 @@ from trt_bgswap.runtime.guided_filter import Refinement
 from trt_bgswap.runtime.mask_ops import MaskOptions, inpaint_mask, refine_alpha
 from trt_bgswap.runtime.masker import Masker, MaskStage
 from trt_bgswap.runtime.preprocess import inpaint_inputs
-from trt_bgswap.runtime.residency import residency_for
+from trt_bgswap.runtime.residency import Residency, residency_for
 from trt_bgswap.runtime.scheduler import LCMScheduler
 from trt_bgswap.runtime.sizing import check_generation_size, generation_size
 from trt_bgswap.runtime.tokenizer import ClipTokenizer
@@ -94,7 +94,7 @@ class Pipeline:
         device_graphs: bool | None = None,
         stages: Collection[str] = STAGES,
         facts: Availability | None = None,
-        low_memory: bool | int = False,
+        low_memory: "bool | int | Residency" = False,
     ) -> "Pipeline":
         """Open an exported folder on a backend, using `trt-bgswap build`'s engines when present.
 
@@ -117,6 +117,7 @@ class Pipeline:
         if device_graphs is None:
             device_graphs = choice.engine == "trt" and bool(device_graphs_in(manifest))
         names = models_to_open(manifest, device_graphs, stages)
+        residency = residency_for(low_memory)  # one budget for every session, the lazily opened masker's too
         opened = open_engines(folder, manifest, choice, threads, names=names)
         replaced = {k: e for k, e in (engines or {}).items() if k in opened.engines}
         for k in replaced:
@@ -127,10 +128,10 @@ class Pipeline:
             tokenizer = ClipTokenizer.from_dir(folder / manifest.inpaint.tokenizer_dir)
 
         def open_masker() -> MaskStage | None:
-            return cls.load(folder, provider, threads, device_graphs=device_graphs, stages=(MASK_STAGE,), facts=facts, low_memory=low_memory).stages.masker
+            return cls.load(folder, provider, threads, device_graphs=device_graphs, stages=(MASK_STAGE,), facts=facts, low_memory=residency or False).stages.masker
 
         lazy = open_masker if MASK_STAGE not in stages and any(n in manifest.models for n in models_to_open(manifest, device_graphs, (MASK_STAGE,))) else None
-        assembled = assemble(manifest, opened.engines, tokenizer, lazy_masker=lazy, residency=residency_for(low_memory))
+        assembled = assemble(manifest, opened.engines, tokenizer, lazy_masker=lazy, residency=residency)
         assembled.on_close.append(lambda: [r.close() for r in opened.shared])
         try:
             assembled.load()

@@ -38,8 +38,10 @@ def files_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file() and p.name.startswith(path.name))
 
 
-def residency_for(low_memory: bool | int | None) -> "Residency | None":
-    """``low_memory``: False/None (every session stays open), True (one at a time) or a budget in bytes."""
+def residency_for(low_memory: "bool | int | Residency | None") -> "Residency | None":
+    """``low_memory``: False/None (every session stays open), True (one at a time), a budget in bytes, or a residency to share."""
+    if isinstance(low_memory, Residency):
+        return low_memory
     if low_memory is None or low_memory is False:
         return None
     if low_memory is True:

@@ -352,7 +352,7 @@ def _stage_memory_lines(o: Mapping[str, Any], b: Mapping[str, Any] | None) -> li
 
         def cell(m: Mapping[str, Any]) -> str:
             peak = m.get("peak", {}).get(name)
-            return "-" if peak is None else f"{_gb(peak)} (+{_gb(m['rise'][name])})"
+            return "-" if peak is None else f"{_gb(peak)} (+{m['rise'][name] / 2**20:.0f} MiB)"
 
         lines.append(f"| {name} | {cell(om)} | {cell(bm)} |")
     lines.append(f"| first / second request after load | {_first_vs_second(o)} | {_first_vs_second(b)} |")
