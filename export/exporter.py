@@ -15,6 +15,7 @@ overflows float16 at real sizes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -332,3 +333,34 @@ def export_models(
         raise
     log.info("export complete: %s (%s)", out_dir, ", ".join(models))
     return manifest
+
+
+def with_tiny_vae(export_dir: str | Path, src: str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET) -> Manifest:
+    """A copy of an export (weights hard-linked, not copied) whose VAE graphs are the tiny autoencoder's; replaces ``out_dir``.
+
+    What ``export --vae tiny`` makes, without exporting the UNet and text encoder again (the
+    benchmark's ``--vae tiny`` rows). The VAE device graphs, made from the full VAE, are left out.
+    """
+    from trt_bgswap.export.taesd import export_taesd, tiny_vae_inpaint
+    from trt_bgswap.specs import VAE_DECODER, VAE_DECODER_IMAGE, VAE_ENCODER, VAE_ENCODER_SAMPLE
+
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    manifest = Manifest.load(export_dir)
+    if manifest.inpaint is None:
+        raise ModelError(f"{export_dir}: the export has no inpainting models; the tiny autoencoder replaces their VAE")
+    inpaint, source = tiny_vae_inpaint(src, manifest.inpaint)
+    stage = make_staging_dir(out_dir.parent, f".{out_dir.name}.")
+    try:
+        dropped = {VAE_ENCODER, VAE_DECODER, VAE_ENCODER_SAMPLE, VAE_DECODER_IMAGE}
+        keep = [Path(e.file).parts[0] for n, e in manifest.models.items() if n not in dropped] + [inpaint.tokenizer_dir]
+        for part in dict.fromkeys(keep):
+            shutil.copytree(export_dir / part, stage / part, copy_function=os.link)
+        models = {n: e for n, e in manifest.models.items() if n not in dropped}
+        models[VAE_ENCODER], models[VAE_DECODER] = export_taesd(src, stage / VAE_ENCODER, stage / VAE_DECODER, manifest.extra.get("vae_precision") or "fp32", opset)
+        extra = {**manifest.extra, "vae": "tiny"}
+        dataclasses.replace(manifest, models=models, inpaint=inpaint, sources={**manifest.sources, "taesd": source}, extra=extra).save(stage)
+        _move_into_place(stage, out_dir, overwrite=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return Manifest.load(out_dir)

@@ -19,25 +19,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from trt_bgswap.atomic import make_staging_dir
 from trt_bgswap.errors import ModelError
 from trt_bgswap.export.onnx_export import DEFAULT_OPSET, export_onnx
-from trt_bgswap.manifest import InpaintConfig, Manifest, ModelEntry, sha256_file
-from trt_bgswap.specs import (
-    VAE_DECODER,
-    VAE_DECODER_IMAGE,
-    VAE_ENCODER,
-    VAE_ENCODER_SAMPLE,
-    VaeDecoderIO,
-    VaeEncoderIO,
-    vae_decoder_spec,
-    vae_encoder_spec,
-)
+from trt_bgswap.export.vae import wrap_decoder  # latents -> image in about [-1, 1]: AutoencoderTiny.decode has AutoencoderKL's call
+from trt_bgswap.manifest import InpaintConfig, ModelEntry, sha256_file
+from trt_bgswap.specs import VaeDecoderIO, VaeEncoderIO, vae_decoder_spec, vae_encoder_spec
 
 log = logging.getLogger(__name__)
 
@@ -92,36 +81,6 @@ def tiny_vae_inpaint(src: str | Path, inpaint: InpaintConfig) -> tuple[InpaintCo
     return dataclasses.replace(inpaint, vae_scaling_factor=scaling, vae_shift_factor=shift), source
 
 
-def with_tiny_vae(export_dir: str | Path, src: str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET) -> Manifest:
-    """A copy of an export (weights hard-linked, not copied) whose VAE graphs are the tiny autoencoder's.
-
-    What ``export --vae tiny`` makes, without exporting the UNet and text encoder again (the
-    benchmark's ``--vae tiny`` rows). The VAE device graphs, made from the full VAE, are left out.
-    """
-    export_dir, out_dir = Path(export_dir), Path(out_dir)
-    manifest = Manifest.load(export_dir)
-    if manifest.inpaint is None:
-        raise ModelError(f"{export_dir}: the export has no inpainting models; the tiny autoencoder replaces their VAE")
-    inpaint, source = tiny_vae_inpaint(src, manifest.inpaint)
-    stage = make_staging_dir(out_dir.parent, f".{out_dir.name}.")
-    try:
-        dropped = {VAE_ENCODER, VAE_DECODER, VAE_ENCODER_SAMPLE, VAE_DECODER_IMAGE}
-        keep = [Path(e.file).parts[0] for n, e in manifest.models.items() if n not in dropped] + [inpaint.tokenizer_dir]
-        for part in dict.fromkeys(keep):
-            shutil.copytree(export_dir / part, stage / part, copy_function=os.link)
-        models = {n: e for n, e in manifest.models.items() if n not in dropped}
-        models[VAE_ENCODER], models[VAE_DECODER] = export_taesd(src, stage / VAE_ENCODER, stage / VAE_DECODER, manifest.extra.get("vae_precision") or "fp32", opset)
-        extra = {**manifest.extra, "vae": "tiny"}
-        dataclasses.replace(manifest, models=models, inpaint=inpaint, sources={**manifest.sources, "taesd": source}, extra=extra).save(stage)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(stage, out_dir)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    return Manifest.load(out_dir)
-
-
 def load_taesd(src: str | Path) -> Any:
     from diffusers import AutoencoderTiny
 
@@ -142,21 +101,6 @@ def wrap_encoder(taesd: Any) -> Any:
             return latents, torch.zeros_like(latents)
 
     return TinyEncoderWrapper(taesd)
-
-
-def wrap_decoder(taesd: Any) -> Any:
-    """latents -> image in about [-1, 1] (``AutoencoderTiny.decode``)."""
-    import torch
-
-    class TinyDecoderWrapper(torch.nn.Module):
-        def __init__(self, model: Any) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
-            return self.model.decode(latent_sample, return_dict=False)[0]
-
-    return TinyDecoderWrapper(taesd)
 
 
 def export_taesd(

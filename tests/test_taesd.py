@@ -18,7 +18,8 @@ import torch
 
 from tolerance import assert_within, graph_tolerances, rounding_bound
 from trt_bgswap.errors import ModelError
-from trt_bgswap.export.taesd import check_matches_vae, downsampling, export_taesd, latent_api, latent_constants, read_taesd_config, with_tiny_vae
+from trt_bgswap.export.exporter import with_tiny_vae
+from trt_bgswap.export.taesd import check_matches_vae, downsampling, export_taesd, latent_api, latent_constants, read_taesd_config
 from trt_bgswap.export.tiny_taesd import write_tiny_taesd
 from trt_bgswap.manifest import InpaintConfig
 from trt_bgswap.runtime.ort_backend import OrtEngine

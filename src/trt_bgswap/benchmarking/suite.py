@@ -231,7 +231,7 @@ def _variants(
     """Issue 15's rows, each in its own worker: ``--low-memory``; ``--vae tiny``; diffusers with the same tiny autoencoder.
 
     The ``--vae tiny`` export shares every other graph (and their built engines) with the default one:
-    only the VAE graphs differ (:func:`trt_bgswap.export.taesd.with_tiny_vae`).
+    only the VAE graphs differ (:func:`trt_bgswap.export.exporter.with_tiny_vae`).
     """
     rows: dict[str, Any] = {}
     lean = {"extras": False}  # the variants skip the batch-throughput, int8 and fusion comparisons (the default row has them)
@@ -242,7 +242,7 @@ def _variants(
         if "taesd" not in sources:
             errors.append(f"no taesd/ beside the sources in {settings.sources}: the --vae tiny rows were not run")
         else:
-            from trt_bgswap.export.taesd import with_tiny_vae
+            from trt_bgswap.export.exporter import with_tiny_vae
 
             target = settings.work_dir / f"export-{settings.mode}-vae-tiny"
             timeline.run("export --vae tiny (the tiny autoencoder's VAE graphs, the rest linked)", lambda: with_tiny_vae(export_dir, sources["taesd"], target))
