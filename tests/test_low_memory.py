@@ -91,3 +91,23 @@ def test_parallel_open_reports_a_broken_model(exported_dir: Path, tmp_path: Path
     (copy / "vae_decoder" / "model.onnx").write_bytes(b"not an onnx file")
     with pytest.raises(ModelError, match="vae_decoder"):
         Pipeline.load(copy, provider="cpu", threads=2)
+
+
+def test_serve_low_memory_answers_the_default_modes_image(exported_dir: Path) -> None:
+    """A real server process started with --low-memory, over loopback: the same PNG pixels as the default-mode library."""
+    import io
+
+    from server_process import ServerProcess, png_bytes
+
+    image = png_bytes(photo())
+    s = ServerProcess(["--models", str(exported_dir), "--provider", "cpu", "--threads", "2", "--low-memory", "--max-batch", "1", "--batch-wait-ms", "0"]).start()
+    try:
+        r = s.post_form("/v1/replace", {"image": image, "prompt": "a sunny beach", "seed": "11", "steps": "3"})
+        assert r.status == 200, r.body[:300]
+        got = np.asarray(r.image())
+    finally:
+        assert s.stop() == 0, s.log
+    assert "Traceback" not in s.log, s.log
+    with BackgroundReplacer(exported_dir, provider="cpu", threads=2) as library:
+        want = library.replace(Image.open(io.BytesIO(image)), "a sunny beach", seed=11, steps=3).image
+    np.testing.assert_array_equal(got, np.asarray(want), err_msg="serve --low-memory != the default mode")
