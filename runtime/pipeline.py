@@ -27,6 +27,7 @@ import threading
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -52,6 +53,9 @@ from trt_bgswap.specs import RMBG, pipeline_dims
 
 log = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+    from trt_bgswap.runtime.memory_guard import SizeGuard
+
 __all__ = ["GENERATE_STAGE", "MASK_STAGE", "STAGES", "GenerationJob", "GenerationOptions", "Noise", "Pipeline", "Result"]
 
 @dataclass
@@ -64,6 +68,7 @@ class _Prepared:
     noise: Noise
     cond: np.ndarray  # (1, S, D)
     uncond: np.ndarray | None  # (1, S, D) with guidance
+    photo_pixels: int = 0  # the photo's own arrays stay alive while it generates (memory_guard)
 
 
 class Pipeline:
@@ -74,9 +79,10 @@ class Pipeline:
     Pipelines for parallel throughput.
     """
 
-    def __init__(self, manifest: Manifest, stages: Stages) -> None:
+    def __init__(self, manifest: Manifest, stages: Stages, memory: "SizeGuard | None" = None) -> None:
         self.manifest = manifest
         self.stages = stages
+        self.memory = memory  # what a size costs in host memory; None on GPUs (an UnmeasuredGuard for exports without memory facts)
         self.config: InpaintConfig | None = manifest.inpaint
         self.scheduler = LCMScheduler.from_config(self.config.scheduler) if self.config else None
         self._lock = threading.RLock()
@@ -95,6 +101,7 @@ class Pipeline:
         stages: Collection[str] = STAGES,
         facts: Availability | None = None,
         low_memory: "bool | int | Residency" = False,
+        memory_budget: int | None = None,
     ) -> "Pipeline":
         """Open an exported folder on a backend, using `trt-bgswap build`'s engines when present.
 
@@ -107,6 +114,8 @@ class Pipeline:
         left out opens on first use. ``engines`` overrides models with engines the caller made.
         ``low_memory``: True opens each model's session only while its stage runs (one at a time);
         a number of bytes keeps the most recently used sessions that fit it (:mod:`~.residency`).
+        ``memory_budget``: the most host memory a generation may take (bytes; default
+        ``TRT_BGSWAP_MEMORY_BUDGET``, else what is free): larger sizes are refused, the default shrinks.
         """
         from trt_bgswap.runtime.loader import open_engines, resolve_backend
 
@@ -118,6 +127,9 @@ class Pipeline:
             device_graphs = choice.engine == "trt" and bool(device_graphs_in(manifest))
         names = models_to_open(manifest, device_graphs, stages)
         residency = residency_for(low_memory)  # one budget for every session, the lazily opened masker's too
+        from trt_bgswap.runtime.memory_guard import MemoryGuard
+
+        memory = MemoryGuard.for_folder(folder, choice, names, manifest, memory_budget)  # before any graph is opened
         opened = open_engines(folder, manifest, choice, threads, names=names)
         replaced = {k: e for k, e in (engines or {}).items() if k in opened.engines}
         for k in replaced:
@@ -128,7 +140,10 @@ class Pipeline:
             tokenizer = ClipTokenizer.from_dir(folder / manifest.inpaint.tokenizer_dir)
 
         def open_masker() -> MaskStage | None:
-            return cls.load(folder, provider, threads, device_graphs=device_graphs, stages=(MASK_STAGE,), facts=facts, low_memory=residency or False).stages.masker
+            return cls.load(
+                folder, provider, threads, device_graphs=device_graphs, stages=(MASK_STAGE,), facts=facts, memory_budget=memory_budget,
+                low_memory=residency or False,
+            ).stages.masker
 
         lazy = open_masker if MASK_STAGE not in stages and any(n in manifest.models for n in models_to_open(manifest, device_graphs, (MASK_STAGE,))) else None
         assembled = assemble(manifest, opened.engines, tokenizer, lazy_masker=lazy, residency=residency)
@@ -139,7 +154,7 @@ class Pipeline:
             assembled.close()
             raise
         log.info("loaded %s (%s): %s", folder, choice.name, ", ".join(f"{k}={b}" for k, b in assembled.backends().items()))
-        return cls(manifest, assembled)
+        return cls(manifest, assembled, memory)
 
     @classmethod
     def from_engines(
@@ -213,11 +228,16 @@ class Pipeline:
             return self.stages.text_encoder.embeddings(prompt)
 
     def generation_size_for(self, width: int, height: int, options: GenerationOptions) -> tuple[int, int]:
+        """The size to generate a ``width`` x ``height`` photo at; an explicit size that does not fit in memory is refused,
+        the policy's own size shrinks (same aspect) until it fits."""
         cfg = self._inpaint_config()
         if options.size is not None:
             check_generation_size(options.size[0], options.size[1], cfg.size_multiple)
+            if self.memory is not None:
+                self.memory.check(options.size, options.guidance, width * height)
             return options.size
-        return generation_size(width, height, cfg.default_size, cfg.size_multiple)
+        size = generation_size(width, height, cfg.default_size, cfg.size_multiple)
+        return self.memory.fit(size, options.guidance, width * height) if self.memory is not None else size
 
     def generation_key(self, width: int, height: int, options: GenerationOptions) -> GenerationKey:
         """Generations with equal keys have equal latent shapes and schedules: their UNet calls stack."""
@@ -239,7 +259,7 @@ class Pipeline:
         masked, latent_mask = inpaint_inputs(rgb, repaint, width, height, (dims["h"], dims["w"]))
         guided = options.guidance > 1.0  # classifier-free guidance: diffusers' batch order [uncond, cond]
         uncond = self.text_embeddings(options.negative_prompt) if guided else None
-        return _Prepared(key, masked, latent_mask, noise, self.text_embeddings(options.prompt), uncond)
+        return _Prepared(key, masked, latent_mask, noise, self.text_embeddings(options.prompt), uncond, rgb.shape[0] * rgb.shape[1])
 
     def _generate(self, preps: Sequence[_Prepared]) -> list[np.ndarray]:
         """The generated images of prepared jobs that share one key: stacked as far as the generator allows."""
@@ -251,6 +271,8 @@ class Pipeline:
         self.scheduler.set_timesteps(steps)
         sigma = np.float32(self.scheduler.init_noise_sigma)
         step = generator.max_batch or len(preps)
+        if self.memory is not None:  # as many generations stacked as fit in memory (one does: each was checked alone)
+            step = self.memory.stackable((width, height), guidance, step, max(p.photo_pixels for p in preps))
         images: list[np.ndarray] = []
         for start in range(0, len(preps), step):
             part = preps[start : start + step]
@@ -303,6 +325,8 @@ class Pipeline:
         self._check_open()
         _check_rgb(rgb)
         cs = color_space or ColorSpace()
+        if options is not None and background_color is None:  # size and memory are settled before any work on the image
+            options = dataclasses.replace(options, size=self.generation_size_for(rgb.shape[1], rgb.shape[0], options))
         mask_options = mask_options or MaskOptions()
         composite_options = composite_options or CompositeOptions()
         composite_options.validate()

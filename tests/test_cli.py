@@ -512,7 +512,7 @@ def test_mask_command(source: str, tiny_models_dir: Path, exported_dir: Path, ph
 
 def test_mask_command_bad_sources(photos: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, lines = cli(capsys, "mask", photos, "--rmbg", tmp_path, "-o", tmp_path / "m")
-    assert code == 2 and "no RMBG ONNX model here" in lines[-1], lines
+    assert code == 2 and "no RMBG model here" in lines[-1], lines
     code, lines = cli(capsys, "mask", photos, "--rmbg", tmp_path / "x.onnx", "-o", tmp_path / "m.png")
     assert code == 2 and "give a folder" in lines[-1], lines
 

@@ -144,6 +144,32 @@ def test_fp32_graph_matches_torch(exported_dir: Path, torch_models, sessions, mo
         assert_within(err, tols[name], f"fp32 {model}.{name} batch {batch} size {size}")
 
 
+@pytest.mark.numerics
+@pytest.mark.parametrize(("model", "batch", "size"), [c for c in CASES if c[0] != "text_encoder"])
+def test_built_cpu_graph_matches_torch(built_cpu_dir: Path, torch_models, model: str, batch: int, size) -> None:
+    """What `trt-bgswap run` opens after `build` on the CPU: attention tiled (MultiHeadAttention, online softmax).
+
+    Tolerance: the exported graph's rounding noise on these inputs (tolerance.graph_tolerances on
+    the export's own model.onnx). The tiled kernel computes the same dot products (Q.K over the head
+    size, P.V over the keys) and the same softmax sums as the exported MatMul -> Softmax -> MatMul,
+    only in another order (a running max and rescaling per tile of keys): the same operations of the
+    same lengths, so the same rounding model bounds it.
+    """
+    from trt_bgswap.build_index import ENGINES_DIR, ORT, read_index
+    from trt_bgswap.runtime.ort_backend import OrtEngine
+
+    manifest = Manifest.load(built_cpu_dir)
+    entry = manifest.models[model]
+    built = read_index(built_cpu_dir, ORT, "cpu")[model]
+    assert built.attention == "bounded", f"{model}: the build left attention materialised"
+    engine = OrtEngine(entry.spec, built.resolve(built_cpu_dir / ENGINES_DIR), provider="cpu", graph_optimization=built.graph_optimization)
+    feeds = _inputs(model, batch, size, manifest, built_cpu_dir)
+    got = engine(**feeds)
+    tols = graph_tolerances(built_cpu_dir / entry.file, feeds)
+    for name, ref in zip(entry.spec.output_names, _reference(torch_models[model], feeds, entry.spec.input_names)):
+        assert_within(float(np.abs(got[name] - ref).max()), tols[name], f"built {model}.{name} batch {batch} size {size}")
+
+
 @pytest.mark.parametrize(("model", "batch", "size"), CASES)
 def test_fp16_graph_matches_torch(fp16_dir: Path, torch_models, sessions, model: str, batch: int, size) -> None:
     errs, tols = _errors(fp16_dir, model, batch, size, torch_models, sessions)

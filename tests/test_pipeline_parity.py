@@ -48,6 +48,12 @@ def runtime(exported_dir: Path) -> Pipeline:
 
 
 @pytest.fixture(scope="module")
+def built_runtime(built_cpu_dir: Path) -> Pipeline:
+    """The export after `trt-bgswap build` for the CPU (attention tiled): what `run` opens once built."""
+    return Pipeline.load(built_cpu_dir, provider="cpu")
+
+
+@pytest.fixture(scope="module")
 def loop_tolerance(runtime: Pipeline, exported_dir: Path, photo_and_mask, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., float]:  # noqa: ANN001
     """``loop_tolerance(case, options, noise)``: the rounding noise of our whole loop on that case, computed once per case."""
     rgb, mask = photo_and_mask
@@ -101,7 +107,12 @@ def _reference(pipe, rgb: np.ndarray, mask: np.ndarray, guidance: float, seed: i
 
 @pytest.mark.numerics
 @pytest.mark.parametrize("guidance", [1.0, 2.0])
-def test_pipeline_matches_diffusers(reference_pipe, runtime: Pipeline, loop_tolerance, photo_and_mask, guidance: float) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("graphs", ["exported", "built"])
+def test_pipeline_matches_diffusers(reference_pipe, request: pytest.FixtureRequest, loop_tolerance, photo_and_mask, guidance: float, graphs: str) -> None:  # noqa: ANN001
+    """The exported graphs and the built ones both match diffusers. The built graphs' tiled attention does the
+    exported graphs' dot products and softmax sums in another order (same operations, same lengths), so the
+    exported loop's rounding noise (``loop_tolerance``) bounds both."""
+    runtime: Pipeline = request.getfixturevalue("runtime" if graphs == "exported" else "built_runtime")
     rgb, mask = photo_and_mask
     expected, noise = _reference(reference_pipe, rgb, mask, guidance, seed=7, negative=None)
     options = GenerationOptions(PROMPT, steps=STEPS, guidance=guidance, size=(WIDTH, HEIGHT))

@@ -29,6 +29,7 @@ from PIL import Image
 
 from trt_bgswap.colors import RGB, parse_color
 from trt_bgswap.errors import ModelError, UsageError
+from trt_bgswap.memory import parse_bytes
 from trt_bgswap.runtime.color_management import ColorSpace
 from trt_bgswap.runtime.compose import CompositeOptions
 from trt_bgswap.runtime.sizing import check_generation_size
@@ -168,15 +169,25 @@ class BackgroundReplacer:
         pipeline: Pipeline | None = None,
         stages: Collection[str] = STAGES,
         low_memory: bool | int = False,
+        memory_budget: int | str | None = None,
     ) -> None:
         """``models``: an exported folder, or None for solid colours behind your own masks (nothing is loaded).
 
         ``stages``: the work this instance does (``mask``, ``generate``); the other stage's models are not opened.
         ``low_memory``: each model's session opens only while its stage runs (True), or a budget in bytes
         decides which stay open; results are identical, each request pays for opening sessions again.
+        ``memory_budget``: the most host memory a generation may take ('6G' or bytes; default
+        ``TRT_BGSWAP_MEMORY_BUDGET``, else what is free); larger sizes are refused before they run.
         """
+        budget = parse_bytes(memory_budget, "memory_budget") if isinstance(memory_budget, str) else memory_budget
         if pipeline is None:
-            pipeline = Pipeline.without_models() if models is None else Pipeline.load(Path(models).expanduser(), provider=provider, threads=threads, stages=stages, low_memory=low_memory)
+            pipeline = (
+                Pipeline.without_models()
+                if models is None
+                else Pipeline.load(
+                    Path(models).expanduser(), provider=provider, threads=threads, stages=stages, memory_budget=budget, low_memory=low_memory
+                )
+            )
         self.pipeline = pipeline
         self.max_pixels = max_pixels
         self._lock = threading.Lock()
@@ -233,6 +244,8 @@ class BackgroundReplacer:
             raise ModelError("the model folder has no inpainting models; re-export with --inpaint, or use a solid colour (--bg-color)")
         if options.size is not None:
             check_generation_size(options.size[0], options.size[1], cfg.size_multiple)
+            if self.pipeline.memory is not None:  # before any image: a size that cannot fit stops the batch
+                self.pipeline.memory.check(options.size, options.guidance)
         return options, None
 
     def replace(
