@@ -129,7 +129,8 @@ class Pipeline:
         residency = residency_for(low_memory)  # one budget for every session, the lazily opened masker's too
         from trt_bgswap.runtime.memory_guard import MemoryGuard
 
-        memory = MemoryGuard.for_folder(folder, choice, names, manifest, memory_budget)  # before any graph is opened
+        resident = residency.budget if residency is not None else None  # --low-memory: fewer weights resident at once
+        memory = MemoryGuard.for_folder(folder, choice, names, manifest, memory_budget, resident_budget=resident)  # before any graph is opened
         opened = open_engines(folder, manifest, choice, threads, names=names)
         replaced = {k: e for k, e in (engines or {}).items() if k in opened.engines}
         for k in replaced:

@@ -111,3 +111,16 @@ def test_serve_low_memory_answers_the_default_modes_image(exported_dir: Path) ->
     with BackgroundReplacer(exported_dir, provider="cpu", threads=2) as library:
         want = library.replace(Image.open(io.BytesIO(image)), "a sunny beach", seed=11, steps=3).image
     np.testing.assert_array_equal(got, np.asarray(want), err_msg="serve --low-memory != the default mode")
+
+
+def test_the_memory_guard_counts_one_model_resident_under_low_memory(exported_dir: Path) -> None:
+    """The size check (issue 8's guard) must not refuse what --low-memory fits: only the largest graph's weights are resident."""
+    from trt_bgswap.runtime.memory_guard import MemoryGuard, guard_for_run
+    from trt_bgswap.runtime.residency import files_bytes
+
+    with Pipeline.load(exported_dir, provider="cpu", threads=2) as default, Pipeline.load(exported_dir, provider="cpu", threads=2, low_memory=True) as low:
+        if not isinstance(default.memory, MemoryGuard):
+            pytest.skip("this export records no memory facts")
+        sizes = [files_bytes(e.path) for e in default.engines.values()]
+        assert default.memory.weights == sum(sizes) and low.memory.weights == max(sizes) < sum(sizes)
+    assert guard_for_run(exported_dir, "cpu", resident_budget=0).weights == max(sizes)  # what `run --low-memory` checks before loading

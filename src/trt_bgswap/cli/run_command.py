@@ -129,7 +129,7 @@ def _check_memory(folder: Path, args: argparse.Namespace, jobs: list[Job], stage
     from trt_bgswap.runtime.sizing import generation_size
     from trt_bgswap.runtime.memory_guard import guard_for_run
 
-    guard = guard_for_run(folder, args.provider, args.memory_budget, stages=stages)
+    guard = guard_for_run(folder, args.provider, args.memory_budget, stages=stages, resident_budget=0 if args.low_memory else None)
     if guard is None:
         return
     sizes = [j.info.size for j in jobs if j.info is not None] or [(guard.config.default_size, guard.config.default_size)]
