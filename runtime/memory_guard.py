@@ -37,6 +37,7 @@ from trt_bgswap.memory import (
 )
 from trt_bgswap.runtime.backends import BackendChoice
 from trt_bgswap.runtime.sizing import generation_size
+from trt_bgswap.runtime.residency import files_bytes
 from trt_bgswap.specs import UNET, UNET_STEP, VAE_DECODER, VAE_ENCODER
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,7 @@ def _weights_bytes(folder: Path, manifest: Manifest, names: list[str], resident_
     ``resident_budget`` (``--low-memory``, :mod:`~.residency`): sessions stay open only up to that many
     bytes besides the one running, so at most the budget plus the largest graph is resident.
     """
-    sizes = []
-    for name in names:
-        graph = folder / manifest.models[name].file
-        sizes.append(sum(f.stat().st_size for f in graph.parent.glob(graph.name + "*") if f.is_file()))
+    sizes = [files_bytes(folder / manifest.models[name].file) for name in names]
     if resident_budget is None or not sizes:
         return sum(sizes)
     return min(sum(sizes), resident_budget + max(sizes))
