@@ -15,6 +15,7 @@ overflows float16 at real sizes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -183,6 +184,7 @@ def export_models(
     device_graphs: bool = False,
     loras: Sequence["LoraSource"] = (),
     allow_pickle: bool = False,
+    tiny_vae_src: Path | None = None,
 ) -> Manifest:
     """Export everything given into ``out_dir`` and return its manifest.
 
@@ -195,6 +197,8 @@ def export_models(
     LCM step inside one graph, which the TensorRT device loop runs without host round trips.
     ``device_graphs`` also writes ``vae_encoder_sample/``, ``vae_decoder_image/`` and ``rmbg_full/``:
     the VAE and RMBG graphs with the pipeline's host arithmetic inside (:mod:`.device_graphs`).
+    ``tiny_vae_src`` (``--vae tiny``): a tiny autoencoder (TAESD) folder exported as the VAE graphs
+    instead of the model's own VAE, its scaling from its own config (:mod:`.taesd`).
     ``vae_precision=None`` keeps the VAE in fp32 (fp16 VAEs overflow); ``external_data=None``
     puts weights in ``model.onnx_data`` only for graphs near protobuf's 2 GB limit.
     """
@@ -214,6 +218,12 @@ def export_models(
     if out_dir.exists() and not (out_dir / "manifest.json").is_file():
         raise UsageError(f"{out_dir} exists and is not an exported folder (no manifest.json); refusing to replace it")
     configs = validate_inpaint_source(inpaint_src) if inpaint_src is not None else None
+    if tiny_vae_src is not None:
+        from trt_bgswap.export.taesd import check_matches_vae, latent_api, read_taesd_config
+
+        if configs is None:
+            raise UsageError("a tiny autoencoder (--vae tiny) replaces the VAE of an inpainting model: give --inpaint SRC too")
+        check_matches_vae(tiny_vae_src, read_taesd_config(tiny_vae_src), *latent_api(configs["vae"]))  # before any heavy work
     lora_sources: list[LoraSource] = []
     if inpaint_src is not None and (lcm_lora_src is not None or loras):
         from trt_bgswap.export.lora import LoraSource, inspect_lora, lora_file
@@ -239,6 +249,10 @@ def export_models(
 
             inpaint_src = Path(inpaint_src)
             inpaint = inpaint_config(configs)
+            if tiny_vae_src is not None:
+                from trt_bgswap.export.taesd import tiny_vae_inpaint
+
+                inpaint, sources["taesd"] = tiny_vae_inpaint(tiny_vae_src, inpaint)
             log.info("exporting %s (%s, opset %d)", inpaint_src, precision, opset)
             weights = [f for c in SD_WEIGHTS for f in _weight_files(inpaint_src, c)]
             sources["sd-inpainting"] = {"path": str(inpaint_src.resolve()), "sha256": _hash_files(inpaint_src, weights)}
@@ -264,10 +278,16 @@ def export_models(
                 log.info("[2b/4] unet_step: UNet + guidance + LCM step in one graph")
                 models["unet_step"] = export_unet_step_module(unet, stage / "unet_step", inpaint.max_length, precision, opset, external_data)
             del unet
-            log.info("[3/4] vae encoder + [4/4] vae decoder (%s)", vae_precision)
-            models["vae_encoder"], models["vae_decoder"] = export_vae(
-                inpaint_src, stage / "vae_encoder", stage / "vae_decoder", vae_precision, opset
-            )
+            if tiny_vae_src is not None:
+                from trt_bgswap.export.taesd import export_taesd
+
+                log.info("[3/4] vae encoder + [4/4] vae decoder: the tiny autoencoder %s (%s)", tiny_vae_src, vae_precision)
+                models["vae_encoder"], models["vae_decoder"] = export_taesd(tiny_vae_src, stage / "vae_encoder", stage / "vae_decoder", vae_precision, opset)
+            else:
+                log.info("[3/4] vae encoder + [4/4] vae decoder (%s)", vae_precision)
+                models["vae_encoder"], models["vae_decoder"] = export_vae(
+                    inpaint_src, stage / "vae_encoder", stage / "vae_decoder", vae_precision, opset
+                )
             _copy_tokenizer(inpaint_src / "tokenizer", stage / inpaint.tokenizer_dir)
         if rmbg_src is not None:
             from trt_bgswap.export.rmbg import export_rmbg
@@ -301,6 +321,7 @@ def export_models(
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             extra={
                 "vae_precision": vae_precision if inpaint is not None else None,
+                "vae": ("tiny" if tiny_vae_src is not None else "full") if inpaint is not None else None,
                 "lora_scale": lora_scale if lcm_lora_src is not None and inpaint is not None else None,
                 "external_data_sha256": data_hashes,
             },
@@ -317,3 +338,34 @@ def export_models(
         raise
     log.info("export complete: %s (%s)", out_dir, ", ".join(models))
     return manifest
+
+
+def with_tiny_vae(export_dir: str | Path, src: str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET) -> Manifest:
+    """A copy of an export (weights hard-linked, not copied) whose VAE graphs are the tiny autoencoder's; replaces ``out_dir``.
+
+    What ``export --vae tiny`` makes, without exporting the UNet and text encoder again (the
+    benchmark's ``--vae tiny`` rows). The VAE device graphs, made from the full VAE, are left out.
+    """
+    from trt_bgswap.export.taesd import export_taesd, tiny_vae_inpaint
+    from trt_bgswap.specs import VAE_DECODER, VAE_DECODER_IMAGE, VAE_ENCODER, VAE_ENCODER_SAMPLE
+
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    manifest = Manifest.load(export_dir)
+    if manifest.inpaint is None:
+        raise ModelError(f"{export_dir}: the export has no inpainting models; the tiny autoencoder replaces their VAE")
+    inpaint, source = tiny_vae_inpaint(src, manifest.inpaint)
+    stage = make_staging_dir(out_dir.parent, f".{out_dir.name}.")
+    try:
+        dropped = {VAE_ENCODER, VAE_DECODER, VAE_ENCODER_SAMPLE, VAE_DECODER_IMAGE}
+        keep = [Path(e.file).parts[0] for n, e in manifest.models.items() if n not in dropped] + [inpaint.tokenizer_dir]
+        for part in dict.fromkeys(keep):
+            shutil.copytree(export_dir / part, stage / part, copy_function=os.link)
+        models = {n: e for n, e in manifest.models.items() if n not in dropped}
+        models[VAE_ENCODER], models[VAE_DECODER] = export_taesd(src, stage / VAE_ENCODER, stage / VAE_DECODER, manifest.extra.get("vae_precision") or "fp32", opset)
+        extra = {**manifest.extra, "vae": "tiny"}
+        dataclasses.replace(manifest, models=models, inpaint=inpaint, sources={**manifest.sources, "taesd": source}, extra=extra).save(stage)
+        _move_into_place(stage, out_dir, overwrite=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return Manifest.load(out_dir)

@@ -77,10 +77,12 @@ def export_sources(
     fused_step: bool = False,
     device_graphs: bool = False,
     loras: Sequence["LoraSource"] = (),
+    tiny_vae: str | None = None,
 ) -> Manifest:
     """Resolve the sources (local paths, hub ids, registry names; 'none' leaves one out) and export them to ``out``.
 
     ``loras`` (local files, ``--lora``) are fused after the LCM-LoRA, in order (:mod:`trt_bgswap.export.lora`).
+    ``tiny_vae``: a tiny autoencoder (TAESD: a folder or hub id) exported in place of the VAE (``--vae tiny``).
     """
     from trt_bgswap.export.exporter import export_models
     from trt_bgswap.export.sources import resolve
@@ -108,6 +110,7 @@ def export_sources(
         device_graphs=device_graphs,
         loras=loras,
         allow_pickle=allow_pickle,
+        tiny_vae_src=None if tiny_vae is None else resolve(tiny_vae, offline=offline).path,
     )
 
 

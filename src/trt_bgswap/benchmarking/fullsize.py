@@ -16,6 +16,9 @@ tiny models shrink them):
 - the LCM-LoRA: ``latent-consistency/lcm-lora-sdv1-5``'s format and rank (64, alpha 8) over
   the full UNet (:func:`trt_bgswap.export.tiny_sd.write_tiny_lcm_lora` writes that format
   for any UNet config);
+- TAESD (``--vae tiny``): diffusers' ``AutoencoderTiny`` defaults, which are ``madebyollin/taesd``'s
+  ``config.json`` (encoder/decoder blocks of 64 channels, (1, 3, 3, 3) / (3, 3, 3, 1) blocks,
+  4 latent channels, ``scaling_factor`` 1.0; ``taesdxl`` has the same architecture);
 - RMBG-1.4: :class:`trt_bgswap.export.isnet.BriaRMBG` at full width (its channel plan is
   RMBG-1.4's ``briarmbg.py``) with a 1024x1024 input (``preprocessor_config.json``, and
   ``model_input_size = [1024, 1024]`` in BRIA's example code).
@@ -35,7 +38,7 @@ from trt_bgswap.export.tiny_sd import SD15_INPAINT_UNET_CONFIG, SD15_TEXT_ENCODE
 log = logging.getLogger(__name__)
 
 RMBG_INPUT_SIZE = 1024
-FULL_NAMES = ("sd-inpainting", "lcm-lora", "rmbg")
+FULL_NAMES = ("sd-inpainting", "lcm-lora", "rmbg", "taesd")
 
 
 def write_full_sd_inpainting(folder: str | Path, seed: int = 0) -> Path:
@@ -58,8 +61,18 @@ def write_full_rmbg(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+def write_full_taesd(folder: Path, seed: int) -> Path:
+    """TAESD at its published architecture (diffusers' AutoencoderTiny defaults), random weights: 2.4 M parameters."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    AutoencoderTiny().eval().save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
 def write_full_models(folder: str | Path, seed: int = 0) -> dict[str, Path]:
-    """``sd-inpainting/``, ``lcm-lora/`` and ``rmbg/`` at full size under ``folder`` (reused when complete)."""
+    """``sd-inpainting/``, ``lcm-lora/``, ``rmbg/`` and ``taesd/`` at full size under ``folder`` (reused when complete)."""
     from trt_bgswap.export.tiny_sd import write_tiny_lcm_lora
 
     folder = Path(folder)
@@ -67,11 +80,14 @@ def write_full_models(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     paths = {name: folder / name for name in FULL_NAMES}
     if done.is_file():
         log.info("full-size random models already in %s", folder)
+        if not (paths["taesd"] / "config.json").is_file():  # a work folder from before --vae tiny
+            write_full_taesd(paths["taesd"], seed + 3)
         return paths
     write_full_sd_inpainting(paths["sd-inpainting"], seed)
     log.info("LCM-LoRA (rank 64, alpha 8) over the full UNet")
     write_tiny_lcm_lora(paths["lcm-lora"], SD15_INPAINT_UNET_CONFIG, seed=seed + 1)
     log.info("RMBG-1.4 IS-Net at full width")
     write_full_rmbg(paths["rmbg"], seed + 2)
+    write_full_taesd(paths["taesd"], seed + 3)
     write_text_atomic(done, "ok\n")
     return paths

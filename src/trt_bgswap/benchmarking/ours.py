@@ -29,7 +29,8 @@ from trt_bgswap.runtime.pipeline import GenerationOptions, Noise, Pipeline
 from trt_bgswap.runtime.tokenizer import ClipTokenizer
 from trt_bgswap.specs import pipeline_dims
 
-from trt_bgswap.benchmarking.machine import current_rss_bytes, device_memory_used, peak_rss_bytes
+from trt_bgswap.benchmarking.machine import current_rss_bytes, device_memory_used
+from trt_bgswap.benchmarking.peak_memory import StagePeaks
 from trt_bgswap.benchmarking.photos import load_photo
 from trt_bgswap.benchmarking.stats import StageClock, Stats, non_model_stats, stage_stats, time_calls, time_runs
 from trt_bgswap.benchmarking.timed_engine import TimedEngine
@@ -63,13 +64,16 @@ def measure_ours(job: Mapping[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"rss_start": current_rss_bytes()}
 
     clock = StageClock()
+    peaks = StagePeaks()
     t0 = time.perf_counter()
-    engines: dict[str, Engine] = {}
+    engines: dict[str, TimedEngine] = {}
+    low_memory = bool(job.get("low_memory"))
     for name, entry in manifest.models.items():
-        engines[name] = TimedEngine(_engine(entry.spec, job["engines"][name], provider, threads), name, clock)
-        engines[name].load()
+        engines[name] = TimedEngine(_engine(entry.spec, job["engines"][name], provider, threads), name, clock, peaks)
+        if not low_memory:  # --low-memory opens each session when its stage runs (the stage's time and peak include it)
+            engines[name].load()
     tokenizer = ClipTokenizer.from_dir(export_dir / cfg.tokenizer_dir)
-    pipeline = Pipeline.from_engines(manifest, engines, tokenizer)
+    pipeline = Pipeline.from_engines(manifest, engines, tokenizer, low_memory=low_memory)
     masker = pipeline.stages.masker
     assert isinstance(masker, Masker), "the benchmark times RMBG's host pre/post-processing"
     result["load_seconds"] = time.perf_counter() - t0
@@ -86,8 +90,14 @@ def measure_ours(job: Mapping[str, Any]) -> dict[str, Any]:
         options = GenerationOptions(f"{job['prompt']} {i}", steps=steps, guidance=float(job["guidance"]), seed=0, size=(width, height))
         pipeline.replace(rgb, options, noise=noise)
 
-    samples = time_runs(clock, e2e, warmup, runs)
+    samples, every = time_runs(clock, e2e, warmup, runs)  # every: the first request after load vs the next ones
     result["e2e"] = Stats.of(samples).to_json()
+    result["requests_in_order"] = every
+    result["stage_memory"] = peaks.to_json()  # the end-to-end runs only
+    if pipeline.stages.residency is not None:
+        result["session_opens"] = pipeline.stages.residency.loads
+    for engine in engines.values():
+        engine.peaks = None
     result["stages"], result["unet_steps"] = stage_stats(clock.runs, steps)
     result["non_model"] = non_model_stats(samples, clock.runs)
     clock.enabled = False
@@ -99,14 +109,16 @@ def measure_ours(job: Mapping[str, Any]) -> dict[str, Any]:
 
     result["prepost"] = _prepost(pipeline, masker, rgb, (width, height), steps, warmup, runs)
     # the pipeline's peak: before the batch-throughput runs and the fp32-RMBG comparison add their own memory
-    result["peak_rss"] = peak_rss_bytes()
+    result["peak_rss"] = peaks.peak()
     result["device_memory_after_runs"] = device_memory_used()  # a lower bound of the device peak; None on CPU
+    if not job.get("extras", True):
+        return result
     result["throughput"] = _throughput(pipeline, masker, rgb, dims, job, samples)
     if job.get("rmbg_fp32"):
         result["rmbg_fp32"] = _rmbg_fp32(manifest, masker, job, provider, threads, warmup, runs)
     if job.get("unfused"):
         result["unfused"] = _unfused(pipeline, manifest, job, provider, threads, dims)
-    result["peak_rss_end"] = peak_rss_bytes()  # including batch-2 runs and the extra comparison sessions
+    result["peak_rss_end"] = peaks.peak()  # including batch-2 runs and the extra comparison sessions
     return result
 
 

@@ -90,20 +90,25 @@ class StageClock:
         self.current = defaultdict(list)
 
 
-def time_runs(clock: StageClock, fn: Callable[[int], Any], warmup: int, runs: int) -> list[float]:
-    """End-to-end seconds of ``fn(i)`` for ``runs`` calls after ``warmup`` untimed ones; ``clock`` keeps one lap per timed call."""
-    samples = []
+def time_runs(clock: StageClock, fn: Callable[[int], Any], warmup: int, runs: int) -> tuple[list[float], list[float]]:
+    """Seconds of ``fn(i)`` for ``runs`` timed calls after ``warmup`` untimed ones, and of every call in order.
+
+    ``clock`` keeps one lap per timed call. Every call's time shows the first request after load
+    against the next ones (start-up work left for the first call).
+    """
+    samples, every = [], []
     for i in range(warmup + runs):
         clock.discard()
         t = time.perf_counter()
         fn(i)
         dt = time.perf_counter() - t
+        every.append(dt)
         if i < warmup:
             clock.discard()
             continue
         samples.append(dt)
         clock.lap()
-    return samples
+    return samples, every
 
 
 def stage_stats(runs: list[dict[str, list[float]]], steps: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:

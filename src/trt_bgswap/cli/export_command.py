@@ -12,6 +12,7 @@ from trt_bgswap.model_folders import export_sources, with_defaults
 log = logging.getLogger("trt_bgswap")
 
 NAME = "export"
+TAESD_DEFAULT = "madebyollin/taesd"  # MIT; SD1.x/2.x latents
 HELP = "PyTorch models -> ONNX folder (needs the export extra)"
 
 
@@ -26,6 +27,11 @@ def add_arguments(e: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also export vae_encoder_sample/, vae_decoder_image/, rmbg_full/: the VAE and RMBG with their pre/post-processing inside (TensorRT keeps data on the GPU)",
     )
+    e.add_argument(
+        "--vae", choices=["full", "tiny"], default="full",
+        help="tiny: the tiny autoencoder (TAESD) encodes and decodes instead of the model's VAE: much faster, less detail",
+    )  # fmt: skip
+    e.add_argument("--taesd", default=TAESD_DEFAULT, help=f"with --vae tiny: the tiny autoencoder, a folder or hub id (default {TAESD_DEFAULT}; taesdxl for SDXL)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     manifest = export_sources(
         sources, Path(args.out), precision=args.precision, opset=args.opset, offline=args.offline, allow_pickle=args.allow_pickle,
         overwrite=args.force, fused_step=args.fused_step, device_graphs=args.device_graphs, loras=args.loras,
+        tiny_vae=args.taesd if args.vae == "tiny" else None,
     )
     log.info("exported %s to %s", ", ".join(manifest.models), args.out)
     return 0
