@@ -28,6 +28,9 @@ Every decision (offsets, alignment, bindings, packing, capture) is a plain funct
 tested on CPU; :class:`TrtStepLoop` only executes them. Importable without
 ``tensorrt``/``cuda-python``; using it without them raises
 :class:`~trt_bgswap.errors.BackendUnavailable` with the install hint.
+
+One concept, kept in one file although it passes 400 lines: the device-resident loop, its plan
+next to the execution that follows it (the plan's offsets are what the execution binds).
 """
 
 from __future__ import annotations
