@@ -7,21 +7,18 @@ from collections import OrderedDict
 import numpy as np
 
 from trt_bgswap.runtime.denoise import cast_for
-from trt_bgswap.runtime.engine import Engine
+from trt_bgswap.runtime.engine import Engine, EngineStage
 from trt_bgswap.runtime.tokenizer import ClipTokenizer
 from trt_bgswap.specs import TextEncoderIO
 
 PROMPT_CACHE_SIZE = 64  # a batch with one prompt (or a server with a few popular ones) skips the encoder
 
 
-class TextEncoder:
+class TextEncoder(EngineStage):
     def __init__(self, engine: Engine, tokenizer: ClipTokenizer, cache_size: int = PROMPT_CACHE_SIZE) -> None:
-        self.engine, self.tokenizer, self.cache_size = engine, tokenizer, cache_size
+        super().__init__(engine)
+        self.tokenizer, self.cache_size = tokenizer, cache_size
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-
-    @property
-    def backend(self) -> str:
-        return self.engine.backend
 
     def embeddings(self, prompt: str) -> np.ndarray:
         """(1, S, D) hidden states, from the cache when the prompt was encoded before (least recently used goes first)."""
@@ -39,4 +36,4 @@ class TextEncoder:
 
     def close(self) -> None:
         self._cache.clear()
-        self.engine.close()
+        super().close()

@@ -86,7 +86,3 @@ def get_variant(name: str) -> Variant:
         if v.repo_id == name:
             return v
     raise UsageError(f"unknown model {name!r}; choose one of {', '.join(sorted(VARIANTS))} or give a local path")
-
-
-def variants_of(family: str) -> list[Variant]:
-    return [v for v in VARIANTS.values() if v.family == family]
