@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 import pytest
 from tolerance import assert_within, graph_tolerances
 
@@ -38,3 +40,24 @@ def test_fused_graph_matches_export(exported_dir: Path, tmp_path: Path, model: s
     tols = graph_tolerances(src, feeds)  # fused attention / layer norms compute the same function: rounding only
     for name, err in errors.items():
         assert_within(err, tols[name], f"{model}.{name} at {dims}: fused vs export")
+
+
+def test_attention_tiling_infers_shapes_without_the_weights(exported_dir: Path) -> None:
+    """Shape inference runs on a weightless copy: the full-size UNet with its weights loaded (3.4 GB) is over
+    protobuf's 2 GiB message limit, and `build --cpu-fast` failed there. Same tiling either way; weights untouched."""
+    import onnx
+
+    from trt_bgswap.engines.attention import WEIGHTLESS_ABOVE, _without_weight_data, bound_attention
+
+    entry = Manifest.load(exported_dir).models["unet"]
+    model = onnx.load(str(exported_dir / entry.file))
+    light = _without_weight_data(model)
+    sizes = {t.name: len(t.raw_data) for t in model.graph.initializer}
+    for t in light.graph.initializer:
+        n = int(np.prod(t.dims)) if t.dims else 1
+        assert (n > WEIGHTLESS_ABOVE) == (t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data), t.name
+    assert {t.name for t in light.graph.initializer} == set(sizes) and len(light.graph.node) == len(model.graph.node)
+    before = [(t.name, t.raw_data) for t in model.graph.initializer]
+    tiling = bound_attention(model)
+    assert tiling.tiled and not tiling.left, tiling.left
+    assert [(t.name, t.raw_data) for t in model.graph.initializer] == before, "tiling changed a weight"
