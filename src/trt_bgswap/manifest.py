@@ -50,6 +50,11 @@ class InpaintConfig:
     max_length: int  # tokenizer model_max_length / text encoder positions (77)
     scheduler: dict[str, Any]  # the pipeline's scheduler_config.json, for the LCM scheduler
     tokenizer_dir: str = "tokenizer"
+    # --- the model family (trt_bgswap.families) and what only some families have; defaults are SD1's ---
+    family: str = "sd1"  # decided from the model's configs at export (families.family_of)
+    tokenizer_2_dir: str | None = None  # SDXL: the second text encoder's tokenizer (pads with "!")
+    force_zeros_for_empty_prompt: bool = False  # SDXL model_index.json: no negative prompt -> zero uncond rows
+    requires_aesthetics_score: bool = False  # SDXL model_index.json: time ids carry an aesthetic score, not the target size
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
