@@ -64,6 +64,58 @@ VARIANTS: dict[str, Variant] = {
             commercial_use=True,
         ),
         Variant(
+            name="sdxl-inpainting",
+            family="sd-inpainting",
+            repo_id="diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
+            revision="main",
+            files=(
+                "model_index.json",
+                "scheduler/*.json",
+                "tokenizer/*",
+                "tokenizer_2/*",
+                "text_encoder/config.json",
+                "text_encoder/model.safetensors",
+                "text_encoder_2/config.json",
+                "text_encoder_2/model.safetensors",
+                "unet/config.json",
+                "unet/diffusion_pytorch_model.safetensors",
+                "vae/config.json",
+                "vae/diffusion_pytorch_model.safetensors",
+            ),
+            license="openrail++",
+            commercial_use=True,
+            note="SDXL family: 1024x1024 native area, two text encoders; pair it with lcm-lora-sdxl. The VAE stays fp32 (force_upcast).",
+        ),
+        Variant(
+            name="sd2-inpainting",
+            family="sd-inpainting",
+            repo_id="stabilityai/stable-diffusion-2-inpainting",
+            revision="main",
+            files=(
+                "model_index.json",
+                "scheduler/*.json",
+                "tokenizer/*",
+                "text_encoder/config.json",
+                "text_encoder/model.safetensors",
+                "unet/config.json",
+                "unet/diffusion_pytorch_model.safetensors",
+                "vae/config.json",
+                "vae/diffusion_pytorch_model.safetensors",
+            ),
+            license="openrail++",
+            commercial_use=True,
+            note="SD2 family: 512x512, OpenCLIP ViT-H text encoder; no LCM-LoRA is published for it (give --lcm-lora FILE or none).",
+        ),
+        Variant(
+            name="lcm-lora-sdxl",
+            family="lcm-lora",
+            repo_id="latent-consistency/lcm-lora-sdxl",
+            revision="main",
+            files=("pytorch_lora_weights.safetensors",),
+            license="openrail++",
+            commercial_use=True,
+        ),
+        Variant(
             name="lcm-lora-sdv1-5",
             family="lcm-lora",
             repo_id="latent-consistency/lcm-lora-sdv1-5",
@@ -76,6 +128,7 @@ VARIANTS: dict[str, Variant] = {
 }
 
 DEFAULTS = {"rmbg": "rmbg-1.4", "sd-inpainting": "sd15-inpainting", "lcm-lora": "lcm-lora-sdv1-5"}
+# The LCM-LoRA default follows the inpainting model's family (trt_bgswap.families.Family.lcm_lora), read from its configs.
 
 
 def get_variant(name: str) -> Variant:
