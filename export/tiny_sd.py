@@ -161,8 +161,24 @@ def _save_safetensors(state: dict[str, Any], path: Path, metadata: dict[str, str
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
 
 
-def write_tiny_sd_inpainting(folder: str | Path, seed: int = 0) -> Path:
-    """Write a tiny SD1.5-inpainting diffusers folder (random seeded weights); returns the folder."""
+def sd2_variant(unet_config: dict[str, Any], vae_config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The UNet and VAE configs of SD2 inpainting's tiny twin (``stabilityai/stable-diffusion-2-inpainting``).
+
+    SD2's UNet declares a head size per block and uses linear projections in its transformers
+    (``use_linear_projection``); its VAE is SD1's. The twin's VAE has 3 blocks (factor 4, not 8)
+    so the SD2 parity does not pass by coincidence with SD1's sizes.
+    """
+    unet = {**unet_config, "attention_head_dim": [2, 4, 4, 4], "use_linear_projection": True}
+    vae = {**vae_config, "block_out_channels": [16, 32, 32], "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3}
+    return unet, vae
+
+
+def write_tiny_sd_inpainting(folder: str | Path, seed: int = 0, sd2: bool = False) -> Path:
+    """Write a tiny SD1.5-inpainting diffusers folder (random seeded weights); returns the folder.
+
+    ``sd2``: SD2 inpainting's instead: the OpenCLIP text encoder (``hidden_act`` gelu) whose
+    tokenizer pads with ``!``, and :func:`sd2_variant`'s UNet and VAE.
+    """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -171,7 +187,7 @@ def write_tiny_sd_inpainting(folder: str | Path, seed: int = 0) -> Path:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tok_dir = Path(write_tiny_clip_tokenizer(folder / "tokenizer"))
+    tok_dir = Path(write_tiny_clip_tokenizer(folder / "tokenizer", **({"pad_token": "!"} if sd2 else {})))
     vocab_size, bos, eos, pad, max_length = _tokenizer_ids(tok_dir)
     gen = torch.Generator().manual_seed(seed)
 
@@ -184,7 +200,7 @@ def write_tiny_sd_inpainting(folder: str | Path, seed: int = 0) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=max_length,
-        hidden_act="quick_gelu",  # SD1.5's text encoder (openai/clip-vit-large-patch14)
+        hidden_act="gelu" if sd2 else "quick_gelu",  # SD2: OpenCLIP ViT-H; SD1.5: openai/clip-vit-large-patch14
         bos_token_id=bos,
         eos_token_id=eos,
         pad_token_id=pad,
@@ -199,13 +215,15 @@ def write_tiny_sd_inpainting(folder: str | Path, seed: int = 0) -> Path:
     _write_json(te_dir / "config.json", te_dict)
     _save_safetensors(text_encoder.state_dict(), te_dir / "model.safetensors", {"format": "pt"})
 
-    unet_config = tiny_unet_config(cross_attention_dim=hidden)
+    unet_config, vae_config = tiny_unet_config(cross_attention_dim=hidden), tiny_vae_config()
+    if sd2:
+        unet_config, vae_config = sd2_variant(unet_config, vae_config)
     unet = UNet2DConditionModel.from_config(unet_config).eval()
     _perturb_constant_params(unet, gen)
     _write_json(folder / "unet" / "config.json", dict(unet.config))
     _save_safetensors(unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors")
 
-    vae = AutoencoderKL.from_config(tiny_vae_config()).eval()
+    vae = AutoencoderKL.from_config(vae_config).eval()
     _perturb_constant_params(vae, gen)
     _write_json(folder / "vae" / "config.json", dict(vae.config))
     _save_safetensors(vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors")
@@ -215,7 +233,7 @@ def write_tiny_sd_inpainting(folder: str | Path, seed: int = 0) -> Path:
         folder / "model_index.json",
         dict(SD15_INPAINT_MODEL_INDEX),
     )
-    log.info("tiny SD-1.5 inpainting written to %s", folder)
+    log.info("tiny %s inpainting written to %s", "SD2" if sd2 else "SD-1.5", folder)
     return folder
 
 

@@ -1,15 +1,10 @@
 """SDXL inpainting (issue 12): the whole loop vs diffusers' StableDiffusionXLInpaintPipeline + LCMScheduler.
 
 Same tiny weights (:mod:`trt_bgswap.export.tiny_sdxl`: two text encoders, the ``text_time``
-UNet, a VAE of factor 4), the SDXL LCM-LoRA fused on both sides, the same photo, mask and
-prompt, the same noise: the initial latents are handed to both, and the VAE posterior draw and
-the LCM step noise diffusers takes from its generator are replayed from a twin generator.
-``strength=1.0`` is passed to diffusers: the SDXL pipeline's default is 0.9999, which noises the
-photo's latents instead of starting from pure noise.
-
-The generated images (float [0, 1], before compositing) must agree within the rounding noise
-of our whole loop on that very case (:mod:`tolerance`: every graph of the export replaced by
-its Monte Carlo arithmetic twin, :data:`tolerance.NOISE_SAMPLES` runs, times
+UNet, a VAE of factor 4), the SDXL LCM-LoRA fused on both sides, the same photo, mask, prompt
+and noise (:mod:`family_parity`). The generated images (float [0, 1], before compositing) must
+agree within the rounding noise of our whole loop on that very case (:mod:`tolerance`: every
+graph replaced by its Monte Carlo arithmetic twin, :data:`tolerance.NOISE_SAMPLES` runs, times
 :data:`tolerance.SAFETY`), and within the issue's 1e-3.
 """
 
@@ -21,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
-from skimage import data
 
-from tolerance import NOISE_SAMPLES, assert_within, network_tolerance, noisy_engine
+import family_parity as fp
+from family_parity import ACCEPTANCE, CASES, PROMPT
+from tolerance import assert_within
 from trt_bgswap.families import SD1, SD2, SDXL, family_of
 from trt_bgswap.manifest import Manifest
 from trt_bgswap.runtime.pipeline import GenerationOptions, Noise, Pipeline
@@ -33,11 +27,6 @@ from trt_bgswap.specs import UnetIO
 
 WIDTH, HEIGHT = 176, 112  # non-square, multiples of the tiny SDXL's size multiple (VAE 4 x UNet 4)
 STEPS = 4
-PROMPT = "a sunny beach with palm trees, photograph"
-NEGATIVE = "blurry, low quality"
-ACCEPTANCE = 1e-3  # issue 12: the float image within 1e-3 of diffusers'
-# (guidance, negative prompt): no negative prompt at guidance 2 is SDXL's zeroed uncond rows (force_zeros_for_empty_prompt)
-CASES = [(1.0, None), (2.0, None), (2.0, NEGATIVE)]
 
 
 @pytest.fixture(scope="module")
@@ -56,83 +45,24 @@ def runtime(sdxl_exported: Path) -> Pipeline:
 
 @pytest.fixture(scope="module")
 def photo_and_mask() -> tuple[np.ndarray, np.ndarray]:
-    """A real photo (300x451, non-square) and a repaint mask: everything but an ellipse around the cat's head."""
-    rgb = data.chelsea()
-    h, w = rgb.shape[:2]
-    yy, xx = np.mgrid[:h, :w]
-    subject = ((yy - 150) / 110.0) ** 2 + ((xx - 200) / 140.0) ** 2 < 1.0
-    return rgb, np.where(subject, 0, 255).astype(np.uint8)
+    return fp.photo_and_mask()
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_models_dir: Path, photo_and_mask) -> Callable[[float, str | None], tuple[np.ndarray, Noise]]:  # noqa: ANN001
-    """``reference(guidance, negative)``: diffusers' image and every random draw it made, computed once per case."""
-    from diffusers import LCMScheduler, StableDiffusionXLInpaintPipeline
+def reference(tiny_models_dir: Path, photo_and_mask) -> Callable[[fp.Case], tuple[np.ndarray, Noise]]:  # noqa: ANN001
+    from diffusers import StableDiffusionXLInpaintPipeline
 
     pipe = StableDiffusionXLInpaintPipeline.from_pretrained(tiny_models_dir / "sdxl-inpainting", add_watermarker=False)
-    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-    pipe.load_lora_weights(str(tiny_models_dir / "lcm-lora-sdxl"))
-    pipe.fuse_lora()
-    pipe.set_progress_bar_config(disable=True)
-    rgb, mask = photo_and_mask
-    cache: dict[tuple[float, str | None], tuple[np.ndarray, Noise]] = {}
+    return fp.lcm_reference(pipe, tiny_models_dir / "lcm-lora-sdxl", *photo_and_mask, (WIDTH, HEIGHT), STEPS)
 
-    def run(guidance: float, negative: str | None) -> tuple[np.ndarray, Noise]:
-        if (guidance, negative) not in cache:
-            f = pipe.vae_scale_factor
-            shape = (1, pipe.vae.config.latent_channels, HEIGHT // f, WIDTH // f)
-            latents = torch.randn(shape, generator=torch.Generator().manual_seed(1007))
-            twin = torch.Generator().manual_seed(7)  # diffusers draws the masked image's posterior sample, then one noise per non-final step
-            posterior = torch.randn(shape, generator=twin)
-            steps = tuple(torch.randn(shape, generator=twin).numpy() for _ in range(STEPS - 1))
-            image = pipe(
-                prompt=PROMPT,
-                negative_prompt=negative,
-                image=Image.fromarray(rgb),
-                mask_image=Image.fromarray(mask, "L"),
-                height=HEIGHT,
-                width=WIDTH,
-                strength=1.0,
-                num_inference_steps=STEPS,
-                guidance_scale=guidance,
-                latents=latents.clone(),
-                generator=torch.Generator().manual_seed(7),
-                output_type="np",
-            ).images[0]
-            cache[(guidance, negative)] = image, Noise(latents=latents.numpy(), posterior=posterior.numpy(), steps=steps)
-        return cache[(guidance, negative)]
 
-    return run
+@pytest.fixture(scope="module")
+def loop_tolerance(sdxl_exported: Path, runtime: Pipeline, photo_and_mask, tmp_path_factory: pytest.TempPathFactory) -> Callable[[fp.Case, Noise], float]:  # noqa: ANN001
+    return fp.loop_tolerance(sdxl_exported, runtime, *photo_and_mask, tmp_path_factory.mktemp("noisy-sdxl"), (WIDTH, HEIGHT), STEPS)
 
 
 def _options(guidance: float, negative: str | None) -> GenerationOptions:
-    return GenerationOptions(PROMPT, negative_prompt=negative or "", steps=STEPS, guidance=guidance, size=(WIDTH, HEIGHT))
-
-
-@pytest.fixture(scope="module")
-def loop_tolerance(sdxl_exported: Path, runtime: Pipeline, photo_and_mask, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., float]:  # noqa: ANN001
-    """``loop_tolerance(guidance, negative, noise)``: the rounding noise of our whole SDXL loop on that case, once per case.
-
-    Every graph of the export (both text encoders, the UNet, the VAE) is replaced by its Monte
-    Carlo arithmetic twin (:func:`tolerance.noisy_engine`); the numpy steps between graphs are
-    a few roundings each, dwarfed by the graphs' noise.
-    """
-    rgb, mask = photo_and_mask
-    manifest = Manifest.load(sdxl_exported)
-    dest = tmp_path_factory.mktemp("noisy-sdxl")
-    engines = {name: noisy_engine(m.spec, manifest.model_path(sdxl_exported, name), dest / f"{name}.onnx") for name, m in manifest.models.items()}
-    noisy = Pipeline.load(sdxl_exported, provider="cpu", engines=engines)
-
-    cache: dict[tuple[float, str | None], float] = {}
-
-    def tolerance(guidance: float, negative: str | None, noise: Noise) -> float:
-        if (guidance, negative) not in cache:
-            options = _options(guidance, negative)
-            clean = runtime.inpaint(rgb, mask, options, noise)
-            cache[(guidance, negative)] = network_tolerance(clean, [noisy.inpaint(rgb, mask, options, noise) for _ in range(NOISE_SAMPLES)])
-        return cache[(guidance, negative)]
-
-    return tolerance
+    return fp.options((guidance, negative), (WIDTH, HEIGHT), STEPS)
 
 
 def test_family_and_graphs_come_from_the_config(sdxl_exported: Path) -> None:
@@ -149,13 +79,13 @@ def test_family_and_graphs_come_from_the_config(sdxl_exported: Path) -> None:
 @pytest.mark.parametrize(("guidance", "negative"), CASES)
 def test_sdxl_loop_matches_diffusers(reference, runtime: Pipeline, loop_tolerance, photo_and_mask, guidance: float, negative: str | None) -> None:  # noqa: ANN001
     rgb, mask = photo_and_mask
-    expected, noise = reference(guidance, negative)
+    expected, noise = reference((guidance, negative))
     options = _options(guidance, negative)
     ours = runtime.inpaint(rgb, mask, options, noise)
     assert ours.shape == expected.shape == (HEIGHT, WIDTH, 3)
     err = float(np.abs(ours - expected).max())
     what = f"SDXL guidance={guidance} negative={negative!r}: generated image vs diffusers"
-    assert_within(err, lambda: loop_tolerance(guidance, negative, noise), what)
+    assert_within(err, lambda: loop_tolerance((guidance, negative), noise), what)
     assert err <= ACCEPTANCE, f"{what}: max abs err {err:.3g} > {ACCEPTANCE}"
     assert float(expected.std()) > 1e-2  # the image is not flat: the comparison means something
 
@@ -170,7 +100,7 @@ def test_sdxl_slips_break_parity(reference, sdxl_exported: Path, photo_and_mask,
 
     rgb, mask = photo_and_mask
     guidance, negative = (2.0, None)
-    expected, noise = reference(guidance, negative)
+    expected, noise = reference((guidance, negative))
     rt = Pipeline.load(sdxl_exported, provider="cpu")
     conditioner = rt.stages.conditioner
     assert isinstance(conditioner, SdxlConditioner)
@@ -225,10 +155,10 @@ def test_sdxl_build_profiles_and_ort_engines(sdxl_exported: Path, runtime: Pipel
     report = build_engines(folder, backend="ort", provider="cpu", sizes=[(WIDTH, HEIGHT)])
     assert set(report.models) == set(manifest.models)
     rgb, mask = photo_and_mask
-    _, noise = reference(1.0, None)
+    _, noise = reference((1.0, None))
     with Pipeline.load(folder, provider="cpu") as built:
         assert str(built.stages.engines["unet"].path).startswith(str(folder / "engines"))  # the built graph runs, not the export's
         ours = built.inpaint(rgb, mask, _options(1.0, None), noise)
     # ORT's offline optimizations only fuse and reorder float32 operations: the same loop, rounding apart
     err = float(np.abs(ours - runtime.inpaint(rgb, mask, _options(1.0, None), noise)).max())
-    assert_within(err, lambda: loop_tolerance(1.0, None, noise), "SDXL: built ORT engines vs the exported graphs")
+    assert_within(err, lambda: loop_tolerance((1.0, None), noise), "SDXL: built ORT engines vs the exported graphs")
