@@ -221,6 +221,7 @@ def export_models(
     loras: Sequence["LoraSource"] = (),
     allow_pickle: bool = False,
     vae_src: Path | None = None,
+    masker: str | None = None,
 ) -> Manifest:
     """Export everything given into ``out_dir`` and return its manifest.
 
@@ -233,6 +234,7 @@ def export_models(
     LCM step inside one graph, which the TensorRT device loop runs without host round trips.
     ``device_graphs`` also writes ``vae_encoder_sample/``, ``vae_decoder_image/`` and ``rmbg_full/``:
     the VAE and RMBG graphs with the pipeline's host arithmetic inside (:mod:`.device_graphs`).
+    ``masker`` names the masker variant (``--masker``: rmbg-1.4, birefnet, rmbg-2.0) where the files cannot tell.
     ``vae_precision=None`` keeps the VAE in fp32 (SD's and SDXL's VAEs overflow float16; their configs
     say ``force_upcast``) unless the VAE's own config says ``force_upcast: false`` (an fp16-safe VAE such as
     madebyollin/sdxl-vae-fp16-fix, given as ``vae_src``: a diffusers ``AutoencoderKL`` folder that replaces
@@ -345,7 +347,7 @@ def export_models(
             from trt_bgswap.export.rmbg import export_rmbg
 
             log.info("rmbg: exporting %s", rmbg_src)
-            models["rmbg"], rmbg_config = export_rmbg(Path(rmbg_src), stage, precision, opset)  # writes stage/rmbg/
+            models["rmbg"], rmbg_config = export_rmbg(Path(rmbg_src), stage, precision, opset, masker)  # writes stage/rmbg/
             rmbg_src = Path(rmbg_src)
             rmbg_files = (
                 sorted(f for pattern in RMBG_WEIGHT_PATTERNS for f in rmbg_src.rglob(pattern)) if rmbg_src.is_dir() else [rmbg_src]

@@ -73,6 +73,8 @@ class RmbgConfig:
     std: tuple[float, float, float]
     input_name: str
     output_name: str  # the main mask output; published ONNX files may carry side outputs too
+    masker: str = "rmbg-1.4"  # the registry variant whose pre/post-processing and licence apply (runtime/masker.py)
+    postprocess: str = "minmax"  # "minmax" (RMBG-1.4), "sigmoid" (logits: BiRefNet), "clip" (a graph that ends in its sigmoid)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -81,6 +83,8 @@ class RmbgConfig:
             "std": list(self.std),
             "input_name": self.input_name,
             "output_name": self.output_name,
+            "masker": self.masker,
+            "postprocess": self.postprocess,
         }
 
     @classmethod
@@ -91,6 +95,8 @@ class RmbgConfig:
             std=tuple(d["std"]),
             input_name=d["input_name"],
             output_name=d["output_name"],
+            masker=d.get("masker", "rmbg-1.4"),  # exports before issue 12 are RMBG-1.4's
+            postprocess=d.get("postprocess", "minmax"),
         )
 
 

@@ -77,6 +77,7 @@ def export_sources(
     fused_step: bool = False,
     device_graphs: bool = False,
     loras: Sequence["LoraSource"] = (),
+    masker: str | None = None,
 ) -> Manifest:
     """Resolve the sources (local paths, hub ids, registry names; 'none' leaves one out) and export them to ``out``.
 
@@ -110,6 +111,7 @@ def export_sources(
         device_graphs=device_graphs,
         loras=loras,
         allow_pickle=allow_pickle,
+        masker=masker,
     )
 
 
@@ -203,6 +205,7 @@ def folder_for_job(
     offline: bool = False,
     allow_pickle: bool = False,
     loras: Sequence["LoraSource"] = (),
+    masker: str | None = None,
 ) -> Path:
     """The exported folder a job loads: ``folder`` as it is, or exported there now from ``given`` sources (and ``loras``)."""
     check_model_folder(folder, given, loras)
@@ -213,7 +216,7 @@ def folder_for_job(
     log.info("no exported models in %s yet: exporting them once (later runs reuse them)", folder)
     if folder.exists():
         folder.rmdir()  # empty: the exporter moves its finished folder into place
-    export_sources(sources, folder, opset=opset, offline=offline, allow_pickle=allow_pickle, loras=loras)
+    export_sources(sources, folder, opset=opset, offline=offline, allow_pickle=allow_pickle, loras=loras, masker=masker)
     return folder
 
 

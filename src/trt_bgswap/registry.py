@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from trt_bgswap.errors import UsageError
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet statistics, BiRefNet's normalisation
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -25,6 +29,7 @@ class Variant:
     std: tuple[float, float, float] | None = None
     note: str = ""
     gated: bool = False  # the hub asks users to accept the licence before downloading
+    postprocess: str = "minmax"  # maskers: "minmax" (RMBG-1.4's reference) or "sigmoid" (BiRefNet's logits); see runtime/masker.py
 
 
 VARIANTS: dict[str, Variant] = {
@@ -43,6 +48,35 @@ VARIANTS: dict[str, Variant] = {
             std=(1.0, 1.0, 1.0),
             note="Gated on the hub: accept the licence on the model page and log in (huggingface-cli login).",
             gated=True,
+        ),
+        Variant(
+            name="birefnet",
+            family="rmbg",
+            repo_id="onnx-community/BiRefNet-ONNX",
+            revision="main",
+            files=("config.json", "preprocessor_config.json", "onnx/model.onnx"),
+            license="MIT (ZhengPeng7/BiRefNet)",
+            commercial_use=True,
+            input_size=(1024, 1024),
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            note="BiRefNet (Zheng et al. 2024): input_image -> output_image logits; the mask is their sigmoid.",
+            postprocess="sigmoid",
+        ),
+        Variant(
+            name="rmbg-2.0",
+            family="rmbg",
+            repo_id="briaai/RMBG-2.0",
+            revision="main",
+            files=("config.json", "onnx/model.onnx"),
+            license="CC BY-NC 4.0 (non-commercial; a commercial licence is sold by BRIA AI)",
+            commercial_use=False,
+            input_size=(1024, 1024),
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            note="BiRefNet architecture trained by BRIA. Gated on the hub: accept the licence on the model page and log in.",
+            gated=True,
+            postprocess="sigmoid",
         ),
         Variant(
             name="sd15-inpainting",

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     sources = with_defaults(given_sources(args), need_inpaint=True, need_rmbg=True)
     manifest = export_sources(
         sources, Path(args.out), precision=args.precision, opset=args.opset, offline=args.offline, allow_pickle=args.allow_pickle,
-        overwrite=args.force, fused_step=args.fused_step, device_graphs=args.device_graphs, loras=args.loras,
+        overwrite=args.force, fused_step=args.fused_step, device_graphs=args.device_graphs, loras=args.loras, masker=args.masker,
     )
     log.info("exported %s to %s", ", ".join(manifest.models), args.out)
     return 0
