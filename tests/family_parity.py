@@ -44,13 +44,14 @@ def options(case: Case, size: tuple[int, int], steps: int) -> GenerationOptions:
     return GenerationOptions(PROMPT, negative_prompt=negative or "", steps=steps, guidance=guidance, size=size)
 
 
-def lcm_reference(pipe: Any, lora: Path, rgb: np.ndarray, mask: np.ndarray, size: tuple[int, int], steps: int) -> Callable[[Case], tuple[np.ndarray, Noise]]:
-    """``run(case)``: diffusers' image (LCMScheduler, ``lora`` fused) and every random draw it made, once per case."""
+def lcm_reference(pipe: Any, lora: Path | None, rgb: np.ndarray, mask: np.ndarray, size: tuple[int, int], steps: int) -> Callable[[Case], tuple[np.ndarray, Noise]]:
+    """``run(case)``: diffusers' image (LCMScheduler, ``lora`` fused unless None: already fused) and every random draw it made, once per case."""
     from diffusers import LCMScheduler
 
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-    pipe.load_lora_weights(str(lora))
-    pipe.fuse_lora()
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
+        pipe.fuse_lora()
     pipe.set_progress_bar_config(disable=True)
     width, height = size
     cache: dict[Case, tuple[np.ndarray, Noise]] = {}
