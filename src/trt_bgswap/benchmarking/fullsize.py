@@ -82,6 +82,52 @@ SD15_TEXT_ENCODER_CONFIG: dict[str, Any] = {
     "vocab_size": 49408,
 }
 
+# SDXL inpainting (diffusers/stable-diffusion-xl-1.0-inpainting-0.1, unet/config.json): 9 channels, three blocks,
+# transformer depths 1/2/10, linear projections, cross-attention 2048 (768 + 1280), the text_time added embedding
+# (2816 = 256 x 6 time ids + 1280 pooled), sample_size 128 (1024 px).
+SDXL_INPAINT_UNET_CONFIG: dict[str, Any] = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 9,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+
+# SDXL's VAE (vae/config.json): SD's architecture, scaling_factor 0.13025, force_upcast (it overflows float16).
+SDXL_VAE_CONFIG: dict[str, Any] = {**SD15_VAE_CONFIG, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+
+# SDXL's text_encoder_2 (OpenCLIP ViT-bigG/14's text tower as CLIPTextModelWithProjection).
+SDXL_TEXT_ENCODER_2_CONFIG: dict[str, Any] = {
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+    "vocab_size": 49408,
+}
+
 RMBG_INPUT_SIZE = 1024
 FULL_NAMES = ("sd-inpainting", "lcm-lora", "rmbg")
 
@@ -160,20 +206,75 @@ def write_full_rmbg(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
-def write_full_models(folder: str | Path, seed: int = 0) -> dict[str, Path]:
-    """``sd-inpainting/``, ``lcm-lora/`` and ``rmbg/`` at full size under ``folder`` (reused when complete)."""
+def write_full_sdxl_inpainting(folder: str | Path, seed: int = 0) -> Path:
+    """A diffusers SDXL-inpainting folder at the published sizes (:data:`SDXL_INPAINT_UNET_CONFIG` ...) with random weights.
+
+    One module at a time is built, saved and freed: the UNet alone is 2.6e9 parameters (10.3 GB in fp32).
+    """
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from trt_bgswap.export.tiny_sd import _tokenizer_ids
+    from trt_bgswap.export.tiny_sdxl import SDXL_INPAINT_MODEL_INDEX, SDXL_SCHEDULER_CONFIG
+    from trt_bgswap.export.tiny_tokenizer import write_tiny_clip_tokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    for sub, pad, cls, config in (
+        ("text_encoder", None, CLIPTextModel, SD15_TEXT_ENCODER_CONFIG),
+        ("text_encoder_2", "!", CLIPTextModelWithProjection, SDXL_TEXT_ENCODER_2_CONFIG),
+    ):
+        tok = Path(write_tiny_clip_tokenizer(folder / sub.replace("text_encoder", "tokenizer"), **({"pad_token": pad} if pad else {})))
+        _, bos, eos, pad_id, _ = _tokenizer_ids(tok)
+        te_config = CLIPTextConfig(**config, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad_id)
+        log.info("%s (%s, random weights)", sub, cls.__name__)
+        te = cls(te_config).eval()
+        d = te_config.to_dict()
+        d["architectures"] = [cls.__name__]
+        _write_json(folder / sub / "config.json", d)
+        _save(te.state_dict(), folder / sub / "model.safetensors", {"format": "pt"})
+        del te
+    log.info("UNet (SDXL inpainting, 9 channels, 2.6e9 parameters, random weights)")
+    unet = UNet2DConditionModel.from_config(SDXL_INPAINT_UNET_CONFIG).eval()
+    _write_json(folder / "unet" / "config.json", dict(unet.config))
+    _save(unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors")
+    del unet
+    log.info("VAE (SDXL, random weights)")
+    vae = AutoencoderKL.from_config(SDXL_VAE_CONFIG).eval()
+    _write_json(folder / "vae" / "config.json", dict(vae.config))
+    _save(vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors")
+    del vae
+    _write_json(folder / "scheduler" / "scheduler_config.json", dict(SDXL_SCHEDULER_CONFIG))
+    _write_json(folder / "model_index.json", dict(SDXL_INPAINT_MODEL_INDEX))
+    return folder
+
+
+def write_full_models(folder: str | Path, seed: int = 0, family: str = "sd15") -> dict[str, Path]:
+    """The family's inpainting model and LCM-LoRA, and ``rmbg/``, at full size under ``folder`` (reused when complete).
+
+    ``sd15``: ``sd-inpainting/`` + ``lcm-lora/``; ``sdxl``: ``sdxl-inpainting/`` + ``lcm-lora-sdxl/``
+    (the LCM-LoRA format, rank 64, over SDXL's UNet: latent-consistency/lcm-lora-sdxl's layout).
+    """
     from trt_bgswap.export.tiny_sd import write_tiny_lcm_lora
 
     folder = Path(folder)
-    done = folder / ".complete"
-    paths = {name: folder / name for name in FULL_NAMES}
-    if done.is_file():
-        log.info("full-size random models already in %s", folder)
-        return paths
-    write_full_sd_inpainting(paths["sd-inpainting"], seed)
-    log.info("LCM-LoRA (rank 64, alpha 8) over the full UNet")
-    write_tiny_lcm_lora(paths["lcm-lora"], SD15_INPAINT_UNET_CONFIG, seed=seed + 1)
-    log.info("RMBG-1.4 IS-Net at full width")
-    write_full_rmbg(paths["rmbg"], seed + 2)
-    write_text_atomic(done, "ok\n")
+    inpaint, lora = ("sd-inpainting", "lcm-lora") if family == "sd15" else ("sdxl-inpainting", "lcm-lora-sdxl")
+    writer, unet_config = (write_full_sd_inpainting, SD15_INPAINT_UNET_CONFIG) if family == "sd15" else (write_full_sdxl_inpainting, SDXL_INPAINT_UNET_CONFIG)
+    paths = {inpaint: folder / inpaint, lora: folder / lora, "rmbg": folder / "rmbg"}
+    done = {name: folder / f".complete-{name}" for name in paths}
+    if (folder / ".complete").is_file():  # written by earlier versions for the SD1.5 set
+        for name in FULL_NAMES:
+            write_text_atomic(done[name], "ok\n")
+    for name, write in (
+        (inpaint, lambda: writer(paths[inpaint], seed)),
+        (lora, lambda: write_tiny_lcm_lora(paths[lora], unet_config, seed=seed + 1)),
+        ("rmbg", lambda: write_full_rmbg(paths["rmbg"], seed + 2)),
+    ):
+        if done[name].is_file():
+            log.info("full-size random %s already in %s", name, paths[name])
+            continue
+        log.info("writing full-size random %s", name)
+        write()
+        write_text_atomic(done[name], "ok\n")
     return paths
