@@ -144,6 +144,13 @@ def _save(state: dict[str, Any], path: Path, metadata: dict[str, str] | None = N
     _save_safetensors(state, path, metadata)
 
 
+def _write_diffusers_module(folder: Path, cls: Any, config: dict[str, Any]) -> None:
+    """A diffusers model folder (config.json + diffusion_pytorch_model.safetensors) with random weights; freed on return."""
+    module = cls.from_config(config).eval()
+    _write_json(folder / "config.json", dict(module.config))
+    _save(module.state_dict(), folder / "diffusion_pytorch_model.safetensors")
+
+
 def write_full_sd_inpainting(folder: str | Path, seed: int = 0) -> Path:
     """A diffusers SD1.5-inpainting folder at the published sizes with random seeded weights."""
     import torch
@@ -175,16 +182,9 @@ def write_full_sd_inpainting(folder: str | Path, seed: int = 0) -> Path:
     del te
 
     log.info("UNet (SD1.5 inpainting, 9 channels, random weights)")
-    unet = UNet2DConditionModel.from_config(SD15_INPAINT_UNET_CONFIG).eval()
-    _write_json(folder / "unet" / "config.json", dict(unet.config))
-    _save(unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors")
-    del unet
-
+    _write_diffusers_module(folder / "unet", UNet2DConditionModel, SD15_INPAINT_UNET_CONFIG)
     log.info("VAE (SD1.5, random weights)")
-    vae = AutoencoderKL.from_config(SD15_VAE_CONFIG).eval()
-    _write_json(folder / "vae" / "config.json", dict(vae.config))
-    _save(vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors")
-    del vae
+    _write_diffusers_module(folder / "vae", AutoencoderKL, SD15_VAE_CONFIG)
 
     _write_json(folder / "scheduler" / "scheduler_config.json", dict(SD15_SCHEDULER_CONFIG))
     _write_json(
@@ -236,15 +236,9 @@ def write_full_sdxl_inpainting(folder: str | Path, seed: int = 0) -> Path:
         _save(te.state_dict(), folder / sub / "model.safetensors", {"format": "pt"})
         del te
     log.info("UNet (SDXL inpainting, 9 channels, 2.6e9 parameters, random weights)")
-    unet = UNet2DConditionModel.from_config(SDXL_INPAINT_UNET_CONFIG).eval()
-    _write_json(folder / "unet" / "config.json", dict(unet.config))
-    _save(unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors")
-    del unet
+    _write_diffusers_module(folder / "unet", UNet2DConditionModel, SDXL_INPAINT_UNET_CONFIG)
     log.info("VAE (SDXL, random weights)")
-    vae = AutoencoderKL.from_config(SDXL_VAE_CONFIG).eval()
-    _write_json(folder / "vae" / "config.json", dict(vae.config))
-    _save(vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors")
-    del vae
+    _write_diffusers_module(folder / "vae", AutoencoderKL, SDXL_VAE_CONFIG)
     _write_json(folder / "scheduler" / "scheduler_config.json", dict(SDXL_SCHEDULER_CONFIG))
     _write_json(folder / "model_index.json", dict(SDXL_INPAINT_MODEL_INDEX))
     return folder
