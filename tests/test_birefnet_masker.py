@@ -110,3 +110,19 @@ def test_wrong_processing_is_far_from_the_reference(repos: dict[str, Path]) -> N
     masker = Masker.from_onnx(path, provider="cpu")
     wrong = Masker(masker.engine, replace(masker.cfg, mean=(0.5,) * 3, std=(1.0,) * 3, postprocess="minmax"))
     assert float(np.abs(wrong.predict(rgb) - expected).max()) > 0.05
+
+
+def test_mask_command_names_rmbg2(repos: dict[str, Path], tmp_path: Path) -> None:
+    """`trt-bgswap mask --rmbg RMBG-2.0/onnx/model.onnx --masker rmbg-2.0`: BRIA's processing and a mask per photo."""
+    from PIL import Image
+
+    from trt_bgswap.cli.main import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(data.chelsea()).save(photos / "cat.png")
+    code = main(["-q", "mask", str(photos), "--rmbg", str(repos["rmbg-2.0"] / "onnx" / "model.onnx"), "--masker", "rmbg-2.0", "-o", str(tmp_path / "masks"), "--provider", "cpu"])
+    assert code == 0
+    mask = np.asarray(Image.open(tmp_path / "masks" / "cat.png"))
+    _, _, expected = reference(repos["rmbg-2.0"] / "onnx" / "model.onnx", data.chelsea(), logits=False)
+    assert mask.shape == expected.shape and int(np.abs(mask.astype(int) - np.round(expected * 255).astype(int)).max()) <= 1  # uint8 rounding

@@ -66,8 +66,13 @@ def test_sd2_family_from_the_config(sd2_exported: Path, runtime: Pipeline) -> No
     assert runtime.stages.text_encoder is not None and runtime.stages.text_encoder.tokenizer.pad_id != runtime.stages.text_encoder.tokenizer.eos_id  # pads with "!"
 
 
+# The guided case with a negative prompt runs by default (it covers the encoder, the padding and guidance);
+# guidance 1 and guidance 2 without a negative prompt are slow-marked to keep the default suite short.
+SD2_CASES = [pytest.param(c, marks=() if c == (2.0, fp.NEGATIVE) else pytest.mark.slow) for c in CASES]
+
+
 @pytest.mark.numerics
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", SD2_CASES)
 def test_sd2_loop_matches_diffusers(reference, runtime: Pipeline, loop_tolerance, photo_and_mask, case: fp.Case) -> None:  # noqa: ANN001
     rgb, mask = photo_and_mask
     expected, noise = reference(case)

@@ -96,6 +96,7 @@ def test_sdxl_stacked_weights_match_diffusers(tiny_models_dir: Path, user_lora: 
             assert err <= WEIGHT_ACCEPTANCE, f"{component}.{key}: {err:.3g} > {WEIGHT_ACCEPTANCE}"
 
 
+@pytest.mark.slow  # a second SDXL export and its loop tolerance; the fused weights above run by default
 @pytest.mark.numerics
 def test_sdxl_stacked_loop_matches_diffusers(tiny_models_dir: Path, user_lora: Path, reference_pipe, tmp_path_factory: pytest.TempPathFactory) -> None:  # noqa: ANN001
     from trt_bgswap.export.exporter import export_models

@@ -93,6 +93,7 @@ def test_sdxl_loop_matches_diffusers(reference, runtime: Pipeline, loop_toleranc
 SLIP = 1e-2  # a slip must move the image by far more than the tolerances above (1e-6 .. 1e-4 measured)
 
 
+@pytest.mark.slow  # a fresh runtime per slip; run with -m slow
 @pytest.mark.parametrize("slip", ["time ids (width, height)", "empty negative encoded, not zeros", "no text_embeds"])
 def test_sdxl_slips_break_parity(reference, sdxl_exported: Path, photo_and_mask, monkeypatch, slip: str) -> None:  # noqa: ANN001
     """Porting mistakes specific to SDXL, injected into a fresh runtime, move the output by more than 1e-2."""
@@ -135,10 +136,8 @@ def test_family_is_read_from_configs_not_names(tiny_models_dir: Path, tmp_path: 
         family_of({k: v for k, v in _configs(sdxl)[0].items() if k != "text_encoder_2"}, *_configs(sdxl)[1:])
 
 
-@pytest.mark.numerics
-def test_sdxl_build_profiles_and_ort_engines(sdxl_exported: Path, runtime: Pipeline, reference, loop_tolerance, photo_and_mask, tmp_path: Path) -> None:  # noqa: ANN001
-    """`build` derives every SDXL input's profile from the specs (the added conditions follow the guided batch) and builds ORT engines that run."""
-    from trt_bgswap.engines.build import build_engines
+def test_sdxl_build_profiles(sdxl_exported: Path) -> None:
+    """`build --backend trt` derives every SDXL input's profile from the specs: the added conditions follow the guided batch."""
     from trt_bgswap.engines.profiles import GenerationShapes, model_profiles
 
     manifest = Manifest.load(sdxl_exported)
@@ -151,6 +150,14 @@ def test_sdxl_build_profiles_and_ort_engines(sdxl_exported: Path, runtime: Pipel
     te2 = model_profiles(manifest.models["text_encoder_2"].spec, shapes, f)
     assert len(te2) == 1 and te2[0].tensor("input_ids").opt == (1, manifest.inpaint.max_length)
 
+
+@pytest.mark.slow  # builds ORT engines for the whole export
+@pytest.mark.numerics
+def test_sdxl_ort_engines(sdxl_exported: Path, runtime: Pipeline, reference, loop_tolerance, photo_and_mask, tmp_path: Path) -> None:  # noqa: ANN001
+    """ORT engines built for an SDXL export run the loop within its rounding noise."""
+    from trt_bgswap.engines.build import build_engines
+
+    manifest = Manifest.load(sdxl_exported)
     folder = shutil.copytree(sdxl_exported, tmp_path / "export")
     report = build_engines(folder, backend="ort", provider="cpu", sizes=[(WIDTH, HEIGHT)])
     assert set(report.models) == set(manifest.models)
