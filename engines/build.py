@@ -54,11 +54,12 @@ class BuiltModel:
     provider: str | None = None  # ONNX Runtime provider key
     graph_optimization: str | None = None  # level to open ``path`` with (ONNX Runtime)
     provider_options: dict[str, dict[str, str]] | None = None
+    attention: str | None = None  # engines.attention.BOUNDED / MATERIALISED; None: no attention or not known
 
     def index_entry(self) -> IndexEntry:
         return IndexEntry(
             self.path, self.backend, self.provider, self.graph_optimization, self.provider_options, self.cache_hit, self.reasons,
-            tuple(p.to_json() for p in self.profiles),
+            tuple(p.to_json() for p in self.profiles), self.attention,
         )
 
 
@@ -216,8 +217,9 @@ def build_engines(
             key = ort_key(graph_hash, provider, graph_optimization, trt_precision, profiles, opt_level, workspace, ort_version, host)
             art = prepare_ort_model(cache, name, onnx_path, key, provider, graph_optimization, trt_precision, profiles, opt_level, workspace)
             built[name] = BuiltModel(
-                name, "ort", art.model_path, art.cache_hit, art.reasons, tuple(profiles), art.provider, art.graph_optimization, art.provider_options
-            )
+                name, "ort", art.model_path, art.cache_hit, art.reasons, tuple(profiles), art.provider, art.graph_optimization, art.provider_options,
+                art.attention,
+            )  # fmt: skip
 
     index = write_index(out, backend, provider if backend == ORT else None, {k: m.index_entry() for k, m in built.items()})
     hits = sum(m.cache_hit for m in built.values())

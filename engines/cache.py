@@ -36,6 +36,7 @@ from typing import Any
 from trt_bgswap.atomic import atomic_path, write_text_atomic
 from trt_bgswap.errors import ModelError
 from trt_bgswap.manifest import sha256_file
+from trt_bgswap.onnx_graph import external_data_files
 
 log = logging.getLogger(__name__)
 
@@ -140,43 +141,6 @@ def onnxruntime_key(
 
 
 # --- hashing the ONNX graph together with its external weights ---
-
-
-def _tensors_with_external_data(graph: Any) -> list[Any]:
-    """Initializers and constant-attribute tensors of a graph and its subgraphs."""
-    import onnx  # engines/ may import onnx; kept local so importing this module stays light
-
-    found = list(graph.initializer)
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                found.append(attr.t)
-            elif attr.type == onnx.AttributeProto.TENSORS:
-                found.extend(attr.tensors)
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                found.extend(_tensors_with_external_data(attr.g))
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    found.extend(_tensors_with_external_data(g))
-    return found
-
-
-def external_data_files(onnx_path: str | Path) -> list[Path]:
-    """The files holding an ONNX model's external weights (sorted, each once)."""
-    import onnx
-
-    onnx_path = Path(onnx_path)
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception as e:  # onnx raises DecodeError and friends for corrupt files
-        raise ModelError(f"{onnx_path}: not a readable ONNX model ({e}); re-run `trt-bgswap export`") from e
-    locations: set[str] = set()
-    for t in _tensors_with_external_data(model.graph):
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            for entry in t.external_data:
-                if entry.key == "location":
-                    locations.add(entry.value)
-    return [onnx_path.parent / loc for loc in sorted(locations)]
 
 
 def onnx_graph_hash(onnx_path: str | Path) -> str:

@@ -24,20 +24,17 @@ caveats. Uses the ``onnx`` package only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trt_bgswap.errors import ModelError
+from trt_bgswap.onnx_graph import DEFAULT_DOMAINS, external_data_files, iter_graphs, spec_mismatches, type_name
 from trt_bgswap.specs import ModelSpec
 
-from trt_bgswap.engines.cache import external_data_files
 from trt_bgswap.engines.trt_onnx_ops import OPSET_RANGE, SUPPORTED_OPS, TENSORRT_ONNX_DOC, UNSUPPORTED_OPS
 
 log = logging.getLogger(__name__)
-
-DEFAULT_DOMAINS = ("", "ai.onnx")
 
 # ONNX TensorProto element type names -> the names TensorRT's operator matrix uses.
 TRT_TYPE_NAMES: dict[str, str] = {
@@ -53,8 +50,6 @@ TRT_TYPE_NAMES: dict[str, str] = {
     "FLOAT8E4M3FN": "FP8",
 }
 CAST_DOWN_TYPES = ("DOUBLE",)  # TensorRT casts these to FLOAT, clamping to +-FLT_MAX
-
-SPEC_TO_ONNX = {"float32": "FLOAT", "float16": "FLOAT16", "int32": "INT32", "int64": "INT64", "uint8": "UINT8", "bool": "BOOL"}
 
 
 @dataclass(frozen=True)
@@ -91,26 +86,6 @@ class CheckReport:
             )
 
 
-def _type_name(elem_type: int) -> str:
-    import onnx
-
-    return onnx.TensorProto.DataType.Name(elem_type)
-
-
-def _graphs(graph: Any) -> Iterator[Any]:
-    """The graph and all its subgraphs (If/Loop/Scan bodies)."""
-    import onnx
-
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _graphs(g)
-
-
 def _value_types(graph: Any) -> dict[str, Any]:
     """name -> TypeProto for every typed value of the graph (inputs, outputs, value_info)."""
     types = {}
@@ -141,7 +116,7 @@ def _check_opset(model: Any) -> list[Issue]:
 def _check_operators(model: Any, types: dict[str, Any], initializers: dict[str, int]) -> list[Issue]:
     issues: list[Issue] = []
     seen: set[tuple[str, str, str]] = set()
-    for graph in _graphs(model.graph):
+    for graph in iter_graphs(model.graph):
         for node in graph.node:
             if node.domain not in DEFAULT_DOMAINS:
                 k = ("domain", node.domain, node.op_type)
@@ -167,7 +142,7 @@ def _check_operators(model: Any, types: dict[str, Any], initializers: dict[str, 
                 elem = types[first].tensor_type.elem_type
             if not elem:
                 continue
-            trt_name = TRT_TYPE_NAMES.get(_type_name(elem))
+            trt_name = TRT_TYPE_NAMES.get(type_name(elem))
             if trt_name is not None and trt_name not in allowed:
                 k = ("optype", node.op_type, trt_name)
                 if k not in seen:
@@ -185,26 +160,26 @@ def _check_operators(model: Any, types: dict[str, Any], initializers: dict[str, 
 def _check_dtypes(model: Any, types: dict[str, Any]) -> list[Issue]:
     issues = []
     found: dict[str, str] = {}
-    for graph in _graphs(model.graph):
+    for graph in iter_graphs(model.graph):
         for t in graph.initializer:
-            found.setdefault(_type_name(t.data_type), t.name)
+            found.setdefault(type_name(t.data_type), t.name)
     for name, tp in types.items():
         if tp.HasField("tensor_type") and tp.tensor_type.elem_type:
-            found.setdefault(_type_name(tp.tensor_type.elem_type), name)
-    for type_name, example in sorted(found.items()):
-        if type_name in TRT_TYPE_NAMES:
+            found.setdefault(type_name(tp.tensor_type.elem_type), name)
+    for kind, example in sorted(found.items()):
+        if kind in TRT_TYPE_NAMES:
             continue
-        if type_name in CAST_DOWN_TYPES:
-            issues.append(Issue("warning", "dtype", f"{type_name} tensors (e.g. {example!r}): TensorRT casts them to FLOAT, clamping to +-FLT_MAX"))
+        if kind in CAST_DOWN_TYPES:
+            issues.append(Issue("warning", "dtype", f"{kind} tensors (e.g. {example!r}): TensorRT casts them to FLOAT, clamping to +-FLT_MAX"))
         else:
-            issues.append(Issue("error", "dtype", f"{type_name} tensors (e.g. {example!r}): TensorRT has no such type"))
+            issues.append(Issue("error", "dtype", f"{kind} tensors (e.g. {example!r}): TensorRT has no such type"))
     return issues
 
 
 def _check_shapes(model: Any, types: dict[str, Any]) -> list[Issue]:
     issues = []
     missing = []
-    for graph in _graphs(model.graph):
+    for graph in iter_graphs(model.graph):
         produced = [o for node in graph.node for o in node.output if o]
         for name in produced + [o.name for o in graph.output]:
             tp = types.get(name)
@@ -222,30 +197,15 @@ def _check_shapes(model: Any, types: dict[str, Any]) -> list[Issue]:
 
 
 def _check_spec(model: Any, spec: ModelSpec) -> list[Issue]:
+    """The graph against its spec (one check, shared with the export): a symbolic input dim the graph froze is a
+    warning here (the profiles cannot vary it), every other mismatch an error."""
     issues = []
-    g = model.graph
-    init = {t.name for t in g.initializer}
-    graph_io = {vi.name: vi for vi in (*g.input, *g.output) if vi.name not in init}
-    for t in (*spec.inputs, *spec.outputs):
-        vi = graph_io.get(t.name)
-        if vi is None:
-            issues.append(Issue("error", "spec", f"{spec.name}: the graph has no tensor {t.name!r} declared in the model's spec"))
+    for m in spec_mismatches(model, spec):
+        if m.kind == "frozen":
+            if m.is_input:
+                issues.append(Issue("warning", "spec", m.message.replace("it must stay dynamic", "profiles cannot vary it")))
             continue
-        tt = vi.type.tensor_type
-        got_type = _type_name(tt.elem_type)
-        if SPEC_TO_ONNX.get(t.dtype) != got_type:
-            issues.append(Issue("error", "spec", f"{spec.name}.{t.name}: the graph says {got_type}, the spec {t.dtype}"))
-        dims = list(tt.shape.dim)
-        if len(dims) != len(t.shape):
-            issues.append(Issue("error", "spec", f"{spec.name}.{t.name}: the graph has rank {len(dims)}, the spec {t.shape}"))
-            continue
-        for axis, (want, d) in enumerate(zip(t.shape, dims)):
-            if isinstance(want, int) and d.HasField("dim_value") and d.dim_value != want:
-                issues.append(Issue("error", "spec", f"{spec.name}.{t.name}: dim {axis} is {d.dim_value} in the graph, {want} in the spec"))
-            if isinstance(want, str) and d.HasField("dim_value") and t in spec.inputs:
-                issues.append(
-                    Issue("warning", "spec", f"{spec.name}.{t.name}: dim {axis} ({want}) is fixed to {d.dim_value} in the graph; profiles cannot vary it")
-                )
+        issues.append(Issue("error", "spec", m.message))
     return issues
 
 
@@ -268,9 +228,9 @@ def check_onnx_for_tensorrt(path: str | Path, spec: ModelSpec | None = None) -> 
         issues.append(Issue("error", "shape-inference", f"ONNX shape inference fails: {str(e).splitlines()[0]}"))
         inferred = model
     types: dict[str, Any] = {}
-    for graph in _graphs(inferred.graph):
+    for graph in iter_graphs(inferred.graph):
         types.update(_value_types(graph))
-    initializers = {t.name: t.data_type for graph in _graphs(inferred.graph) for t in graph.initializer}
+    initializers = {t.name: t.data_type for graph in iter_graphs(inferred.graph) for t in graph.initializer}
     issues += _check_operators(inferred, types, initializers)
     issues += _check_dtypes(inferred, types)
     if not any(i.check == "shape-inference" for i in issues):

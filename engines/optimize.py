@@ -46,8 +46,10 @@ from trt_bgswap.errors import BackendUnavailable, ModelError, UsageError
 from trt_bgswap.manifest import Manifest
 from trt_bgswap.specs import ModelSpec, pipeline_dims
 
+from trt_bgswap.engines.attention import TILED_ATTENTION, attention_kind, bound_attention
 from trt_bgswap.engines.build import BuildReport, BuiltModel, build_engines
-from trt_bgswap.engines.cache import EngineCache, external_data_files, onnx_graph_hash, onnxruntime_key
+from trt_bgswap.engines.cache import EngineCache, onnx_graph_hash, onnxruntime_key
+from trt_bgswap.onnx_graph import external_data_files, pin_symbols
 from trt_bgswap.engines.ort_build import host_fingerprint, onnxruntime_version, optimize_offline
 
 log = logging.getLogger(__name__)
@@ -135,17 +137,6 @@ def cpu_fusion_options(model_type: str) -> Any:
     return options
 
 
-def _pin_symbols(model: Any, symbols: Mapping[str, int]) -> None:
-    for value in model.graph.input:
-        for d in value.type.tensor_type.shape.dim:
-            if d.dim_param:
-                if d.dim_param not in symbols:
-                    raise UsageError(f"input {value.name} has symbol {d.dim_param!r}; give its size to pin it")
-                v = int(symbols[d.dim_param])
-                d.ClearField("dim_param")
-                d.dim_value = v
-
-
 def fuse_transformer(onnx_path: str | Path, out_path: str | Path, model_type: str, symbols: Mapping[str, int], data_name: str | None) -> dict[str, int]:
     """Fuse ``onnx_path`` with the optimizer for ``model_type``; writes ``out_path`` (+ ``data_name`` weights).
 
@@ -156,7 +147,8 @@ def fuse_transformer(onnx_path: str | Path, out_path: str | Path, model_type: st
     src = onnx.load(str(onnx_path))
     inputs = {v.name: copy.deepcopy(v) for v in src.graph.input}
     outputs = {v.name: copy.deepcopy(v) for v in src.graph.output}
-    _pin_symbols(src, symbols)
+    bound_attention(src)  # first: the optimizer's own attention fusion (contrib Attention) holds the scores on the CPU
+    pin_symbols(src, symbols)
     optimizer = _model_class(model_type)(src, 0, 0)
     optimizer.optimize(cpu_fusion_options(model_type))
     optimizer.topological_sort()
@@ -242,7 +234,7 @@ def _fused_entry(
     model_type = FUSION_MODEL_TYPES[name]
     key = onnxruntime_key(
         onnx_graph_hash(onnx_path), "cpu", "all", onnxruntime_version(), host_fingerprint(),
-        extra={"transformer_fusion": model_type, "fusion_version": FUSION_VERSION, "pinned": dict(symbols)},
+        extra={"transformer_fusion": model_type, "fusion_version": FUSION_VERSION, "pinned": dict(symbols), "attention": TILED_ATTENTION},
     )  # fmt: skip
     found = cache.lookup(name, FUSED_NAME, key)
     details: dict[str, Any] = {}
@@ -361,7 +353,8 @@ def build_cpu_fast(
 
     models: dict[str, BuiltModel] = dict(report.models) if report is not None else {}
     for name, e in entries.items():
-        models[name] = BuiltModel(name, "ort", e.path, e.cache_hit, (), (), "cpu", e.graph_optimization, {})
+        source = manifest.model_path(export_dir, name)  # what the tiling makes of it (the fused/int8 graph was made from it)
+        models[name] = BuiltModel(name, "ort", e.path, e.cache_hit, (), (), "cpu", e.graph_optimization, {}, attention_kind(source) if e.kind == "fused" else None)
     index = write_index(out, ORT, "cpu", {k: m.index_entry() for k, m in models.items()})
     full = BuildReport(export_dir, out, "ort", "cpu", models, index)
     return full, entries

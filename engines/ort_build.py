@@ -22,11 +22,13 @@ cannot parse.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
 import shutil
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,9 @@ from typing import Any
 from trt_bgswap.errors import BackendUnavailable, UsageError
 from trt_bgswap.runtime.ort_backend import PROVIDER_NAMES, available_providers
 
-from trt_bgswap.engines.cache import CacheKey, EngineCache, external_data_files, onnxruntime_key
+from trt_bgswap.engines.attention import TILED_ATTENTION, attention_kind, write_bounded
+from trt_bgswap.engines.cache import CacheKey, EngineCache, onnxruntime_key
+from trt_bgswap.onnx_graph import external_data_files
 from trt_bgswap.engines.profiles import envelope
 from trt_bgswap.runtime.trt_shapes import ShapeProfile
 
@@ -169,6 +173,7 @@ class OrtArtifact:
     provider_options: dict[str, dict[str, str]]
     cache_hit: bool
     reasons: tuple[str, ...]
+    attention: str | None = None  # engines.attention.BOUNDED / MATERIALISED / None (no attention)
 
 
 def ort_key(
@@ -184,7 +189,8 @@ def ort_key(
 ) -> CacheKey:
     """The cache key of one model's ONNX Runtime artifact; only parts that affect it are included."""
     if provider == "cpu":
-        return onnxruntime_key(onnx_hash, provider, level, ort_version, host if level in HOST_SPECIFIC_LEVELS else "any")
+        host_part = host if level in HOST_SPECIFIC_LEVELS else "any"
+        return onnxruntime_key(onnx_hash, provider, level, ort_version, host_part, extra={"attention": TILED_ATTENTION})
     if provider == "cuda":
         return onnxruntime_key(onnx_hash, provider, level, ort_version, "any")
     return onnxruntime_key(
@@ -235,11 +241,27 @@ def prepare_ort_model(
         def write(tmp: Path) -> list[str]:
             data_name = EngineCache.companion_name(OPTIMIZED_NAME, key, ".data") if has_external else None
             log.info("%s: optimizing for ONNX Runtime %s at level %s (%s)", model, provider, level, "; ".join(found.reasons))
-            optimize_offline(onnx_path, tmp, provider, level, data_name)
+            with _tiled_attention(onnx_path, provider) as source:
+                optimize_offline(source, tmp, provider, level, data_name)
             return [data_name] if data_name else []
 
         cache.store(model, OPTIMIZED_NAME, key, write)
-    return OrtArtifact(model, provider, found.path, "disable", options, found.hit, found.reasons)
+    return OrtArtifact(model, provider, found.path, "disable", options, found.hit, found.reasons, attention_kind(onnx_path) if provider == "cpu" else None)
+
+
+@contextlib.contextmanager
+def _tiled_attention(onnx_path: Path, provider: str) -> Iterator[Path]:
+    """The graph to optimize: on the CPU, with its attention tiled (engines/attention.py), else as exported."""
+    if provider != "cpu":
+        yield onnx_path
+        return
+    with tempfile.NamedTemporaryFile(dir=onnx_path.parent, prefix=".tiled.", suffix=".onnx", delete=False) as f:
+        tiled = Path(f.name)
+    try:
+        yield tiled if write_bounded(onnx_path, tiled).tiled else onnx_path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tiled.unlink()
 
 
 def _prepare_tensorrt_ep(

@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 
 from trt_bgswap.errors import ModelError
-from trt_bgswap.export.onnx_export import DATA_FILE, EXTERNAL_DATA_THRESHOLD, MODEL_FILE, check_graph_against_spec
+from trt_bgswap.export.onnx_export import DATA_FILE, EXTERNAL_DATA_THRESHOLD, MODEL_FILE
 from trt_bgswap.manifest import InpaintConfig, ModelEntry, RmbgConfig, sha256_file
+from trt_bgswap.onnx_graph import check_graph_against_spec, opset_of, prune_to_outputs, value_info
 from trt_bgswap.specs import RMBG_FULL, VAE_DECODER_IMAGE, VAE_ENCODER_SAMPLE, ModelSpec, rmbg_full_spec, vae_decoder_image_spec, vae_encoder_sample_spec
 
 log = logging.getLogger(__name__)
@@ -48,25 +49,10 @@ PIXEL_SCALE = 255.0  # RMBG's reference divides 0..255 pixels by 255 (runtime.ma
 MIN_OPSET = 11  # Resize's half_pixel mode and Clip's min/max inputs
 
 
-def _opset(model: Any) -> int:
-    for o in model.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            return int(o.version)
-    raise ModelError(f"graph {model.graph.name!r} has no default-domain opset")
-
-
 def _const(name: str, value: Any, dtype: Any = np.float32) -> Any:
     from onnx import numpy_helper
 
     return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
-
-
-def _value_info(t: Any) -> Any:
-    """ONNX ValueInfo for a spec tensor (symbolic dims stay symbolic)."""
-    from onnx import TensorProto, helper
-
-    elem = {"float32": TensorProto.FLOAT, "uint8": TensorProto.UINT8}[t.dtype]
-    return helper.make_tensor_value_info(t.name, elem, list(t.shape))
 
 
 def wrap_graph(
@@ -97,16 +83,14 @@ def wrap_graph(
     og = out.graph
     inner_inputs = {v.name: v for v in g.input}
     nodes = [*pre, *g.node, *post]
-    inputs = [inner_inputs[t.name] if t.name in kept_inputs else _value_info(t) for t in spec.inputs]
+    inputs = [inner_inputs[t.name] if t.name in kept_inputs else value_info(t) for t in spec.inputs]
     for field in ("node", "input", "output"):
         og.ClearField(field)
     og.node.extend(nodes)
     og.input.extend(inputs)
-    og.output.extend(_value_info(t) for t in spec.outputs)
+    og.output.extend(value_info(t) for t in spec.outputs)
     og.initializer.extend(constants)
     og.name = spec.name
-    from trt_bgswap.export.rmbg import prune_to_outputs
-
     return prune_to_outputs(out, spec.output_names)  # drops side outputs' nodes and weights
 
 
@@ -173,7 +157,7 @@ def rmbg_full_graph(rmbg: Any, cfg: RmbgConfig) -> tuple[Any, ModelSpec]:
     """uint8 (B, PH, PW, 3) photo -> float32 (B, 1, PH, PW) alpha: RMBG-1.4's reference steps around the net."""
     from onnx import helper
 
-    opset = _opset(rmbg)
+    opset = opset_of(rmbg)
     if opset < MIN_OPSET:
         raise ModelError(f"the RMBG graph has opset {opset}; rmbg_full needs >= {MIN_OPSET} (Resize half_pixel); re-export it")
     inner_in = next(v for v in rmbg.graph.input if v.name == cfg.input_name)

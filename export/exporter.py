@@ -379,6 +379,11 @@ def export_models(
                 "external_data_sha256": data_hashes,
             },
         )
+        from trt_bgswap.export.memory_facts import export_memory_facts
+        from trt_bgswap.memory import facts_to_json
+
+        log.info("measuring each graph's memory facts (what a generation size costs)")
+        manifest.memory = facts_to_json(export_memory_facts(stage, manifest))
         manifest.save(stage)
         _move_into_place(stage, out_dir, overwrite)
     except BaseException:

@@ -25,6 +25,7 @@ from typing import Any
 
 from trt_bgswap.errors import BackendUnavailable, ModelError
 from trt_bgswap.manifest import ModelEntry, sha256_file
+from trt_bgswap.onnx_graph import check_graph_against_spec, stamp_spec, weights_nbytes
 from trt_bgswap.specs import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ DEFAULT_OPSET = 17
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
 INSTALL_HINT = "pip install 'trt-bgswap[export]'"
 
-_ONNX_DTYPES = {1: "float32", 10: "float16", 6: "int32", 7: "int64", 2: "uint8", 9: "bool"}
 
 
 def require_export_stack() -> None:
@@ -52,61 +52,6 @@ def require_export_stack() -> None:
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ModelError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
-
-
-def _weights_nbytes(model: Any) -> int:
-    """Bytes of the initializers (what decides whether the proto fits in 2 GiB)."""
-    from onnx import numpy_helper
-
-    total = 0
-    for t in model.graph.initializer:
-        total += len(t.raw_data) if t.raw_data else numpy_helper.to_array(t).nbytes
-    return total
-
-
-def check_graph_against_spec(path: Path, spec: ModelSpec) -> None:
-    """The saved graph's inputs/outputs must be the spec's names, dtypes, ranks and fixed dims."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    for kind, declared, actual in (
-        ("input", spec.inputs, model.graph.input),
-        ("output", spec.outputs, model.graph.output),
-    ):
-        got = [v.name for v in actual]
-        if got != [t.name for t in declared]:
-            raise ModelError(f"{path}: graph {kind}s {got} differ from the {spec.name} spec {[t.name for t in declared]}")
-        for t, v in zip(declared, actual):
-            ttype = v.type.tensor_type
-            dtype = _ONNX_DTYPES.get(ttype.elem_type, str(ttype.elem_type))
-            dims = [d.dim_param if d.HasField("dim_param") else d.dim_value for d in ttype.shape.dim]
-            if dtype != t.dtype or len(dims) != len(t.shape):
-                raise ModelError(f"{path}: {kind} {t.name} is {dtype}{dims}, the spec says {t.dtype}{list(t.shape)}")
-            for want, have in zip(t.shape, dims):
-                if isinstance(want, int) and have != want:
-                    raise ModelError(f"{path}: {kind} {t.name} has dims {dims}, the spec fixes {list(t.shape)}")
-                if isinstance(want, str) and isinstance(have, int) and have > 0:
-                    raise ModelError(f"{path}: {kind} {t.name} dim {want!r} was frozen to {have} at export; it must stay dynamic")
-
-
-def stamp_spec(model: Any, spec: ModelSpec) -> None:
-    """Write the spec's dims onto the graph's I/O (the tracer names output dims after internal nodes).
-
-    Strict shape inference afterwards rejects a graph whose computed shapes contradict them.
-    """
-    for declared, values in ((spec.inputs, model.graph.input), (spec.outputs, model.graph.output)):
-        by_name = {v.name: v for v in values}
-        for t in declared:
-            if t.name not in by_name:
-                continue  # reported by check_graph_against_spec
-            dims = by_name[t.name].type.tensor_type.shape.dim
-            if len(dims) != len(t.shape):
-                continue
-            for d, want in zip(dims, t.shape):
-                if isinstance(want, str):
-                    d.dim_param = want
-                else:
-                    d.dim_value = want
 
 
 def _check_saved(path: Path, spec: ModelSpec) -> None:
@@ -182,7 +127,7 @@ def export_onnx(
         else:
             model = onnx.load(str(raw / MODEL_FILE))
         stamp_spec(model, spec)
-        nbytes = _weights_nbytes(model)
+        nbytes = weights_nbytes(model)
         use_external = nbytes >= EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
         final = stage / "final"
         final.mkdir()

@@ -34,7 +34,6 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +43,13 @@ from trt_bgswap.export.onnx_export import (
     DEFAULT_OPSET,
     INSTALL_HINT,
     MODEL_FILE,
-    check_graph_against_spec,
     export_onnx,
     require_export_stack,
 )
 from trt_bgswap.manifest import ModelEntry, RmbgConfig, sha256_file
+from trt_bgswap.onnx_graph import cast_boundary_to_fp32, check_graph_against_spec, dims_of, graph_precision, prune_to_outputs, set_dims, type_name
 from trt_bgswap.runtime.masker import (
     PREPROCESSOR_CONFIG,
-    GraphDim,
     find_main_output,
     find_preprocessor_config,
     masker_variant,
@@ -59,7 +57,7 @@ from trt_bgswap.runtime.masker import (
     spec_for_graph,
     static_input_size,
 )
-from trt_bgswap.specs import rmbg_spec
+from trt_bgswap.specs import ONNX_TYPES, rmbg_spec
 
 log = logging.getLogger(__name__)
 
@@ -69,124 +67,10 @@ PUBLISHED_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "mod
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
-QUANTIZED_OPS = frozenset(
-    {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul"}
-)
-_FLOAT, _FLOAT16 = 1, 10  # onnx.TensorProto.FLOAT / FLOAT16
 _SAMPLE_BATCH = 2  # traced with a batch unlike 1 so the tracer cannot freeze it
 
 
 # --- (a) published ONNX graphs ---
-
-
-def _dims(value: Any) -> list[GraphDim]:
-    """onnx ValueInfo dims as ints (static), strings (symbolic) or None (unknown)."""
-    out: list[GraphDim] = []
-    for d in value.type.tensor_type.shape.dim:
-        if d.HasField("dim_value"):
-            out.append(int(d.dim_value))
-        elif d.HasField("dim_param"):
-            out.append(d.dim_param)
-        else:
-            out.append(None)
-    return out
-
-
-def graph_precision(model: Any) -> str:
-    """What a graph really computes in: ``int8`` (quantized ops), ``fp16`` (fp16 weights) or ``fp32``."""
-    if any(n.op_type in QUANTIZED_OPS for n in model.graph.node):
-        return "int8"
-    if any(t.data_type == _FLOAT16 for t in model.graph.initializer):
-        return "fp16"
-    return "fp32"
-
-
-def _subgraph_names(node: Any) -> set[str]:
-    """Every tensor name the subgraphs of a control-flow node read (they may reach outer scope)."""
-    names: set[str] = set()
-    for attr in node.attribute:
-        for g in [attr.g] if attr.HasField("g") else list(attr.graphs):
-            for n in g.node:
-                names.update(n.input)
-                for a in n.attribute:
-                    if a.HasField("g") or len(a.graphs):
-                        names |= _subgraph_names(n)
-    return names
-
-
-def prune_to_outputs(model: Any, keep: Sequence[str]) -> Any:
-    """A copy of ``model`` whose outputs are ``keep`` only, without the nodes and weights nothing else needs."""
-    import onnx
-
-    graph = model.graph
-    by_name = {o.name: o for o in graph.output}
-    missing = [k for k in keep if k not in by_name]
-    if missing:
-        raise ModelError(f"graph has no outputs {missing} (has {list(by_name)})")
-    producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
-    needed_nodes: set[int] = set()
-    needed: set[str] = set(keep)
-    stack = list(keep)
-    while stack:
-        i = producer.get(stack.pop())
-        if i is None or i in needed_nodes:
-            continue
-        needed_nodes.add(i)
-        node = graph.node[i]
-        for name in [*node.input, *_subgraph_names(node)]:
-            if name and name not in needed:
-                needed.add(name)
-                stack.append(name)
-
-    pruned = onnx.ModelProto()
-    pruned.CopyFrom(model)
-    g = pruned.graph
-    nodes = [n for i, n in enumerate(graph.node) if i in needed_nodes]
-    inits = [t for t in graph.initializer if t.name in needed]
-    inputs = [v for v in graph.input if v.name in needed]
-    infos = [v for v in graph.value_info if v.name in needed]
-    for field in ("node", "initializer", "input", "value_info", "output"):
-        g.ClearField(field)
-    g.node.extend(nodes)
-    g.initializer.extend(inits)
-    g.input.extend(inputs)
-    g.value_info.extend(infos)
-    g.output.extend(by_name[k] for k in keep)
-    log.info("pruned %d of %d nodes and %d of %d weights only side outputs needed", len(graph.node) - len(nodes), len(graph.node), len(graph.initializer) - len(inits), len(graph.initializer))
-    return pruned
-
-
-def _cast_boundary_to_fp32(model: Any, input_name: str, output_name: str) -> None:
-    """Give a graph with fp16 I/O fp32 I/O (same names) via Cast nodes, in place."""
-    from onnx import helper
-
-    g = model.graph
-    inp = next(v for v in g.input if v.name == input_name)
-    out = next(v for v in g.output if v.name == output_name)
-    if inp.type.tensor_type.elem_type == _FLOAT16:
-        inner = f"{input_name}__fp16"
-        for node in g.node:
-            node.input[:] = [inner if n == input_name else n for n in node.input]
-        g.node.insert(0, helper.make_node("Cast", [input_name], [inner], to=_FLOAT16, name=f"{inner}_cast"))
-        inp.type.tensor_type.elem_type = _FLOAT
-    if out.type.tensor_type.elem_type == _FLOAT16:
-        inner = f"{output_name}__fp16"
-        for node in g.node:
-            node.output[:] = [inner if n == output_name else n for n in node.output]
-        g.node.append(helper.make_node("Cast", [inner], [output_name], to=_FLOAT, name=f"{output_name}_cast"))
-        out.type.tensor_type.elem_type = _FLOAT
-
-
-def _set_dims(value: Any, dims: Iterable[GraphDim]) -> None:
-    """Write the spec's dims on a graph input/output (the exporter's symbolic names are arbitrary)."""
-    shape = value.type.tensor_type.shape
-    shape.ClearField("dim")
-    for d in dims:
-        dim = shape.dim.add()
-        if isinstance(d, int):
-            dim.dim_value = d
-        else:
-            dim.dim_param = str(d)
 
 
 def _published_file(src: Path, precision: str) -> Path:
@@ -231,9 +115,9 @@ def export_published_onnx(path: Path, out_dir: Path, precision: str, masker: str
     if len(inputs) != 1:
         raise ModelError(f"{path}: {len(inputs)} graph inputs {[v.name for v in inputs]}; an RMBG graph has one image input")
     inp = inputs[0]
-    in_dims = _dims(inp)
+    in_dims = dims_of(inp)
     size = static_input_size(path, in_dims)
-    floats = [(o.name, _dims(o)) for o in graph.output if o.type.tensor_type.elem_type in (_FLOAT, _FLOAT16)]
+    floats = [(o.name, dims_of(o)) for o in graph.output if type_name(o.type.tensor_type.elem_type) in (ONNX_TYPES["float32"], ONNX_TYPES["float16"])]
     try:
         main = find_main_output(in_dims, floats)
     except ModelError as e:
@@ -243,10 +127,10 @@ def export_published_onnx(path: Path, out_dir: Path, precision: str, masker: str
 
     pruned = prune_to_outputs(model, [main])
     del model
-    _cast_boundary_to_fp32(pruned, inp.name, main)
+    cast_boundary_to_fp32(pruned, inp.name, main)
     spec = spec_for_graph(inp.name, main, in_dims, size)
-    _set_dims(next(v for v in pruned.graph.input if v.name == inp.name), spec.inputs[0].shape)
-    _set_dims(pruned.graph.output[0], spec.outputs[0].shape)
+    set_dims(next(v for v in pruned.graph.input if v.name == inp.name), spec.inputs[0].shape)
+    set_dims(pruned.graph.output[0], spec.outputs[0].shape)
     cfg = rmbg_config_for(path, inp.name, main, size, find_preprocessor_config(path), masker)
     if precision == "fp16" and actual == "fp32":
         precision_out = "fp16"

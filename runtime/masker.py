@@ -40,7 +40,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol, Union
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -50,6 +50,7 @@ from trt_bgswap.registry import DEFAULTS, Variant, get_variant, variants_of
 from trt_bgswap.runtime.engine import Engine
 from trt_bgswap.runtime.ort_backend import OrtEngine
 from trt_bgswap.runtime.resize import resize_bilinear
+from trt_bgswap.onnx_graph import GraphDim
 from trt_bgswap.specs import RMBG, RMBG_FULL, ModelSpec, RmbgFullIO, TensorSpec, rmbg_spec
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ PASS_THROUGH_OPS = ("Cast", "Identity")
 PIXEL_SCALE = 255.0  # the reference divides by 255.0; a preprocessor asking for another rescale factor is refused
 RESCALE = 1.0 / PIXEL_SCALE
 
-GraphDim = Union[int, str, None]  # static size, symbolic name, unknown
+
 
 
 def find_main_output(input_shape: Sequence[GraphDim], outputs: Sequence[tuple[str, Sequence[GraphDim]]]) -> str:

@@ -27,6 +27,7 @@ import threading
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -52,6 +53,9 @@ from trt_bgswap.specs import RMBG, pipeline_dims
 
 log = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+    from trt_bgswap.runtime.memory_guard import SizeGuard
+
 __all__ = ["GENERATE_STAGE", "MASK_STAGE", "STAGES", "GenerationJob", "GenerationOptions", "Noise", "Pipeline", "Result"]
 
 @dataclass
@@ -64,6 +68,7 @@ class _Prepared:
     noise: Noise
     cond: Conditioning  # one row: hidden states (1, S, D) and the family's added conditions
     uncond: Conditioning | None  # with guidance
+    photo_pixels: int = 0  # the photo's own arrays stay alive while it generates (memory_guard)
 
 
 class Pipeline:
@@ -74,12 +79,14 @@ class Pipeline:
     Pipelines for parallel throughput.
     """
 
-    def __init__(self, manifest: Manifest, stages: Stages) -> None:
+    def __init__(self, manifest: Manifest, stages: Stages, memory: "SizeGuard | None" = None) -> None:
         self.manifest = manifest
         self.stages = stages
+        self.memory = memory  # what a size costs in host memory; None on GPUs (an UnmeasuredGuard for exports without memory facts)
         self.config: InpaintConfig | None = manifest.inpaint
         self.scheduler = LCMScheduler.from_config(self.config.scheduler) if self.config else None
         self._lock = threading.RLock()
+        self._closed = False
 
     # --- construction ---
 
@@ -93,6 +100,7 @@ class Pipeline:
         device_graphs: bool | None = None,
         stages: Collection[str] = STAGES,
         facts: Availability | None = None,
+        memory_budget: int | None = None,
     ) -> "Pipeline":
         """Open an exported folder on a backend, using `trt-bgswap build`'s engines when present.
 
@@ -103,6 +111,8 @@ class Pipeline:
         export has them. ``stages``: the work this pipeline does (``mask``, ``generate``): the
         other stage's models are not opened (a solid-colour run opens no UNet), and a masker
         left out opens on first use. ``engines`` overrides models with engines the caller made.
+        ``memory_budget``: the most host memory a generation may take (bytes; default
+        ``TRT_BGSWAP_MEMORY_BUDGET``, else what is free): larger sizes are refused, the default shrinks.
         """
         from trt_bgswap.runtime.loader import open_engines, resolve_backend
 
@@ -113,6 +123,9 @@ class Pipeline:
         if device_graphs is None:
             device_graphs = choice.engine == "trt" and bool(device_graphs_in(manifest))
         names = models_to_open(manifest, device_graphs, stages)
+        from trt_bgswap.runtime.memory_guard import MemoryGuard
+
+        memory = MemoryGuard.for_folder(folder, choice, names, manifest, memory_budget)  # before any graph is opened
         opened = open_engines(folder, manifest, choice, threads, names=names)
         replaced = {k: e for k, e in (engines or {}).items() if k in opened.engines}
         for k in replaced:
@@ -125,7 +138,7 @@ class Pipeline:
                 tokenizer_2 = ClipTokenizer.from_dir(folder / manifest.inpaint.tokenizer_2_dir)
 
         def open_masker() -> MaskStage | None:
-            return cls.load(folder, provider, threads, device_graphs=device_graphs, stages=(MASK_STAGE,), facts=facts).stages.masker
+            return cls.load(folder, provider, threads, device_graphs=device_graphs, stages=(MASK_STAGE,), facts=facts, memory_budget=memory_budget).stages.masker
 
         lazy = open_masker if MASK_STAGE not in stages and any(n in manifest.models for n in models_to_open(manifest, device_graphs, (MASK_STAGE,))) else None
         assembled = assemble(manifest, opened.engines, tokenizer, tokenizer_2=tokenizer_2, lazy_masker=lazy)
@@ -136,7 +149,7 @@ class Pipeline:
             assembled.close()
             raise
         log.info("loaded %s (%s): %s", folder, choice.name, ", ".join(f"{k}={b}" for k, b in assembled.backends().items()))
-        return cls(manifest, assembled)
+        return cls(manifest, assembled, memory)
 
     @classmethod
     def from_engines(
@@ -163,6 +176,11 @@ class Pipeline:
         """Free every session, engine, device buffer and CUDA graph; the pipeline cannot be used afterwards."""
         with self._lock:
             self.stages.close()
+            self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise UsageError("this pipeline was closed; load the models again (Pipeline.load / BackgroundReplacer(...))")
 
     def __enter__(self) -> "Pipeline":
         return self
@@ -178,10 +196,12 @@ class Pipeline:
 
     @property
     def can_mask(self) -> bool:
-        """Whether this pipeline has (or opens on first use) a masker."""
+        """Whether this pipeline has (or opens on first use) a masker; a closed pipeline says it is closed."""
+        self._check_open()
         return self.stages.masker is not None
 
     def _inpaint_config(self) -> InpaintConfig:
+        self._check_open()
         if self.config is None or self.stages.generator is None or self.stages.conditioner is None:
             what = list(self.stages.missing) or ["the inpainting config"]
             raise ModelError(f"this model folder has no inpainting models ({', '.join(what)} missing); re-run `trt-bgswap export --inpaint ...`")
@@ -189,6 +209,7 @@ class Pipeline:
 
     def mask(self, rgb: np.ndarray) -> np.ndarray:
         """RMBG's soft alpha (float32 HxW in [0,1]) for an RGB uint8 image."""
+        self._check_open()
         if self.stages.masker is None:
             raise ModelError("this model folder has no RMBG model; re-run `trt-bgswap export --rmbg ...` or pass a mask")
         with self._lock:
@@ -207,11 +228,16 @@ class Pipeline:
             return conditioner.negative(prompt, size) if negative else conditioner.prompt(prompt, size)
 
     def generation_size_for(self, width: int, height: int, options: GenerationOptions) -> tuple[int, int]:
+        """The size to generate a ``width`` x ``height`` photo at; an explicit size that does not fit in memory is refused,
+        the policy's own size shrinks (same aspect) until it fits."""
         cfg = self._inpaint_config()
         if options.size is not None:
             check_generation_size(options.size[0], options.size[1], cfg.size_multiple)
+            if self.memory is not None:
+                self.memory.check(options.size, options.guidance, width * height)
             return options.size
-        return generation_size(width, height, cfg.default_size, cfg.size_multiple)
+        size = generation_size(width, height, cfg.default_size, cfg.size_multiple)
+        return self.memory.fit(size, options.guidance, width * height) if self.memory is not None else size
 
     def generation_key(self, width: int, height: int, options: GenerationOptions) -> GenerationKey:
         """Generations with equal keys have equal latent shapes and schedules: their UNet calls stack."""
@@ -233,7 +259,7 @@ class Pipeline:
         masked, latent_mask = inpaint_inputs(rgb, repaint, width, height, (dims["h"], dims["w"]))
         guided = options.guidance > 1.0  # classifier-free guidance: diffusers' batch order [uncond, cond]
         uncond = self.conditioning(options.negative_prompt, (width, height), negative=True) if guided else None
-        return _Prepared(key, masked, latent_mask, noise, self.conditioning(options.prompt, (width, height)), uncond)
+        return _Prepared(key, masked, latent_mask, noise, self.conditioning(options.prompt, (width, height)), uncond, rgb.shape[0] * rgb.shape[1])
 
     def _generate(self, preps: Sequence[_Prepared]) -> list[np.ndarray]:
         """The generated images of prepared jobs that share one key: stacked as far as the generator allows."""
@@ -245,6 +271,8 @@ class Pipeline:
         self.scheduler.set_timesteps(steps)
         sigma = np.float32(self.scheduler.init_noise_sigma)
         step = generator.max_batch or len(preps)
+        if self.memory is not None:  # as many generations stacked as fit in memory (one does: each was checked alone)
+            step = self.memory.stackable((width, height), guidance, step, max(p.photo_pixels for p in preps))
         images: list[np.ndarray] = []
         for start in range(0, len(preps), step):
             part = preps[start : start + step]
@@ -295,8 +323,11 @@ class Pipeline:
         ``composite_options``: edges, alpha refinement (of the masker's alpha only), grain, light, shadow;
         ``from_masker``: the ``alpha`` given is RMBG's (a caller that batched the masks), refined as the masker's own.
         """
+        self._check_open()
         _check_rgb(rgb)
         cs = color_space or ColorSpace()
+        if options is not None and background_color is None:  # size and memory are settled before any work on the image
+            options = dataclasses.replace(options, size=self.generation_size_for(rgb.shape[1], rgb.shape[0], options))
         mask_options = mask_options or MaskOptions()
         composite_options = composite_options or CompositeOptions()
         composite_options.validate()

@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# Set up a venv (.venv, or $VENV) with the project, its export, serve and ray extras and test tools, then run the tests.
-# The constraints file pins the CPU torch wheel and the library versions the suite was verified with.
+# Set up a venv (.venv, or $VENV) with the project, its export, serve and ray extras and test tools, then run the tests twice:
+#  1. the default suite (pytest.ini's selection: everything but -m slow), with this machine's fastest kernels;
+#  2. the float-parity tests (-m numerics) again under another arithmetic configuration: one thread everywhere,
+#     portable PyTorch/oneDNN/MKL/numpy/OpenBLAS kernels (scripts/numerics_rerun.py checks that each setting took
+#     effect and prints one line saying what runs). A tolerance tuned to one CPU's rounding fails here, not on the
+#     next machine.
+# What it downloads: see scripts/venv.sh. The tests themselves download nothing: they build tiny models and use
+# scikit-image's bundled photos. Pytest options pass through to both runs (e.g. -k parity); the second run keeps
+# only numerics tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh export,test,serve,ray   # what it downloads: see scripts/venv.sh (the ray extra adds Ray: 240 MB installed)
@@ -15,4 +22,5 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
     echo "note: no chromium/chromedriver; the browser test will be skipped (as root: apt-get install chromium chromium-driver)" >&2
   fi
 fi
-exec "$VENV/bin/python" -m pytest "$@"
+"$VENV/bin/python" -m pytest "$@"
+exec "$VENV/bin/python" scripts/numerics_rerun.py "$@"

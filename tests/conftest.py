@@ -9,6 +9,8 @@ Other test files rely on these names; keep them stable.
 - ``exported_dir`` -> Path of :func:`trt_bgswap.export.exporter.export_models` run on all of
   it in fp32 (opset 17, LoRA fused at scale 1): ``manifest.json``, the five ``model.onnx``
   graphs and ``tokenizer/``. Read-only as well.
+- ``built_cpu_dir`` -> a copy of it built for ONNX Runtime on the CPU (``engines/index-ort-cpu.json``,
+  attention tiled). Read-only.
 
 Both are built once per session (a few seconds on CPU).
 """
@@ -43,6 +45,20 @@ def exported_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory
         opset=17,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def built_cpu_dir(exported_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of ``exported_dir`` after ``trt-bgswap build`` for ONNX Runtime on the CPU: the graphs the
+    runtime then opens, attention tiled by ``com.microsoft.MultiHeadAttention`` (engines/attention.py)."""
+    import shutil
+
+    from trt_bgswap.engines.build import build_engines
+
+    folder = tmp_path_factory.mktemp("built-cpu") / "export"
+    shutil.copytree(exported_dir, folder)
+    build_engines(folder, backend="ort", provider="cpu")
+    return folder
 
 
 # --- the TensorRT / cuda-python emulation (tests/emulation): `emulated_stack`, `emulated` ----------

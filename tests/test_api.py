@@ -206,6 +206,45 @@ def test_threads_share_one_instance_safely(swapper: BackgroundReplacer) -> None:
         assert diff == 0, f"job {i}: threaded result differs from the sequential one by {diff}"
 
 
+def test_threads_mixing_mask_and_replace(swapper: BackgroundReplacer) -> None:
+    """mask() and replace() from two threads at once: each equals its sequential result (both hold the one lock)."""
+    rgb_a, rgb_b = photo("astronaut"), photo("rocket")
+    want_masks = [swapper.mask(rgb_a) for _ in range(3)]
+    want_images = [swapper.replace(rgb_b, "a desert", seed=s, steps=3).image for s in range(3)]
+    got: dict[str, list[np.ndarray]] = {"mask": [], "replace": []}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(2)
+
+    def run(kind: str) -> None:
+        try:
+            barrier.wait()
+            for s in range(3):
+                got[kind].append(swapper.mask(rgb_a) if kind == "mask" else swapper.replace(rgb_b, "a desert", seed=s, steps=3).image)
+        except BaseException as e:  # noqa: BLE001 - surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in ("mask", "replace")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for i in range(3):
+        np.testing.assert_array_equal(got["mask"][i], want_masks[i], err_msg=f"mask {i} differs when replace runs beside it")
+        np.testing.assert_array_equal(got["replace"][i], want_images[i], err_msg=f"replace {i} differs when mask runs beside it")
+
+
+def test_close_frees_every_session(exported_dir: Path) -> None:
+    """close() (or leaving a with-block) drops every engine's session; a closed instance refuses work."""
+    with BackgroundReplacer(exported_dir, provider="cpu") as swapper:
+        engines = list(swapper.pipeline.engines.values())
+        assert engines and all(e.session is not None for e in engines)  # loaded at load time
+        swapper.replace(photo("coffee"), "a park", seed=1, steps=2)
+    assert all(e.session is None for e in engines), [e.spec.name for e in engines if e.session is not None]
+    with pytest.raises(UsageError, match="closed"):
+        swapper.replace(photo("coffee"), "a park", seed=1, steps=2)
+
+
 def test_models_folder_with_a_tilde(exported_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README writes BackgroundReplacer("~/bgswap-models"): ~ is the user's home."""
     monkeypatch.setenv("HOME", str(exported_dir.parent))

@@ -160,3 +160,20 @@ def test_demo_run_keeps_the_subject_and_replaces_the_background(demo_export: Pat
     )
     with Image.open(panel) as im:
         assert im.width > 3 * 256 and im.height > 256  # three images side by side with captions
+
+
+def test_mask_takes_the_model_folder_itself(demo_export: Path, photo_files: dict[str, Path], tmp_path: Path) -> None:
+    """`mask --rmbg examples/demo-rmbg` (the PyTorch model folder, no ONNX): exported once into the cache, then reused.
+
+    Its masks are byte for byte those of the folder `export` wrote from the same model.
+    """
+    photo = photo_files["astronaut"]
+    first = bgswap(tmp_path, "mask", photo, "--rmbg", DEMO_RMBG, "-o", tmp_path / "first")
+    cached = sorted((tmp_path / "home").rglob("rmbg-*/manifest.json"))
+    assert len(cached) == 1 and "exporting the RMBG model" in first.stderr, first.stderr
+    stamp = cached[0].stat().st_mtime_ns
+    again = bgswap(tmp_path, "mask", photo, "--rmbg", DEMO_RMBG, "-o", tmp_path / "again")
+    assert "exporting" not in again.stderr and cached[0].stat().st_mtime_ns == stamp, "the cached export was not reused"
+    bgswap(tmp_path, "mask", photo, "--rmbg", demo_export, "-o", tmp_path / "exported")
+    name = f"{photo.stem}.png"
+    assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "exported" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()

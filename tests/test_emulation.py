@@ -341,7 +341,7 @@ def test_first_enqueue_after_a_change_cannot_be_captured_and_a_second_enqueue_pe
 
 
 def test_execution_refuses_what_tensorrt_refuses(emulated: Emulation, tmp_path: Path) -> None:
-    trt, rt = emulated.trt, emulated.runtime
+    rt = emulated.runtime
     bound = Bound(emulated, tmp_path, "USER_MANAGED")
     try:
         assert bound.ctx.execute_async_v3(bound.stream._value) is False, "no device memory given to a USER_MANAGED context"

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from engine_graphs import graph_for, mini_specs, save_graph
 
-from trt_bgswap.engines.cache import CacheKey, EngineCache, external_data_files, onnx_graph_hash, tensorrt_key
+from trt_bgswap.engines.cache import CacheKey, EngineCache, onnx_graph_hash, tensorrt_key
+from trt_bgswap.onnx_graph import external_data_files
 from trt_bgswap.engines.profiles import GenerationShapes, model_profiles
 from trt_bgswap.engines.trt_build import TrtBuildOptions
 from trt_bgswap.errors import ModelError

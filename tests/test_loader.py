@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from skimage import data
+from tolerance import NOISE_SAMPLES, assert_within, network_tolerance, noisy_pipeline
 
 from trt_bgswap.errors import BackendUnavailable, ModelError
 from trt_bgswap.manifest import Manifest
 from trt_bgswap.runtime.backends import Availability, BackendChoice
 from trt_bgswap.runtime.loader import open_engines, resolve_backend
-from trt_bgswap.runtime.pipeline import GenerationOptions, Pipeline
+from trt_bgswap.runtime.pipeline import GenerationOptions, Pipeline, Result
 
 NO_GPU = Availability(cuda_devices=0, tensorrt=False, ort_providers=("CPUExecutionProvider",))
 
@@ -28,7 +30,7 @@ def built_dir(exported_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return folder
 
 
-def test_pipeline_uses_preoptimized_graphs(built_dir: Path, exported_dir: Path) -> None:
+def test_pipeline_uses_preoptimized_graphs(built_dir: Path, exported_dir: Path, tmp_path: Path) -> None:
     plain = Pipeline.load(exported_dir, provider="cpu")
     fast = Pipeline.load(built_dir, provider="cpu")
     engines_dir = (built_dir / "engines").resolve()
@@ -39,9 +41,15 @@ def test_pipeline_uses_preoptimized_graphs(built_dir: Path, exported_dir: Path) 
     opts = GenerationOptions("a garden", steps=2, seed=3, size=(128, 128))
     a = plain.replace(rgb, opts)
     b = fast.replace(rgb, opts)
-    err = float(np.abs(a.generated - b.generated).max())
-    assert err < 1e-4, f"pre-optimized graphs changed the generated image by {err:.3g}"
-    assert float(np.abs(a.alpha - b.alpha).max()) < 1e-4
+    # optimized graphs compute the same functions with other kernels and fusions: rounding noise only
+    @functools.cache
+    def noisy() -> list[Result]:
+        pipe = noisy_pipeline(exported_dir, tmp_path / "noisy")
+        return [pipe.replace(rgb, opts) for _ in range(NOISE_SAMPLES)]
+
+    generated_err, alpha_err = float(np.abs(a.generated - b.generated).max()), float(np.abs(a.alpha - b.alpha).max())
+    assert_within(generated_err, lambda: network_tolerance(a.generated, [n.generated for n in noisy()]), "pre-optimized graphs: generated image")
+    assert_within(alpha_err, lambda: network_tolerance(a.alpha, [n.alpha for n in noisy()]), "pre-optimized graphs: alpha")
 
 
 def test_without_build_opens_exported_graphs(exported_dir: Path) -> None:
@@ -79,7 +87,7 @@ def fused_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.mark.parametrize("guidance", [1.0, 2.0])
-def test_pipeline_with_fused_step_graph_matches_host_loop(fused_dir: Path, exported_dir: Path, guidance: float) -> None:
+def test_pipeline_with_fused_step_graph_matches_host_loop(fused_dir: Path, exported_dir: Path, guidance: float, tmp_path: Path) -> None:
     host = Pipeline.load(exported_dir, provider="cpu")
     fused = Pipeline.load(fused_dir, provider="cpu")
     assert "unet_step" in fused.engines and "unet_step" not in host.engines
@@ -87,8 +95,13 @@ def test_pipeline_with_fused_step_graph_matches_host_loop(fused_dir: Path, expor
     mask = np.full(rgb.shape[:2], 255, np.uint8)
     mask[40:120, 60:160] = 0
     opts = GenerationOptions("a wooden table", steps=4, guidance=guidance, seed=9, size=(192, 128))
-    err = float(np.abs(host.inpaint(rgb, mask, opts) - fused.inpaint(rgb, mask, opts)).max())
-    assert err < 1e-5, f"guidance={guidance}: fused step graph differs from the host loop by {err:.3g}"
+    got = fused.inpaint(rgb, mask, opts)
+
+    def tol() -> float:  # the same UNet and LCM step arithmetic in other graphs: the whole loop's rounding noise
+        noisy = noisy_pipeline(fused_dir, tmp_path / "noisy")
+        return network_tolerance(got, [noisy.inpaint(rgb, mask, opts) for _ in range(NOISE_SAMPLES)])
+
+    assert_within(float(np.abs(host.inpaint(rgb, mask, opts) - got).max()), tol, f"guidance={guidance}: fused step graph vs host loop")
 
 
 def test_cli_build_cpu_fast_is_what_run_opens(exported_dir: Path, tmp_path: Path) -> None:

@@ -26,7 +26,8 @@ import pytest
 import torch
 from lora_files import FORMATS, write_loras
 from safetensors.torch import load_file, save_file
-from test_pipeline_parity import HEIGHT, PROMPT, STEPS, WIDTH, _reference, photo_and_mask  # noqa: F401 - a fixture
+from test_pipeline_parity import HEIGHT, PROMPT, SLIP_FACTOR, STEPS, WIDTH, _reference, photo_and_mask  # noqa: F401 - a fixture
+from tolerance import NOISE_SAMPLES, assert_within, network_tolerance, noisy_pipeline
 
 from trt_bgswap.errors import ModelError, UsageError
 from trt_bgswap.export.lora import LoraSource, fuse_loras, inspect_lora, parse_lora_spec
@@ -403,27 +404,36 @@ def test_manifest_records_each_lora(stacked_export, lora_files: dict[str, Path])
         assert r["adapter_metadata"] == (fmt == "peft-metadata")
 
 
-def test_exported_image_matches_diffusers(stacked_export, stacked_reference, photo_and_mask) -> None:  # noqa: F811
-    """The exported graphs carry every fused LoRA: the whole loop equals diffusers with the same six LoRAs fused."""
+@pytest.fixture(scope="module")
+def stacked_case(stacked_export, stacked_reference, photo_and_mask, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, ANN201, F811
+    """diffusers' image with the six LoRAs fused, its random draws, and our loop's rounding noise on the same case."""
     from trt_bgswap.runtime.pipeline import GenerationOptions, Pipeline
 
     rgb, mask = photo_and_mask
-    pipe = stacked_reference[0]
-    expected, noise = _reference(pipe, rgb, mask, 2.0, seed=5, negative="blurry")
+    expected, noise = _reference(stacked_reference[0], rgb, mask, 2.0, seed=5, negative="blurry")
     options = GenerationOptions(PROMPT, negative_prompt="blurry", steps=STEPS, guidance=2.0, size=(WIDTH, HEIGHT))
     ours = Pipeline.load(stacked_export, provider="cpu").inpaint(rgb, mask, options, noise)
+    noisy = noisy_pipeline(stacked_export, tmp_path_factory.mktemp("noisy-lora"))
+    # the whole loop's rounding noise on this very case (tests/tolerance.py: Monte Carlo arithmetic)
+    tol = network_tolerance(ours, [noisy.inpaint(rgb, mask, options, noise) for _ in range(NOISE_SAMPLES)])
+    return ours, expected, tol, options, noise
+
+
+@pytest.mark.numerics
+def test_exported_image_matches_diffusers(stacked_case) -> None:  # noqa: ANN001
+    """The exported graphs carry every fused LoRA: the whole loop equals diffusers with the same six LoRAs fused."""
+    ours, expected, tol, _, _ = stacked_case
     err = float(np.abs(ours - expected).max())
-    print(f"stacked image: max abs error {err:.3g} vs diffusers")
-    assert err <= 1e-3, f"generated image max abs error {err:.3g} vs diffusers with the same LoRAs fused"
+    assert_within(err, tol, "stacked LoRAs: generated image vs diffusers with the same LoRAs fused")
+    assert err <= 1e-3, f"generated image max abs error {err:.3g} vs diffusers: over the issue's acceptance of 1e-3"
 
 
-def test_user_loras_change_the_image(stacked_export, exported_dir: Path, photo_and_mask) -> None:  # noqa: F811
-    """The image comparison above can fail: the user LoRAs move the image far beyond its 1e-3."""
-    from trt_bgswap.runtime.pipeline import GenerationOptions, Pipeline
+def test_user_loras_change_the_image(stacked_case, exported_dir: Path, photo_and_mask) -> None:  # noqa: ANN001, F811
+    """The image comparison above can fail: the user LoRAs move the image far beyond its tolerance."""
+    from trt_bgswap.runtime.pipeline import Pipeline
 
     rgb, mask = photo_and_mask
-    options = GenerationOptions(PROMPT, negative_prompt="blurry", steps=STEPS, guidance=2.0, size=(WIDTH, HEIGHT), seed=5)
-    with_loras = Pipeline.load(stacked_export, provider="cpu").inpaint(rgb, mask, options)
-    lcm_only = Pipeline.load(exported_dir, provider="cpu").inpaint(rgb, mask, options)
+    with_loras, _, tol, options, noise = stacked_case
+    lcm_only = Pipeline.load(exported_dir, provider="cpu").inpaint(rgb, mask, options, noise)  # the same draws, only the LCM-LoRA
     moved = float(np.abs(with_loras - lcm_only).max())
-    assert moved > 1e-2, f"the user LoRAs moved the image by only {moved:.3g}"
+    assert moved > SLIP_FACTOR * tol, f"the user LoRAs moved the image by only {moved:.3g} (tolerance {tol:.3g})"

@@ -45,8 +45,11 @@ def test_gaussian_blur_close_to_skimage(sigma: float) -> None:
     ours = gaussian_blur(x, sigma)
     ref = filters.gaussian(x, sigma=sigma, mode="nearest", preserve_range=True)
     err = float(np.abs(ours - ref)[20:-20, 20:-20].mean())
+    # The box-filter approximation of a Gaussian (Wells 1986), not rounding: the same on every CPU
+    # (sequential float32 cumsums and scipy's float64 filter; their rounding is ~1e-6). Measured
+    # 3.2e-3 at sigma=1 (the coarsest boxes), 8.8e-4 and 6.6e-4 at sigma=3 and 8.
     assert err < 4e-3, f"box-blur Gaussian sigma={sigma}: mean abs error {err:.4g} vs skimage"
-    assert abs(float(ours.mean()) - float(x.mean())) < 2e-3
+    assert abs(float(ours.mean()) - float(x.mean())) < 2e-3  # normalised boxes keep the mean but for the extended edges (measured <= 3e-6)
 
 
 def test_inpaint_mask_band_reaches_into_subject(coin_mask: np.ndarray) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from skimage import data
+from tolerance import EIGHT_BIT_STEP, NOISE_SAMPLES, assert_within, network_tolerance, noisy_engine
 
 from trt_bgswap.errors import InputImageError, ModelError
 from trt_bgswap.export.rmbg import export_rmbg
@@ -21,7 +22,11 @@ from trt_bgswap.registry import get_variant
 from trt_bgswap.runtime.masker import Masker, find_main_output
 
 PHOTOS = ("astronaut", "chelsea", "coffee")  # 512x512, 300x451, 400x600
-TOL = 1.0 / 255.0
+# The alpha becomes an 8-bit mask: parity with BRIA's reference processing is asked to one 8-bit
+# step. The two sides resample with different bilinear implementations (numpy vs PyTorch), so
+# the bound is the product's quantum, not a rounding bound. A slip is far beyond it
+# (test_tolerance_sees_imagenet_normalisation); rounding is far below it (~1e-7 here).
+TOL = EIGHT_BIT_STEP
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +74,16 @@ def test_predict_matches_reference(tiny: Path, exported: Path, kind: str, name: 
     assert alpha.shape == rgb.shape[:2] and alpha.dtype == np.float32
     assert float(alpha.min()) == 0.0 and float(alpha.max()) == 1.0
     err = float(np.abs(alpha - want).max())
-    assert err <= TOL, f"{name} via {kind}: masker vs reference pre/post-processing max abs diff {err:.3g} > 1/255"
+    assert_within(err, TOL, f"{name} via {kind}: masker vs reference pre/post-processing")
+
+
+def test_tolerance_sees_imagenet_normalisation(tiny: Path) -> None:
+    """The classic slip (ImageNet's mean/std instead of RMBG's 0.5/1.0) moves the alpha by far more than TOL."""
+    masker, path = _masker("published_onnx", tiny, tiny)
+    rgb = data.coffee()
+    slipped = reference_alpha(path, rgb, (TINY_INPUT_SIZE, TINY_INPUT_SIZE), [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    err = float(np.abs(masker.predict(rgb) - slipped).max())
+    assert err > 10 * TOL, f"ImageNet normalisation moved the alpha by only {err:.3g}"
 
 
 def test_from_onnx_reads_graph_and_preprocessor(tiny: Path) -> None:
@@ -99,13 +113,18 @@ def test_static_graph_size_wins_over_config(exported: Path, tmp_path: Path) -> N
     assert masker.cfg.input_size == (TINY_INPUT_SIZE, TINY_INPUT_SIZE)
 
 
-def test_batch_equals_single_images(exported: Path) -> None:
+def test_batch_equals_single_images(exported: Path, tmp_path: Path) -> None:
     masker = Masker.from_export(exported, Manifest.load(exported), provider="cpu")
     images = [getattr(data, n)() for n in PHOTOS]
     batch = masker.predict_batch(images)
+    # a batch may be blocked differently by the kernels: the alpha's rounding noise (net, resize back,
+    # min-max rescaling), measured with the net's graph carrying noise at every node
+    entry = Manifest.load(exported).models["rmbg"]
+    noisy = Masker(noisy_engine(entry.spec, exported / entry.file, tmp_path / "noisy.onnx"), masker.cfg)
     for name, im, a in zip(PHOTOS, images, batch):
-        err = float(np.abs(a - masker.predict(im)).max())
-        assert err <= 1e-5, f"{name}: batched vs single max abs diff {err:.3g}"
+        single = masker.predict(im)
+        tol = lambda: network_tolerance(single, [noisy.predict(im) for _ in range(NOISE_SAMPLES)])  # noqa: B023, E731 - called at once
+        assert_within(float(np.abs(a - single).max()), tol, f"{name}: batched vs single alpha")
     assert masker.predict_batch([]) == []
 
 

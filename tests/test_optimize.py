@@ -13,19 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from skimage import data
+from tolerance import assert_within, graph_tolerances
 
-from trt_bgswap.engines.optimize import build_cpu_fast, fuse_transformer, max_abs_errors, random_feeds
+from trt_bgswap.engines.optimize import PARITY_RTOL, build_cpu_fast, fuse_transformer, max_abs_errors, random_feeds
 from trt_bgswap.errors import UsageError
 from trt_bgswap.manifest import Manifest
-
-ATOL = 1e-4
 
 
 @pytest.mark.parametrize(
     "model, model_type, dims, fused",
     [
         ("unet", "unet", {"B": 2, "h": 16, "w": 24}, "MultiHeadAttention"),
-        ("unet", "unet", {"B": 1, "h": 8, "w": 8}, "Attention"),
+        ("unet", "unet", {"B": 1, "h": 8, "w": 8}, "SkipLayerNormalization"),
         ("text_encoder", "clip", {"B": 2}, "SkipLayerNormalization"),
     ],
 )
@@ -35,8 +34,13 @@ def test_fused_graph_matches_export(exported_dir: Path, tmp_path: Path, model: s
     out = tmp_path / "fused.onnx"
     counts = fuse_transformer(src, out, model_type, {"B": 1, "h": 16, "w": 16}, None)
     assert counts.get(fused, 0) > 0, f"{model}: no {fused} fused ({counts})"
-    errors = max_abs_errors(src, out, random_feeds(manifest.models[model].spec, dims), candidate_level="all")
-    assert max(errors.values()) <= ATOL, f"{model} at {dims}: fused vs export max abs error {errors}"
+    # every attention is tiled (engines/attention.py) before the optimizer, whose own contrib Attention holds the scores
+    assert "Attention" not in counts, f"{model}: contrib Attention fused ({counts})"
+    feeds = random_feeds(manifest.models[model].spec, dims)
+    errors = max_abs_errors(src, out, feeds, candidate_level="all")
+    tols = graph_tolerances(src, feeds)  # fused attention / layer norms compute the same function: rounding only
+    for name, err in errors.items():
+        assert_within(err, tols[name], f"{model}.{name} at {dims}: fused vs export")
 
 
 def test_build_cpu_fast_writes_the_index_the_runtime_reads(exported_dir: Path, tmp_path: Path) -> None:
@@ -52,7 +56,9 @@ def test_build_cpu_fast_writes_the_index_the_runtime_reads(exported_dir: Path, t
     assert set(index) == set(Manifest.load(export).models)
     assert index["unet"]["path"].endswith("model.fused.onnx") and index["unet"]["graph_optimization"] == "disable"
     assert index["rmbg"]["path"].endswith("model.int8.onnx")
-    assert not entries["unet"].cache_hit and entries["unet"].details["parity_max_abs"]["out_sample"] <= ATOL
+    parity = entries["unet"].details
+    # the build checked the fused graph itself (its own limit, PARITY_RTOL of the output's scale) and recorded it
+    assert not entries["unet"].cache_hit and parity["parity_max_abs"]["out_sample"] <= PARITY_RTOL * max(parity["parity_ref_max_abs"]["out_sample"], 1.0)
     _, again = build_cpu_fast(export, rmbg_int8=True, calibration_images=photos)
     assert all(e.cache_hit for e in again.values()), {k: e.cache_hit for k, e in again.items()}
 

@@ -23,6 +23,10 @@ from trt_bgswap.runtime.ort_backend import OrtEngine
 
 CALIBRATION = ("chelsea", "coffee", "rocket", "immunohistochemistry")
 EVALUATION = ("astronaut", "hubble_deep_field", "retina", "camera")
+# Quantisation quality, not float rounding: int8 weights/activations move the mask by far more
+# than any float32 kernel difference. ONNX Runtime's u8s8 kernels differ by CPU (AVX2 without
+# VNNI may saturate int16 pair sums; AVX512-VNNI does not), so these are floors for the worst
+# case, AVX2 (measured on AMD EPYC: IoU >= 0.70, MAE <= 0.0008 on these photos).
 MIN_IOU = 0.6  # random weights make thin, fragmented masks, the hardest case for IoU
 MAX_MAE = 0.01
 

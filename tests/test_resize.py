@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from skimage import data
+from tolerance import assert_within, bilinear_bound
 
 from trt_bgswap.errors import UsageError
 from trt_bgswap.runtime.resize import resize_bilinear, resize_nearest
@@ -35,6 +36,7 @@ def _torch(x: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
     return F.interpolate(t, size=size, mode=mode, **kwargs).numpy()
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(("src", "dst"), SIZES)
 def test_bilinear_matches_torch(src: tuple[int, int], dst: tuple[int, int]) -> None:
     rng = np.random.default_rng(src[0] * 1000 + dst[1])
@@ -43,9 +45,11 @@ def test_bilinear_matches_torch(src: tuple[int, int], dst: tuple[int, int]) -> N
     ref = _torch(x, dst, "bilinear")
     assert ours.shape == ref.shape and ours.dtype == np.float32
     err = float(np.abs(ours - ref).max())
-    assert err <= 1e-5, f"bilinear {src}->{dst}: max abs error {err:.3g} vs torch"
+    # same grid and weights formula; PyTorch's vectorised kernels may fuse the coordinate arithmetic (FMA)
+    assert_within(err, bilinear_bound(x, src), f"bilinear {src}->{dst} vs torch")
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize(("src", "dst"), SIZES)
 def test_nearest_matches_torch_exactly(src: tuple[int, int], dst: tuple[int, int]) -> None:
     rng = np.random.default_rng(src[1] * 1000 + dst[0])
@@ -54,9 +58,11 @@ def test_nearest_matches_torch_exactly(src: tuple[int, int], dst: tuple[int, int
     ref = _torch(x, dst, "nearest")
     assert ours.shape == ref.shape
     mismatches = int((ours != ref).sum())
+    # exact: the index is floor(dst * scale) of one correctly rounded float32 product on both sides
     assert mismatches == 0, f"nearest {src}->{dst}: {mismatches} pixels differ from torch"
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee"])
 @pytest.mark.parametrize("size", [(1024, 1024), (200, 173)])
 def test_bilinear_on_photos_in_pixel_units(name: str, size: tuple[int, int]) -> None:
@@ -66,7 +72,7 @@ def test_bilinear_on_photos_in_pixel_units(name: str, size: tuple[int, int]) -> 
     ours = resize_bilinear(chw, size)
     ref = _torch(chw[None].astype(np.float32), size, "bilinear")[0]
     err = float(np.abs(ours - ref).max())
-    assert err <= 255 * 1e-6, f"{name} -> {size}: max abs error {err:.3g} (0..255 units) vs torch"
+    assert_within(err, bilinear_bound(chw, chw.shape[-2:]), f"{name} -> {size} (0..255 units) vs torch")
 
 
 @pytest.mark.parametrize("shape", [(9, 11), (3, 9, 11), (2, 3, 9, 11)])
@@ -76,7 +82,7 @@ def test_ranks_share_the_last_two_axes(shape: tuple[int, ...]) -> None:
     ref = _torch(x.reshape(1, -1, 9, 11), (5, 20), "bilinear").reshape(*shape[:-2], 5, 20)
     assert out.shape == (*shape[:-2], 5, 20)
     err = float(np.abs(out - ref).max())
-    assert err <= 1e-5, f"rank {len(shape)}: max abs error {err:.3g}"
+    assert_within(err, bilinear_bound(x, (9, 11)), f"rank {len(shape)} vs torch")
     assert resize_nearest(x, (5, 20)).shape == out.shape
 
 

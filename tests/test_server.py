@@ -31,7 +31,7 @@ pytest.importorskip("fastapi", reason="the server needs the serve extra: pip ins
 
 from server_process import Reply, ServerProcess, multipart, png_bytes, wait_for  # noqa: E402
 
-from trt_bgswap.api import BackgroundReplacer, alpha_to_u8  # noqa: E402
+from trt_bgswap.api import BackgroundReplacer  # noqa: E402
 from trt_bgswap.cli.main import main as cli_main  # noqa: E402
 
 MAX_PIXELS = 300_000
@@ -112,6 +112,20 @@ def test_replace_matches_the_library_and_is_reproducible(server: ServerProcess, 
     as_json = {**fields, "image": base64.b64encode(photos["astronaut"]).decode(), "seed": 11, "steps": 3}
     by_json = server.request("POST", "/v1/replace", json.dumps(as_json).encode(), {"Content-Type": "application/json"})
     assert by_json.status == 200 and by_json.body == first.body, "JSON base64 request differs from the multipart one"
+
+
+def test_composite_options_match_the_library(server: ServerProcess, library: BackgroundReplacer, photos: dict[str, bytes]) -> None:
+    """The form's composite fields mean what `run`'s flags and the API's CompositeOptions mean: the same bytes."""
+    from trt_bgswap.cli.composite_options import build_composite_options
+
+    fields = {"image": photos["chelsea"], "prompt": "a beach", "seed": "4", "steps": "2", "harmonize": "0.6", "shadow": "true", "shadow_opacity": "0.8", "grain": "yes"}
+    r = server.post_form("/v1/replace", fields)
+    assert r.status == 200, r.body[:300]
+    options = build_composite_options(harmonize=0.6, shadow=True, shadow_opacity=0.8, grain=True)
+    want = library.replace(Image.open(io.BytesIO(photos["chelsea"])), "a beach", seed=4, steps=2, composite_options=options).image
+    np.testing.assert_array_equal(np.asarray(r.image()), np.asarray(want), err_msg="server composite != BackgroundReplacer.replace with the same CompositeOptions")
+    plain = server.post_form("/v1/replace", {k: v for k, v in fields.items() if k in ("image", "prompt", "seed", "steps")})
+    assert plain.status == 200 and plain.body != r.body, "the composite fields changed nothing"
 
 
 def test_seed_is_drawn_and_reported(server: ServerProcess, photos: dict[str, bytes]) -> None:
@@ -227,6 +241,10 @@ def test_unreadable_image_is_400_with_the_cli_message(server: ServerProcess, tmp
         ({"image": b"IMAGE", "prompt": "x", "size": "100x100"}, "multiples of 64"),
         ({"image": b"IMAGE", "prompt": "x", "format": "gif"}, "choose png, jpeg or webp"),
         ({"image": b"IMAGE", "prompt": "x", "mask": png_bytes(np.zeros((20, 20), np.uint8))}, "give a mask of the same size"),
+        ({"image": b"IMAGE", "prompt": "x", "shadow_blur": "0.1"}, "shadow_blur=... shape the shadow: add shadow=true"),
+        ({"image": b"IMAGE", "prompt": "x", "shadow": "maybe"}, "shadow must be true or false"),
+        ({"image": b"IMAGE", "prompt": "x", "harmonize": "2"}, "--harmonize"),
+        ({"image": b"IMAGE", "prompt": "x", "shadow": "true", "shadow_offset": "1"}, "--shadow-offset"),
     ],
 )
 def test_bad_request_is_400(server: ServerProcess, photos: dict[str, bytes], fields: dict, expect: str) -> None:
@@ -343,6 +361,9 @@ def test_page_in_headless_chromium(server: ServerProcess, photos: dict[str, byte
         driver.find_element(By.ID, "seed").send_keys("5")
         driver.find_element(By.ID, "steps").clear()
         driver.find_element(By.ID, "steps").send_keys("2")
+        driver.find_element(By.ID, "harmonize").clear()
+        driver.find_element(By.ID, "harmonize").send_keys("0.5")
+        driver.find_element(By.ID, "shadow").click()
         driver.find_element(By.ID, "go").click()
         loaded = "const i = document.getElementById(arguments[0]); return i.complete && i.naturalWidth"
         WebDriverWait(driver, 120).until(lambda d: d.execute_script(loaded, "result-view") or "error" in d.find_element(By.ID, "status").get_attribute("class"))
@@ -352,6 +373,11 @@ def test_page_in_headless_chromium(server: ServerProcess, photos: dict[str, byte
         link = driver.find_element(By.ID, "download")
         assert link.is_displayed() and link.get_attribute("download") == "astronaut_bgswap.png" and link.get_attribute("href").startswith("blob:")
         assert "seed 5" in status
+        # the page sent the composite options it shows: its result is the server's answer to the same fields
+        read_blob = "const done = arguments[arguments.length - 1]; fetch(arguments[0]).then(r => r.arrayBuffer()).then(b => done(Array.from(new Uint8Array(b))))"
+        shown = bytes(driver.execute_async_script(read_blob, link.get_attribute("href")))
+        fields = {"image": photos["astronaut"], "prompt": "a quiet lake", "seed": "5", "steps": "2", "guidance": "1", "harmonize": "0.5", "shadow": "true"}
+        assert shown == server.post_form("/v1/replace", fields).body, "the page's result differs from a request with its fields"
         driver.save_screenshot(str(tmp_path / "page.png"))  # to look at: pytest --basetemp
     finally:
         driver.quit()

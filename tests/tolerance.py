@@ -400,7 +400,7 @@ def noisy_pipeline(folder: Path, dest: Path, float16: bool = False):  # noqa: AN
     noise dwarfs them.
     """
     from trt_bgswap.manifest import Manifest
-    from trt_bgswap.runtime.device_pipeline import models_to_open
+    from trt_bgswap.runtime.assemble import models_to_open
     from trt_bgswap.runtime.pipeline import Pipeline
 
     manifest = Manifest.load(folder)

@@ -29,6 +29,7 @@ from PIL import Image
 
 from trt_bgswap.colors import RGB, parse_color
 from trt_bgswap.errors import ModelError, UsageError
+from trt_bgswap.memory import parse_bytes
 from trt_bgswap.runtime.color_management import ColorSpace
 from trt_bgswap.runtime.compose import CompositeOptions
 from trt_bgswap.runtime.sizing import check_generation_size
@@ -167,16 +168,35 @@ class BackgroundReplacer:
         max_pixels: int | None = None,
         pipeline: Pipeline | None = None,
         stages: Collection[str] = STAGES,
+        memory_budget: int | str | None = None,
     ) -> None:
         """``models``: an exported folder, or None for solid colours behind your own masks (nothing is loaded).
 
         ``stages``: the work this instance does (``mask``, ``generate``); the other stage's models are not opened.
+        ``memory_budget``: the most host memory a generation may take ('6G' or bytes; default
+        ``TRT_BGSWAP_MEMORY_BUDGET``, else what is free); larger sizes are refused before they run.
         """
+        budget = parse_bytes(memory_budget, "memory_budget") if isinstance(memory_budget, str) else memory_budget
         if pipeline is None:
-            pipeline = Pipeline.without_models() if models is None else Pipeline.load(Path(models).expanduser(), provider=provider, threads=threads, stages=stages)
+            pipeline = (
+                Pipeline.without_models()
+                if models is None
+                else Pipeline.load(Path(models).expanduser(), provider=provider, threads=threads, stages=stages, memory_budget=budget)
+            )
         self.pipeline = pipeline
         self.max_pixels = max_pixels
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Free every session, engine and device buffer (the instance cannot be used afterwards)."""
+        with self._lock:
+            self.pipeline.close()
+
+    def __enter__(self) -> "BackgroundReplacer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def check_options(
         self,
@@ -219,6 +239,8 @@ class BackgroundReplacer:
             raise ModelError("the model folder has no inpainting models; re-export with --inpaint, or use a solid colour (--bg-color)")
         if options.size is not None:
             check_generation_size(options.size[0], options.size[1], cfg.size_multiple)
+            if self.pipeline.memory is not None:  # before any image: a size that cannot fit stops the batch
+                self.pipeline.memory.check(options.size, options.guidance)
         return options, None
 
     def replace(

@@ -38,6 +38,7 @@ class IndexEntry:
     cache_hit: bool = False
     reasons: tuple[str, ...] = ()  # why it was (re)built
     profiles: tuple[dict[str, Any], ...] = field(default=())  # the optimization profiles, as JSON
+    attention: str | None = None  # "bounded": attention tiled (engines/attention.py); "materialised"; None: none or unknown
 
     def resolve(self, engines_dir: Path) -> Path:
         return self.path if self.path.is_absolute() else engines_dir / self.path
@@ -59,6 +60,7 @@ class IndexEntry:
             "provider": self.provider,
             "graph_optimization": self.graph_optimization,
             "provider_options": self.provider_options,
+            "attention": self.attention,
         }
 
     @classmethod
@@ -72,6 +74,7 @@ class IndexEntry:
             cache_hit=bool(d.get("cache_hit", False)),
             reasons=tuple(d.get("reasons", ())),
             profiles=tuple(d.get("profiles", ())),
+            attention=d.get("attention"),
         )
 
 

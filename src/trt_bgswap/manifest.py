@@ -126,6 +126,7 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)  # trt_bgswap.memory facts, measured by the exporter
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -140,6 +141,7 @@ class Manifest:
             "inpaint": self.inpaint.to_json() if self.inpaint else None,
             "rmbg": self.rmbg.to_json() if self.rmbg else None,
             "extra": self.extra,
+            "memory": self.memory,
         }
 
     def save(self, folder: str | Path) -> Path:
@@ -178,6 +180,7 @@ class Manifest:
                 versions=d.get("versions", {}),
                 created=d.get("created", ""),
                 extra=d.get("extra", {}),
+                memory=d.get("memory", {}),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelError(f"{path}: malformed manifest ({e!r}); re-run `trt-bgswap export`") from e

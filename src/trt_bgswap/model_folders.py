@@ -15,6 +15,7 @@ leaves a model out. Exporting imports the export stack (torch) lazily.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -220,6 +221,25 @@ def folder_for_job(
     return folder
 
 
+MASKER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # an RMBG model folder in its PyTorch format
+
+
+def exported_masker(model: Path) -> Path:
+    """An RMBG model folder in its PyTorch format, exported once into the cache (keyed by its files' content) and reused."""
+    from trt_bgswap.manifest import sha256_file
+    from trt_bgswap.paths import models_dir
+
+    files = sorted(f for f in model.iterdir() if f.is_file() and f.name in {"config.json", "preprocessor_config.json", *MASKER_WEIGHTS})
+    digest = hashlib.sha256("".join(f"{f.name}:{sha256_file(f)}\n" for f in files).encode()).hexdigest()[:16]
+    out = models_dir() / f"rmbg-{digest}"
+    if is_export(out):
+        log.info("using %s, exported earlier from %s", out, model)
+        return out
+    log.info("exporting the RMBG model in %s once to %s (later runs reuse it)", model, out)
+    export_sources({"inpaint": NONE, "lcm_lora": NONE, "rmbg": str(model)}, out)
+    return out
+
+
 def masker_source(src: str | None) -> Path:
     """Where `mask --rmbg SRC` finds its model: an .onnx file, an exported folder, a model folder or a hub id/registry name."""
     from trt_bgswap.paths import default_export_dir
@@ -236,8 +256,13 @@ def masker_source(src: str | None) -> Path:
         return p
     if p.is_dir() and (p / "onnx" / "model.onnx").is_file():
         return p / "onnx" / "model.onnx"
+    if p.is_dir() and (p / "config.json").is_file() and any((p / w).is_file() for w in MASKER_WEIGHTS):
+        return exported_masker(p)
     if p.is_dir():
-        raise UsageError(f"--rmbg {src}: no RMBG ONNX model here; give an .onnx file, an exported folder, or a folder with onnx/model.onnx")
+        raise UsageError(
+            f"--rmbg {src}: no RMBG model here; give an .onnx file, an exported folder, a folder with onnx/model.onnx, "
+            f"or an RMBG model folder (config.json + {' or '.join(MASKER_WEIGHTS)})"
+        )
     if p.exists():
         raise UsageError(f"--rmbg {src}: not an ONNX file; give an .onnx file, an exported folder or a hub id")
     from trt_bgswap.export.sources import resolve_source

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from trt_bgswap.cli.options import float_range
 from trt_bgswap.errors import UsageError
@@ -40,18 +41,40 @@ def add_composite_options(parser: argparse.ArgumentParser) -> None:
 
 
 def composite_options_from(args: argparse.Namespace) -> CompositeOptions:
-    """The validated options (one-line errors naming the fix); shadow settings without --shadow are refused."""
-    shape = {"offset": args.shadow_offset, "blur": args.shadow_blur, "opacity": args.shadow_opacity}
+    """The validated options from `run`'s arguments (one-line errors naming the fix)."""
+    return build_composite_options(
+        decontaminate=args.decontaminate, refine_alpha=args.refine_alpha, grain=args.grain, harmonize=args.harmonize,
+        shadow=args.shadow, shadow_offset=args.shadow_offset, shadow_blur=args.shadow_blur, shadow_opacity=args.shadow_opacity,
+    )  # fmt: skip
+
+
+def build_composite_options(
+    *,
+    decontaminate: bool = True,
+    refine_alpha: bool = True,
+    grain: bool = False,
+    harmonize: float = 0.0,
+    shadow: bool = False,
+    shadow_offset: tuple[float, float] | None = None,
+    shadow_blur: float | None = None,
+    shadow_opacity: float | None = None,
+    spell: Callable[[str], str] = lambda name: "--" + name.replace("_", "-"),
+) -> CompositeOptions:
+    """Validated CompositeOptions (the CLI and the server's form fields both come here); shadow settings without shadow are refused.
+
+    ``spell`` names an option in messages (the CLI's flags by default; the server names its form fields).
+    """
+    shape = {"offset": shadow_offset, "blur": shadow_blur, "opacity": shadow_opacity}
     given = {k: v for k, v in shape.items() if v is not None}
-    if given and not args.shadow:
-        named = ", ".join(f"--shadow-{k}" for k in given)
-        raise UsageError(f"{named} shape the shadow: add --shadow, or drop them")
+    if given and not shadow:
+        named = ", ".join(spell(f"shadow_{k}") for k in given)
+        raise UsageError(f"{named} shape the shadow: add {spell('shadow')}, or drop them")
     options = CompositeOptions(
-        decontaminate=args.decontaminate,
-        refine_alpha=args.refine_alpha,
-        grain=args.grain,
-        harmonize=args.harmonize,
-        shadow=ShadowOptions(**given) if args.shadow else None,
+        decontaminate=decontaminate,
+        refine_alpha=refine_alpha,
+        grain=grain,
+        harmonize=harmonize,
+        shadow=ShadowOptions(**given) if shadow else None,
     )
     options.validate()
     return options

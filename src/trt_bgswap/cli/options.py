@@ -87,6 +87,16 @@ def lora_spec(text: str) -> "LoraSource":
     return source
 
 
+def byte_size(text: str) -> int:
+    """'6G', '512M', a number of bytes (trt_bgswap.memory.parse_bytes)."""
+    from trt_bgswap.memory import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def color(text: str) -> tuple[int, int, int]:
     from trt_bgswap.colors import parse_color
 

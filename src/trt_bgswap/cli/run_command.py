@@ -18,7 +18,7 @@ import numpy as np
 from trt_bgswap.cli import batch
 from trt_bgswap.cli.batch import CUTOUT, MASK, RESULT, Job
 from trt_bgswap.cli.composite_options import add_composite_options, composite_options_from
-from trt_bgswap.cli.options import add_batch_options, color, float_range, int_range, lora_spec, parse_size
+from trt_bgswap.cli.options import add_batch_options, byte_size, color, float_range, int_range, lora_spec, parse_size
 from trt_bgswap.errors import UsageError
 from trt_bgswap.model_folders import SOURCE_SLOTS, check_model_folder, folder_for_job
 from trt_bgswap.families import FAMILIES
@@ -70,6 +70,11 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     r.add_argument("--guidance", type=float_range("--guidance", 0.0, 30.0), default=1.0, help="classifier-free guidance (1: off)")
     r.add_argument("--num-results", type=int_range("--num-results", 1, 64), default=1, help="results per image, with seeds seed, seed+1, ...")
     r.add_argument("--size", type=parse_size, help="generation size WxH, multiples of the model's (64 for SD1.5) (default: ~512^2 at the image's aspect)")
+    r.add_argument(
+        "--memory-budget",
+        type=byte_size,
+        help="the most memory a run may take, e.g. 6G (default: TRT_BGSWAP_MEMORY_BUDGET, else what is free); larger sizes are refused before loading",
+    )
     r.add_argument("--bg-color", type=color, help="a solid background instead of a generated one: '#RRGGBB', '#RGB' or a name")
     r.add_argument("--mask", help="your own subject mask (white = keep) instead of RMBG: a file, or a folder of <stem>.png")
     r.add_argument("--ignore-alpha", action="store_true", help="run the masker on cut-out inputs too (default: an input's own transparency is its mask)")
@@ -124,6 +129,23 @@ def _stages(args: argparse.Namespace, jobs: list[Job]) -> tuple[str, ...]:
     return tuple(stages)
 
 
+def _check_memory(folder: Path, args: argparse.Namespace, jobs: list[Job], stages: tuple[str, ...]) -> None:
+    """Refuse a generation that cannot fit in memory before any model is loaded (exit code 2)."""
+    from trt_bgswap.runtime.sizing import generation_size
+    from trt_bgswap.runtime.memory_guard import guard_for_run
+
+    guard = guard_for_run(folder, args.provider, args.memory_budget, stages=stages)
+    if guard is None:
+        return
+    sizes = [j.info.size for j in jobs if j.info is not None] or [(guard.config.default_size, guard.config.default_size)]
+    width, height = max(sizes, key=lambda s: s[0] * s[1])  # the largest photo: its own arrays are held too
+    if args.size is not None:
+        guard.check(args.size, args.guidance, width * height)
+    else:  # the default size follows the photo; it shrinks to fit, but something must fit
+        policy = generation_size(width, height, guard.config.default_size, guard.config.size_multiple)
+        guard.fit(policy, args.guidance, width * height, warn=False)  # each photo's shrink is logged when it runs
+
+
 def run(args: argparse.Namespace) -> int:
     from trt_bgswap.api import BackgroundReplacer, alpha_to_u8, load_photo
     from trt_bgswap.paths import default_export_dir
@@ -156,7 +178,11 @@ def run(args: argparse.Namespace) -> int:
             folder, given, need_inpaint=args.bg_color is None, need_rmbg=args.mask is None,
             opset=args.opset, offline=args.offline, allow_pickle=args.allow_pickle, loras=args.loras, masker=args.masker,
         )
-    swapper = BackgroundReplacer(models, provider=args.provider, threads=args.threads, max_pixels=args.max_pixels, stages=stages)
+    if "generate" in stages:
+        _check_memory(models, args, jobs, stages)
+    swapper = BackgroundReplacer(
+        models, provider=args.provider, threads=args.threads, max_pixels=args.max_pixels, stages=stages, memory_budget=args.memory_budget
+    )
     swapper.check_options(  # once, before any image: a bad option stops the run with exit code 2
         args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,
         size=args.size, bg_color=args.bg_color, has_mask=True,

@@ -249,7 +249,7 @@ class Service:
             from PIL import Image
 
             alpha = self.replacer.source_alpha(photo, mask=Image.open(io.BytesIO(r.mask)))
-        job = Job(REPLACE, photo, alpha, options=options, color=color)
+        job = Job(REPLACE, photo, alpha, options=options, color=color, composite_options=r.composite)
         self._check_masker(job)
         if options is not None:
             assert self.batcher is not None
@@ -342,6 +342,14 @@ REPLACE_DOC = _form_schema(
         "mask": {"type": "string", "format": "binary", "description": "your own subject mask (white = keep), the photo's size"},
         "size": {"type": "string", "description": "generation size WxH, multiples of the model's (64 for SD1.5)"},
         "format": FORMAT_FIELD,
+        "decontaminate": {"type": "boolean", "default": True, "description": "remove the old background's colour from soft edges"},
+        "refine_alpha": {"type": "boolean", "default": True, "description": "sharpen RMBG's alpha along the photo's edges (a given mask is used as it is)"},
+        "grain": {"type": "boolean", "default": False, "description": "give the background the subject's sensor noise"},
+        "harmonize": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.0, "description": "relight the subject toward the background's light (0.5 is a good start)"},
+        "shadow": {"type": "boolean", "default": False, "description": "a soft contact shadow under the subject"},
+        "shadow_offset": {"type": "string", "description": "DX,DY: shadow offset, fractions of the subject's height (with shadow=true)"},
+        "shadow_blur": {"type": "number", "minimum": 0, "maximum": 1, "description": "shadow blur, fraction of the subject's height (with shadow=true)"},
+        "shadow_opacity": {"type": "number", "minimum": 0, "maximum": 1, "description": "shadow darkness (with shadow=true)"},
     },
     ["image"],
 )

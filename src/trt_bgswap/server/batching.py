@@ -28,6 +28,7 @@ import numpy as np
 from trt_bgswap.api import Photo
 from trt_bgswap.errors import BgSwapError
 from trt_bgswap.runtime.color_management import ColorSpace
+from trt_bgswap.runtime.compose import CompositeOptions
 from trt_bgswap.runtime.mask_ops import MaskOptions
 from trt_bgswap.runtime.pipeline import GenerationJob, GenerationOptions, Pipeline, Result
 from trt_bgswap.server.metrics import Metrics
@@ -56,6 +57,7 @@ class Job:
     color: tuple[int, int, int] | None = None  # a solid background
     mask_options: MaskOptions = MaskOptions()
     cutout: bool = False  # a mask job answers the RGBA cut-out
+    composite_options: CompositeOptions = CompositeOptions()  # how a replace job's subject goes onto its background
     future: "Future[Any]" = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
     batch_size: int = 1  # how many requests shared this job's largest engine batch
@@ -182,13 +184,16 @@ class Batcher:
 
     def _generation_job(self, job: Job) -> GenerationJob:
         assert job.options is not None and job.alpha is not None
-        return GenerationJob(job.photo.rgb, job.alpha, job.options, job.mask_options, job.color_space, from_masker=job.from_masker)
+        return GenerationJob(
+            job.photo.rgb, job.alpha, job.options, job.mask_options, job.color_space, composite_options=job.composite_options, from_masker=job.from_masker
+        )
 
 
     def _solid(self, job: Job) -> Result:
         return self.pipe.replace(
-            job.photo.rgb, None, job.mask_options, alpha=job.alpha, background_color=job.color, color_space=job.color_space, from_masker=job.from_masker
-        )
+            job.photo.rgb, None, job.mask_options, alpha=job.alpha, background_color=job.color, color_space=job.color_space,
+            composite_options=job.composite_options, from_masker=job.from_masker,
+        )  # fmt: skip
 
     def _stage(self, stage: str, jobs: Sequence[Job], work: Callable[[Sequence[Job]], list[T]]) -> list[T | None]:
         """Run ``work`` on the jobs as one batch; if it fails, once per job so each gets its own error.

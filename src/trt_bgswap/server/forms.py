@@ -21,14 +21,18 @@ from typing import Any
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from trt_bgswap.cli.composite_options import build_composite_options, parse_offset
 from trt_bgswap.cli.options import color, float_range, int_range, parse_size
 from trt_bgswap.errors import UsageError
+from trt_bgswap.runtime.compose import CompositeOptions
 
 MAX_PARTS = 16  # more fields than any route takes
 MAX_FIELD_BYTES = 4096  # a prompt longer than this is far past CLIP's 77 tokens
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg", "webp": "image/webp"}
 FILE_FIELDS = ("image", "mask")
-REPLACE_FIELDS = ("image", "mask", "prompt", "negative_prompt", "seed", "steps", "guidance", "bg_color", "size", "format")
+# the composite options, named as `run`'s flags with - as _ (--no-decontaminate is decontaminate=false)
+COMPOSITE_FIELDS = ("decontaminate", "refine_alpha", "grain", "harmonize", "shadow", "shadow_offset", "shadow_blur", "shadow_opacity")
+REPLACE_FIELDS = ("image", "mask", "prompt", "negative_prompt", "seed", "steps", "guidance", "bg_color", "size", "format", *COMPOSITE_FIELDS)
 MASK_FIELDS = ("image", "cutout", "format")
 
 Fields = dict[str, "str | bytes"]
@@ -46,6 +50,7 @@ class ReplaceRequest:
     bg_color: tuple[int, int, int] | None
     size: tuple[int, int] | None
     format: str  # png / jpeg / webp
+    composite: CompositeOptions = CompositeOptions()
 
 
 @dataclass(frozen=True)
@@ -216,6 +221,22 @@ def replace_request(fields: Fields) -> ReplaceRequest:
         bg_color=_value(fields, "bg_color", color),
         size=_value(fields, "size", parse_size),
         format=_format(fields),
+        composite=_composite(fields),
+    )
+
+
+def _composite(fields: Fields) -> CompositeOptions:
+    """The composite options with `run`'s types, defaults and refusals (shadow_* without shadow=true: 400)."""
+    return build_composite_options(
+        decontaminate=_value(fields, "decontaminate", _bool("decontaminate"), True),
+        refine_alpha=_value(fields, "refine_alpha", _bool("refine_alpha"), True),
+        grain=_value(fields, "grain", _bool("grain"), False),
+        harmonize=_value(fields, "harmonize", float_range("--harmonize", 0.0, 1.0), 0.0),
+        shadow=_value(fields, "shadow", _bool("shadow"), False),
+        shadow_offset=_value(fields, "shadow_offset", parse_offset),
+        shadow_blur=_value(fields, "shadow_blur", float_range("--shadow-blur", 0.0, 1.0)),
+        shadow_opacity=_value(fields, "shadow_opacity", float_range("--shadow-opacity", 0.0, 1.0)),
+        spell=lambda name: f"{name}=" + ("true" if name == "shadow" else "..."),
     )
 
 

@@ -43,6 +43,7 @@ $("form").addEventListener("submit", async (ev) => {
     const res = await post("/v1/replace", {
       image: file, prompt: $("prompt").value, seed: $("seed").value,
       steps: $("steps").value, guidance: $("guidance").value, format: fmt,
+      harmonize: $("harmonize").value, shadow: $("shadow").checked ? "true" : "",
     });
     const url = show($("result-view"), await res.blob());
     const seed = res.headers.get("X-Seed");
