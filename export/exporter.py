@@ -270,6 +270,10 @@ def export_models(
     if vae_src is not None and inpaint_src is None:
         raise UsageError("--vae replaces the inpainting model's VAE: give --inpaint SRC too")
     vae_config = vae_source_config(vae_src) if vae_src is not None else (configs or {}).get("vae", {})
+    if vae_src is not None and configs is not None:
+        if int(vae_config.get("latent_channels", 4)) != int(configs["vae"].get("latent_channels", 4)):
+            raise ModelError(f"--vae {vae_src}: latent_channels {vae_config.get('latent_channels')} differs from the model's VAE's; give a VAE of this model's family")
+        configs = {**configs, "vae": vae_config}  # the runtime's VAE constants (scaling factor, downsampling) are the replacement's
     vae_precision = vae_precision or (precision if vae_config.get("force_upcast", True) is False else "fp32")
     lora_sources: list[LoraSource] = []
     if inpaint_src is not None and (lcm_lora_src is not None or loras):

@@ -169,3 +169,25 @@ def test_sdxl_ort_engines(sdxl_exported: Path, runtime: Pipeline, reference, loo
     # ORT's offline optimizations only fuse and reorder float32 operations: the same loop, rounding apart
     err = float(np.abs(ours - runtime.inpaint(rgb, mask, _options(1.0, None), noise)).max())
     assert_within(err, lambda: loop_tolerance((1.0, None), noise), "SDXL: built ORT engines vs the exported graphs")
+
+
+@pytest.mark.slow  # an fp16 export of the tiny SDXL (~35 s of CPU)
+def test_fp16_safe_vae_is_chosen_explicitly(tiny_models_dir: Path, tmp_path: Path) -> None:
+    """`export --precision fp16`: SDXL's own VAE stays fp32 (force_upcast); a VAE whose config says force_upcast false,
+    given with --vae (as madebyollin/sdxl-vae-fp16-fix), is exported in fp16 and its constants go to the manifest."""
+    import json
+
+    from trt_bgswap.errors import UsageError
+    from trt_bgswap.export.exporter import export_models
+
+    vae = shutil.copytree(tiny_models_dir / "sdxl-inpainting" / "vae", tmp_path / "sdxl-vae-fp16-fix")
+    config = json.loads((vae / "config.json").read_text(encoding="utf-8"))
+    (vae / "config.json").write_text(json.dumps({**config, "force_upcast": False, "scaling_factor": 0.25}), encoding="utf-8")
+    with pytest.raises(UsageError, match="--vae replaces"):
+        export_models(None, None, tiny_models_dir / "rmbg", tmp_path / "x", vae_src=vae)
+    out = tmp_path / "export"
+    export_models(tiny_models_dir / "sdxl-inpainting", tiny_models_dir / "lcm-lora-sdxl", None, out, precision="fp16", vae_src=vae)
+    manifest = Manifest.load(out)
+    assert manifest.models["vae_decoder"].precision == "fp16" and manifest.models["unet"].precision == "fp16"
+    assert manifest.inpaint is not None and manifest.inpaint.vae_scaling_factor == 0.25
+    assert manifest.sources["vae"]["path"] == str(vae.resolve())

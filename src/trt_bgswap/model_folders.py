@@ -79,6 +79,7 @@ def export_sources(
     device_graphs: bool = False,
     loras: Sequence["LoraSource"] = (),
     masker: str | None = None,
+    vae: Path | None = None,
 ) -> Manifest:
     """Resolve the sources (local paths, hub ids, registry names; 'none' leaves one out) and export them to ``out``.
 
@@ -113,6 +114,7 @@ def export_sources(
         loras=loras,
         allow_pickle=allow_pickle,
         masker=masker,
+        vae_src=vae,
     )
 
 
