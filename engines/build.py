@@ -12,6 +12,7 @@ file in the output folder records, per model, what to load and how.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from pathlib import Path
 
 from trt_bgswap.build_index import ENGINES_DIR, ORT, TRT, IndexEntry, write_index
 from trt_bgswap.errors import ModelError, UsageError
-from trt_bgswap.manifest import Manifest
+from trt_bgswap.manifest import Manifest, ModelEntry
+from trt_bgswap.mixed_precision import keeps_fp32
 from trt_bgswap.specs import ModelSpec
 
 from trt_bgswap.engines.cache import CacheKey, EngineCache, onnx_graph_hash, tensorrt_key
@@ -39,6 +41,14 @@ log = logging.getLogger(__name__)
 
 BACKENDS = (TRT, ORT)
 PLAN_NAME = "model.plan"
+FP16_GRAPH_SUFFIX = ".fp16.onnx"  # the converted graph a plan was built from, kept beside it in the cache
+
+
+def model_build_options(name: str, entry: ModelEntry, options: TrtBuildOptions) -> TrtBuildOptions:
+    """One model's options: the VAE keeps the precision its export gave it (fp16 VAEs overflow); the rest take ``options``."""
+    if keeps_fp32(name) and (options.precision != entry.precision or options.weak_fp16):
+        return dataclasses.replace(options, precision=entry.precision, weak_fp16=False)
+    return options
 
 
 @dataclass(frozen=True)
@@ -132,8 +142,9 @@ def _trt_model(
             check_onnx_for_tensorrt(onnx_path, spec).raise_for_errors()
 
         def write(tmp: Path) -> list[str]:
-            build_plan(onnx_path, tmp, profiles, options, timing_cache if options.timing_cache else None, name)
-            return []
+            fp16_graph = tmp.parent / EngineCache.companion_name(PLAN_NAME, key, FP16_GRAPH_SUFFIX)
+            build_plan(onnx_path, tmp, profiles, options, timing_cache if options.timing_cache else None, name, name, fp16_graph)
+            return [f.name for f in (fp16_graph, fp16_graph.with_name(fp16_graph.name + ".data")) if f.is_file()]
 
         cache.store(name, PLAN_NAME, key, write)
     return BuiltModel(name, "trt", found.path, found.hit, found.reasons, tuple(profiles))
@@ -155,14 +166,18 @@ def build_engines(
     out_dir: str | Path | None = None,
     check: bool = True,
     device: int = 0,
+    weak_fp16: bool = False,
 ) -> BuildReport:
     """Build (or reuse from the cache) engines for every model of an exported folder.
 
     - ``backend``: ``"trt"`` (TensorRT plans; needs ``tensorrt`` and a GPU) or
       ``"ort"`` (ONNX Runtime artifacts for ``provider``: ``cpu`` / ``cuda``
       pre-optimized graphs at ``graph_optimization`` level, or ``tensorrt`` EP options).
-    - ``precision``: ``fp16``/``fp32`` for TensorRT (default fp16); ignored by
-      the CPU/CUDA providers, which run the graph's own precision.
+    - ``precision``: ``fp16``/``fp32`` for TensorRT (default fp16): strongly typed engines of the
+      graphs as exported, an fp32 graph converted to fp16 with fp32 islands first
+      (:mod:`trt_bgswap.mixed_precision`); the VAE keeps its export's precision. ``weak_fp16``:
+      TensorRT 10.x's deprecated weakly typed FP16 instead. Ignored by the CPU/CUDA providers,
+      which run the graph's own precision.
     - ``sizes``: generation sizes (width, height); default the model's native size.
       Each gets a static profile unless ``dynamic`` = ((min_w, min_h), (max_w, max_h)).
     - ``batches``: UNet batch sizes to serve (add 2 for classifier-free guidance).
@@ -191,7 +206,7 @@ def build_engines(
     trt_precision = precision or "fp16"
 
     if backend == "trt":
-        options = TrtBuildOptions(precision=trt_precision, opt_level=opt_level, workspace_bytes=workspace, tf32=tf32)
+        options = TrtBuildOptions(precision=trt_precision, opt_level=opt_level, workspace_bytes=workspace, tf32=tf32, weak_fp16=weak_fp16)
         from trt_bgswap.runtime.cuda_device import compute_capability
 
         trt_version = tensorrt_version()
@@ -211,8 +226,9 @@ def build_engines(
         profiles = photo_profiles(entry.spec) or model_profiles(entry.spec, shapes, vae_scale_factor, _extra_dims(manifest, entry.spec))
         graph_hash = onnx_graph_hash(onnx_path)
         if backend == "trt":
-            key = tensorrt_key(graph_hash, options.precision, [p.to_json() for p in profiles], options.key_parts(), trt_version, cc)
-            built[name] = _trt_model(cache, name, onnx_path, entry.spec, key, profiles, options, timing_cache, check)
+            own = model_build_options(name, entry, options)
+            key = tensorrt_key(graph_hash, own.precision, [p.to_json() for p in profiles], own.key_parts(), trt_version, cc)
+            built[name] = _trt_model(cache, name, onnx_path, entry.spec, key, profiles, own, timing_cache, check)
         else:
             key = ort_key(graph_hash, provider, graph_optimization, trt_precision, profiles, opt_level, workspace, ort_version, host)
             art = prepare_ort_model(cache, name, onnx_path, key, provider, graph_optimization, trt_precision, profiles, opt_level, workspace)

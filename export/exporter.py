@@ -15,6 +15,7 @@ overflows float16 at real sizes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -222,6 +223,7 @@ def export_models(
     allow_pickle: bool = False,
     vae_src: Path | None = None,
     masker: str | None = None,
+    tiny_vae_src: Path | None = None,
 ) -> Manifest:
     """Export everything given into ``out_dir`` and return its manifest.
 
@@ -235,9 +237,11 @@ def export_models(
     ``device_graphs`` also writes ``vae_encoder_sample/``, ``vae_decoder_image/`` and ``rmbg_full/``:
     the VAE and RMBG graphs with the pipeline's host arithmetic inside (:mod:`.device_graphs`).
     ``masker`` names the masker variant (``--masker``: rmbg-1.4, birefnet, rmbg-2.0) where the files cannot tell.
+    ``tiny_vae_src`` (``--vae tiny``): a tiny autoencoder (TAESD) folder exported as the VAE graphs
+    instead of the model's own VAE, its scaling from its own config (:mod:`.taesd`).
     ``vae_precision=None`` keeps the VAE in fp32 (SD's and SDXL's VAEs overflow float16; their configs
     say ``force_upcast``) unless the VAE's own config says ``force_upcast: false`` (an fp16-safe VAE such as
-    madebyollin/sdxl-vae-fp16-fix, given as ``vae_src``: a diffusers ``AutoencoderKL`` folder that replaces
+    madebyollin/sdxl-vae-fp16-fix, given as ``vae_src`` (``--vae-src``): a diffusers ``AutoencoderKL`` folder that replaces
     the pipeline's VAE), in which case it follows ``precision``. ``external_data=None`` puts weights in
     ``model.onnx_data`` only for graphs near protobuf's 2 GB limit.
 
@@ -267,14 +271,22 @@ def export_models(
             "--fused-step/--device-graphs implement the SD1/SD2 UNet (no added conditions); an SDXL export runs the UNet graph "
             "with its text_embeds/time_ids inputs on every backend: leave those flags out"
         )
+    if vae_src is not None and tiny_vae_src is not None:
+        raise UsageError("--vae-src DIR and --vae tiny both replace the VAE: give one of them")
     if vae_src is not None and inpaint_src is None:
-        raise UsageError("--vae replaces the inpainting model's VAE: give --inpaint SRC too")
+        raise UsageError("--vae-src replaces the inpainting model's VAE: give --inpaint SRC too")
     vae_config = vae_source_config(vae_src) if vae_src is not None else (configs or {}).get("vae", {})
     if vae_src is not None and configs is not None:
         if int(vae_config.get("latent_channels", 4)) != int(configs["vae"].get("latent_channels", 4)):
-            raise ModelError(f"--vae {vae_src}: latent_channels {vae_config.get('latent_channels')} differs from the model's VAE's; give a VAE of this model's family")
+            raise ModelError(f"--vae-src {vae_src}: latent_channels {vae_config.get('latent_channels')} differs from the model's VAE's; give a VAE of this model's family")
         configs = {**configs, "vae": vae_config}  # the runtime's VAE constants (scaling factor, downsampling) are the replacement's
     vae_precision = vae_precision or (precision if vae_config.get("force_upcast", True) is False else "fp32")
+    if tiny_vae_src is not None:
+        from trt_bgswap.export.taesd import check_matches_vae, latent_api, read_taesd_config
+
+        if configs is None:
+            raise UsageError("a tiny autoencoder (--vae tiny) replaces the VAE of an inpainting model: give --inpaint SRC too")
+        check_matches_vae(tiny_vae_src, read_taesd_config(tiny_vae_src), *latent_api(configs["vae"]))  # before any heavy work
     lora_sources: list[LoraSource] = []
     if inpaint_src is not None and (lcm_lora_src is not None or loras):
         from trt_bgswap.export.lora import LoraSource, inspect_lora, lora_file
@@ -300,6 +312,10 @@ def export_models(
 
             inpaint_src = Path(inpaint_src)
             inpaint = inpaint_config(configs)
+            if tiny_vae_src is not None:
+                from trt_bgswap.export.taesd import tiny_vae_inpaint
+
+                inpaint, sources["taesd"] = tiny_vae_inpaint(tiny_vae_src, inpaint)
             log.info("exporting %s (%s, opset %d)", inpaint_src, precision, opset)
             weights = [f for c in weight_components(configs) for f in _weight_files(inpaint_src, c)]
             sources["sd-inpainting"] = {"path": str(inpaint_src.resolve()), "sha256": _hash_files(inpaint_src, weights), "family": inpaint.family}
@@ -338,12 +354,18 @@ def export_models(
                 log.info("[2b/4] unet_step: UNet + guidance + LCM step in one graph")
                 models["unet_step"] = export_unet_step_module(unet, stage / "unet_step", inpaint.max_length, precision, opset, external_data)
             del unet
-            log.info("[3/4] vae encoder + [4/4] vae decoder (%s)", vae_precision)
-            if vae_src is not None:
-                sources["vae"] = {"path": str(Path(vae_src).resolve()), "sha256": _hash_files(Path(vae_src), sorted(Path(vae_src).rglob("*.safetensors")))}
-            models["vae_encoder"], models["vae_decoder"] = export_vae(
-                vae_src if vae_src is not None else inpaint_src, stage / "vae_encoder", stage / "vae_decoder", vae_precision, opset
-            )
+            if tiny_vae_src is not None:
+                from trt_bgswap.export.taesd import export_taesd
+
+                log.info("[3/4] vae encoder + [4/4] vae decoder: the tiny autoencoder %s (%s)", tiny_vae_src, vae_precision)
+                models["vae_encoder"], models["vae_decoder"] = export_taesd(tiny_vae_src, stage / "vae_encoder", stage / "vae_decoder", vae_precision, opset)
+            else:
+                log.info("[3/4] vae encoder + [4/4] vae decoder (%s)", vae_precision)
+                if vae_src is not None:
+                    sources["vae"] = {"path": str(Path(vae_src).resolve()), "sha256": _hash_files(Path(vae_src), sorted(Path(vae_src).rglob("*.safetensors")))}
+                models["vae_encoder"], models["vae_decoder"] = export_vae(
+                    vae_src if vae_src is not None else inpaint_src, stage / "vae_encoder", stage / "vae_decoder", vae_precision, opset
+                )
             _copy_tokenizer(inpaint_src / "tokenizer", stage / inpaint.tokenizer_dir)
             if inpaint.tokenizer_2_dir is not None:
                 _copy_tokenizer(inpaint_src / "tokenizer_2", stage / inpaint.tokenizer_2_dir)
@@ -379,6 +401,7 @@ def export_models(
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             extra={
                 "vae_precision": vae_precision if inpaint is not None else None,
+                "vae": ("tiny" if tiny_vae_src is not None else "full") if inpaint is not None else None,
                 "lora_scale": lora_scale if lcm_lora_src is not None and inpaint is not None else None,
                 "external_data_sha256": data_hashes,
             },
@@ -395,3 +418,34 @@ def export_models(
         raise
     log.info("export complete: %s (%s)", out_dir, ", ".join(models))
     return manifest
+
+
+def with_tiny_vae(export_dir: str | Path, src: str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET) -> Manifest:
+    """A copy of an export (weights hard-linked, not copied) whose VAE graphs are the tiny autoencoder's; replaces ``out_dir``.
+
+    What ``export --vae tiny`` makes, without exporting the UNet and text encoder again (the
+    benchmark's ``--vae tiny`` rows). The VAE device graphs, made from the full VAE, are left out.
+    """
+    from trt_bgswap.export.taesd import export_taesd, tiny_vae_inpaint
+    from trt_bgswap.specs import VAE_DECODER, VAE_DECODER_IMAGE, VAE_ENCODER, VAE_ENCODER_SAMPLE
+
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    manifest = Manifest.load(export_dir)
+    if manifest.inpaint is None:
+        raise ModelError(f"{export_dir}: the export has no inpainting models; the tiny autoencoder replaces their VAE")
+    inpaint, source = tiny_vae_inpaint(src, manifest.inpaint)
+    stage = make_staging_dir(out_dir.parent, f".{out_dir.name}.")
+    try:
+        dropped = {VAE_ENCODER, VAE_DECODER, VAE_ENCODER_SAMPLE, VAE_DECODER_IMAGE}
+        keep = [Path(e.file).parts[0] for n, e in manifest.models.items() if n not in dropped] + [inpaint.tokenizer_dir]
+        for part in dict.fromkeys(keep):
+            shutil.copytree(export_dir / part, stage / part, copy_function=os.link)
+        models = {n: e for n, e in manifest.models.items() if n not in dropped}
+        models[VAE_ENCODER], models[VAE_DECODER] = export_taesd(src, stage / VAE_ENCODER, stage / VAE_DECODER, manifest.extra.get("vae_precision") or "fp32", opset)
+        extra = {**manifest.extra, "vae": "tiny"}
+        dataclasses.replace(manifest, models=models, inpaint=inpaint, sources={**manifest.sources, "taesd": source}, extra=extra).save(stage)
+        _move_into_place(stage, out_dir, overwrite=True)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return Manifest.load(out_dir)

@@ -1,10 +1,10 @@
-"""fp16 ONNX graphs with fp32 inputs and outputs.
+"""fp16 ONNX graphs with fp32 inputs and outputs, and fp32 islands where fp16 is unsafe.
 
-Uses ONNX Runtime's converter (``onnxruntime.transformers.float16.convert_float_to_float16``,
-the one its Stable Diffusion optimizer uses) with ``keep_io_types=True``: weights and
-activations become float16, casts at the graph boundary keep the I/O specs float32, so the
-runtime feeds the same arrays whatever the precision. Working from the file path lets the
-converter run shape inference on graphs over 2 GB.
+The pass itself lives in the core (:func:`trt_bgswap.mixed_precision.to_mixed_fp16`) because
+``trt-bgswap build`` applies the same one to fp32 exports built for fp16 TensorRT engines: one
+pass, so the graph exported fp16 and the graph built fp16 are the same graph. It uses ONNX
+Runtime's converter (``keep_io_types=True``): the runtime feeds the same fp32 arrays whatever the
+precision.
 
 The SD VAE overflows float16 (its decoder activations pass 65504; see madebyollin's
 sdxl-vae-fp16-fix notes), so :func:`trt_bgswap.export.exporter.export_models` keeps the VAE
@@ -16,17 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from trt_bgswap.errors import BackendUnavailable
+from trt_bgswap.mixed_precision import to_mixed_fp16
 
 
-def convert_to_fp16(path: str | Path) -> Any:
-    """Load the fp32 graph at ``path`` and return it converted to fp16 with fp32 I/O (an ``onnx.ModelProto``)."""
-    try:
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-        from onnxruntime.transformers.onnx_model import OnnxModel
-    except ImportError as e:  # pragma: no cover - onnxruntime is a core dependency
-        raise BackendUnavailable(f"fp16 conversion needs onnxruntime's transformers tools ({e}); pip install onnxruntime") from e
-    model = convert_float_to_float16(str(path), keep_io_types=True)
-    # the converter appends the boundary casts after their consumers; ONNX requires topological order
-    OnnxModel(model).topological_sort()
-    return model
+def convert_to_fp16(path: str | Path, graph_name: str | None = None) -> Any:
+    """Load the fp32 graph at ``path`` and return it as fp16 with fp32 I/O and islands (an ``onnx.ModelProto``)."""
+    return to_mixed_fp16(path, graph_name)

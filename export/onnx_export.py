@@ -123,7 +123,7 @@ def export_onnx(
             from trt_bgswap.export.fp16 import convert_to_fp16
 
             log.info("%s: converting to fp16 (fp32 inputs and outputs kept)", spec.name)
-            model = convert_to_fp16(raw / MODEL_FILE)
+            model = convert_to_fp16(raw / MODEL_FILE, spec.name)
         else:
             model = onnx.load(str(raw / MODEL_FILE))
         stamp_spec(model, spec)

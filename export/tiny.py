@@ -21,12 +21,15 @@ def write_tiny_models(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     from trt_bgswap.export.tiny_rmbg import write_tiny_rmbg
     from trt_bgswap.export.tiny_sd import write_tiny_lcm_lora, write_tiny_sd_inpainting
     from trt_bgswap.export.tiny_sdxl import write_tiny_sdxl_inpainting
+    from trt_bgswap.export.tiny_taesd import write_tiny_taesd
 
     folder = Path(folder)
     sd = write_tiny_sd_inpainting(folder / "sd-inpainting", seed=seed)
     unet_config = json.loads((sd / "unet" / "config.json").read_text(encoding="utf-8"))
     lora = write_tiny_lcm_lora(folder / "lcm-lora", unet_config, seed=seed + 1)
     rmbg = Path(write_tiny_rmbg(folder / "rmbg", seed=seed + 2))
+    vae_config = json.loads((sd / "vae" / "config.json").read_text(encoding="utf-8"))
+    taesd = write_tiny_taesd(folder / "taesd", vae_config, seed=seed + 7)
     sdxl = write_tiny_sdxl_inpainting(folder / "sdxl-inpainting", seed=seed + 3)
     sdxl_unet = json.loads((sdxl / "unet" / "config.json").read_text(encoding="utf-8"))
     lora_sdxl = write_tiny_lcm_lora(folder / "lcm-lora-sdxl", sdxl_unet, seed=seed + 4)
@@ -36,5 +39,5 @@ def write_tiny_models(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     lora_sd2 = write_tiny_lcm_lora(folder / "lcm-lora-sd2", sd2_unet, seed=seed + 6)
     return {
         "sd-inpainting": sd, "lcm-lora": lora, "rmbg": rmbg, "sdxl-inpainting": sdxl, "lcm-lora-sdxl": lora_sdxl,
-        "sd2-inpainting": sd2, "lcm-lora-sd2": lora_sd2,
+        "sd2-inpainting": sd2, "lcm-lora-sd2": lora_sd2, "taesd": taesd,
     }

@@ -22,7 +22,9 @@ implementations and a rule here, not ``if`` chains in the pipeline.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +36,8 @@ from trt_bgswap.runtime.denoise import Denoiser, FusedStepDenoiser, HostDenoiser
 from trt_bgswap.runtime.engine import Engine
 from trt_bgswap.runtime.generator import Generator, StageGenerator
 from trt_bgswap.runtime.masker import DeviceMasker, Masker, MaskStage
+from trt_bgswap.runtime.ort_backend import OrtEngine
+from trt_bgswap.runtime.residency import Residency
 from trt_bgswap.runtime.text_encoder import TextEncoder
 from trt_bgswap.runtime.tokenizer import ClipTokenizer
 from trt_bgswap.runtime.trt_backend import TrtEngine
@@ -137,14 +141,30 @@ class Stages:
     engines: dict[str, Engine] = field(default_factory=dict)
     missing: tuple[str, ...] = ()  # inpainting graphs the export lacks, for the error a prompt gets
     on_close: list[Callable[[], None]] = field(default_factory=list)  # shared resources (the CUDA stream), last
+    residency: Residency | None = None  # --low-memory: sessions open while their stage runs
 
     def load(self) -> None:
-        """Deserialize every engine now (a server's first request must not pay for it)."""
+        """Deserialize every engine now (a server's first request must not pay for it).
+
+        ONNX Runtime sessions open in parallel: building a session (reading weights, optimizing
+        the graph, pre-packing GEMM weights) runs in C++ with the GIL released. Under
+        ``--low-memory`` they open when their stage runs instead.
+        """
         for stage in (self.masker, self.conditioner, self.generator):
             if stage is not None and hasattr(stage, "load"):
                 stage.load()
+        parallel = [e for e in self.engines.values() if isinstance(e, OrtEngine)]
         for engine in self.engines.values():
-            engine.load()
+            if not isinstance(engine, OrtEngine):
+                engine.load()  # TensorRT engines share a stream and activation block: one at a time
+        workers = min(len(parallel), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        if workers <= 1:
+            for engine in parallel:
+                engine.load()
+            return
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="open-session") as pool:
+            for future in [pool.submit(engine.load) for engine in parallel]:
+                future.result()  # the first failure is raised; the caller closes what opened
 
     def backends(self) -> dict[str, str]:
         names = {k: e.backend for k, e in self.engines.items()}
@@ -225,13 +245,18 @@ def assemble(
     tokenizer_2: ClipTokenizer | None = None,
     lazy_masker: Callable[[], MaskStage] | None = None,
     use_cuda_graph: bool = True,
+    residency: Residency | None = None,
 ) -> Stages:
     """The stages for the opened ``engines`` (unloaded); each engine goes to exactly one stage.
 
     ``tokenizer_2``: the second text encoder's tokenizer (SDXL exports).
+    ``residency`` (``--low-memory``): host engines open while their stage runs; TensorRT engines
+    keep theirs (the device loop and chain hold their own engines and CUDA graphs).
     """
     engines = dict(engines)
-    stages = Stages(masker=_masker(manifest, engines) or (LazyMasker(lazy_masker) if lazy_masker is not None else None))
+    if residency is not None:
+        engines.update(residency.manage({n: e for n, e in engines.items() if not isinstance(e, TrtEngine)}))
+    stages = Stages(masker=_masker(manifest, engines) or (LazyMasker(lazy_masker) if lazy_masker is not None else None), residency=residency)
     direct = {n: e for n, e in engines.items() if n in MASK_GRAPHS}
     encoders: dict[str, TextEncoder] = {}
     for name, tok in ((TEXT_ENCODER, tokenizer), (TEXT_ENCODER_2, tokenizer_2)):

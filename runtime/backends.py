@@ -19,12 +19,13 @@ import logging
 from dataclasses import dataclass
 
 from trt_bgswap.errors import BackendUnavailable, UsageError
+from trt_bgswap.runtime.cuda_versions import INSTALL_HINT
 
 log = logging.getLogger(__name__)
 
 BACKEND_CHOICES = ("auto", "trt", "ort-tensorrt", "ort-cuda", "cpu")
 
-TRT_HINT = "pip install 'trt-bgswap[trt]' --extra-index-url https://pypi.nvidia.com"
+TRT_HINT = INSTALL_HINT
 ORT_GPU_HINT = "pip install onnxruntime-gpu (with CUDA and cuDNN; TensorRT too for ort-tensorrt)"
 
 

@@ -1,11 +1,19 @@
 """The few CUDA runtime calls the TensorRT backend needs, through NVIDIA's ``cuda-python`` bindings.
 
-Device buffers (``cudaMalloc``), one stream, host<->device copies, device
-queries, and CUDA-graph capture/replay (``cudaStreamBeginCapture`` /
-``cudaStreamEndCapture`` / ``cudaGraphInstantiate`` / ``cudaGraphLaunch``, see
-the "CUDA Graphs" section of the CUDA C++ Programming Guide and of the TensorRT
-developer guide). ``cuda-python`` returns ``(error, *values)`` tuples; every
-call goes through :func:`check`, which raises with CUDA's own error string.
+Device buffers (``cudaMalloc``), pinned host staging (``cudaMallocHost``), one stream,
+host<->device copies, device queries, and CUDA-graph capture/replay
+(``cudaStreamBeginCapture`` / ``cudaStreamEndCapture`` / ``cudaGraphInstantiate`` /
+``cudaGraphLaunch``, see the "CUDA Graphs" section of the CUDA C++ Programming Guide and of
+the TensorRT developer guide). ``cuda-python`` returns ``(error, *values)`` tuples; every
+call goes through :func:`check`, which raises with CUDA's own error string (and, for a
+driver too old for the bindings, the driver version needed: :mod:`.cuda_versions`).
+
+Captures follow trtexec (``samples/common/sampleDevice.h``@v11.1:216-251 and
+``sampleInference.cpp``@v11.1:1335-1372): the stream is synchronized before capturing, the
+capture is thread-local (another thread's ``cudaMalloc`` cannot break it), and a failed
+capture ends the capture, destroys whatever graph it made and reports the call that failed.
+Stream handles go to TensorRT through ``cuda.bindings.utils.get_cuda_native_handle``
+(cuda-bindings >= 12.9.1; ``int(cudaStream_t)`` is deprecated since 12.9.1/13.0).
 
 Imported lazily: this module imports without ``cuda-python`` installed and
 raises :class:`~trt_bgswap.errors.BackendUnavailable` with the install hint
@@ -23,13 +31,10 @@ from typing import Any
 import numpy as np
 
 from trt_bgswap.errors import BackendUnavailable
+from trt_bgswap.runtime.cuda_versions import INSTALL_HINT
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = (
-    "on a machine with an NVIDIA GPU and driver: pip install 'trt-bgswap[trt]' "
-    "--extra-index-url https://pypi.nvidia.com (see README, 'TensorRT')"
-)
 
 
 def cudart() -> Any:
@@ -56,17 +61,38 @@ def check(result: Any) -> Any:
     rt = cudart()
     err, *values = result if isinstance(result, tuple) else (result,)
     if err != rt.cudaError_t.cudaSuccess:
-        _, name = rt.cudaGetErrorName(err)
-        _, text = rt.cudaGetErrorString(err)
-        raise BackendUnavailable(f"CUDA error {name.decode()}: {text.decode()}")
+        raise BackendUnavailable(error_text(rt, err))
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def error_text(rt: Any, err: Any) -> str:
+    """``CUDA error NAME: text``; for a too-old driver also what it supports and the driver needed."""
+    _, name = rt.cudaGetErrorName(err)
+    _, text = rt.cudaGetErrorString(err)
+    message = f"CUDA error {name.decode()}: {text.decode()}"
+    if err == rt.cudaError_t.cudaErrorInsufficientDriver:
+        from trt_bgswap.runtime.cuda_versions import read_versions
+
+        message += f"; {read_versions(rt).driver_hint()}"
+    return message
+
+
 def handle(obj: Any) -> int:
-    """The raw integer handle of a cuda-python object (what TensorRT's Python API takes)."""
-    return int(obj)
+    """The raw integer handle of a cuda-python object (what TensorRT's Python API takes).
+
+    ``get_cuda_native_handle`` where the bindings have it (12.9.1+, 13.x): ``int(obj)`` is
+    deprecated there ("subject to future removal", cuda-bindings 12.9.1 / 13.0.0 release notes).
+    """
+    utils = sys.modules.get("cuda.bindings.utils")
+    if utils is None:
+        try:
+            from cuda.bindings import utils
+        except ImportError:
+            utils = None
+    native = getattr(utils, "get_cuda_native_handle", None)
+    return int(native(obj)) if native is not None else int(obj)
 
 
 def device_count_via_driver() -> int:
@@ -139,9 +165,68 @@ class DeviceBuffer:
 
 
 def copy_to_device(dst: int, src: np.ndarray, stream: Stream) -> None:
+    """A host-to-device copy from wherever ``src`` lives (pageable memory: CUDA stages it; see :class:`PinnedStaging`)."""
     src = np.ascontiguousarray(src)
     rt = cudart()
     check(rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.raw))
+
+
+class PinnedStaging:
+    """A reusable page-locked host buffer for uploads: the copy is a true asynchronous DMA.
+
+    CUDA stages copies from pageable memory through its own pinned buffer and "might be
+    synchronous with respect to host" (CUDA runtime API, "API synchronization behavior"); a
+    48 MB photo pays that on every upload. Here the array is copied once into a
+    ``cudaMallocHost`` block that grows to the largest upload, and an event recorded after each
+    copy guards the block: the next upload waits for it before overwriting the bytes a pending
+    copy still reads.
+    """
+
+    def __init__(self) -> None:
+        self.ptr = 0
+        self.nbytes = 0
+        self._event: Any = None
+        self._pending = False
+
+    def _wait(self) -> None:
+        if self._pending:
+            check(cudart().cudaEventSynchronize(self._event))
+            self._pending = False
+
+    def _reserve(self, nbytes: int) -> None:
+        self._wait()
+        if nbytes <= self.nbytes:
+            return
+        rt = cudart()
+        if self.ptr:
+            check(rt.cudaFreeHost(self.ptr))
+            self.ptr, self.nbytes = 0, 0
+        self.ptr = int(check(rt.cudaMallocHost(max(nbytes, 1))))
+        self.nbytes = nbytes
+        if self._event is None:
+            self._event = check(rt.cudaEventCreate())
+
+    def upload(self, dst: int, src: np.ndarray, stream: Stream) -> None:
+        """Copy ``src`` into the pinned block, then enqueue the block's copy to ``dst`` on ``stream``."""
+        src = np.ascontiguousarray(src)
+        if src.nbytes == 0:
+            return
+        self._reserve(src.nbytes)
+        np.ctypeslib.as_array((ctypes.c_uint8 * src.nbytes).from_address(self.ptr))[:] = src.reshape(-1).view(np.uint8)
+        rt = cudart()
+        check(rt.cudaMemcpyAsync(dst, self.ptr, src.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.raw))
+        check(rt.cudaEventRecord(self._event, stream.raw))
+        self._pending = True
+
+    def free(self) -> None:
+        rt = cudart()
+        self._wait()
+        if self.ptr:
+            check(rt.cudaFreeHost(self.ptr))
+            self.ptr, self.nbytes = 0, 0
+        if self._event is not None:
+            check(rt.cudaEventDestroy(self._event))
+            self._event = None
 
 
 def copy_to_host(dst: np.ndarray, src: int, stream: Stream) -> None:
@@ -176,15 +261,32 @@ class CudaGraph:
         return self._exec is not None
 
     def capture(self, launch: Callable[[], None]) -> None:
+        """Record ``launch``'s stream work; on any failure nothing is kept and the first error is raised.
+
+        As trtexec: synchronize first (the warm-up's work is not recorded), capture thread-local
+        (only this thread's unsafe calls can break it), and on error end the capture, destroy
+        the graph it returned, clear CUDA's error and raise the failing call's error rather
+        than the ``cudaErrorStreamCaptureInvalidated`` that ending the capture then reports.
+        """
         rt = cudart()
         self.reset()
-        check(rt.cudaStreamBeginCapture(self.stream.raw, rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
+        self.stream.synchronize()
+        check(rt.cudaStreamBeginCapture(self.stream.raw, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
         try:
             launch()
-        finally:
-            graph = check(rt.cudaStreamEndCapture(self.stream.raw))
+        except BaseException:
+            err, *graph = rt.cudaStreamEndCapture(self.stream.raw)
+            if err == rt.cudaError_t.cudaSuccess and graph and graph[0] is not None:
+                rt.cudaGraphDestroy(graph[0])
+            rt.cudaGetLastError()
+            raise
+        graph = check(rt.cudaStreamEndCapture(self.stream.raw))
+        try:
+            self._exec = check(rt.cudaGraphInstantiate(graph, 0))
+        except BaseException:
+            rt.cudaGraphDestroy(graph)
+            raise
         self._graph = graph
-        self._exec = check(rt.cudaGraphInstantiate(graph, 0))
         log.debug("captured a CUDA graph")
 
     def replay(self) -> None:

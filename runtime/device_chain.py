@@ -37,7 +37,7 @@ from trt_bgswap.runtime.denoise import schedule_of
 from trt_bgswap.runtime.generator import GenerationInputs
 from trt_bgswap.runtime.scheduler import LCMScheduler
 from trt_bgswap.runtime.trt_backend import SharedActivations, TrtEngine
-from trt_bgswap.runtime.trt_loop import StepEngine, TrtStepLoop
+from trt_bgswap.runtime.trt_loop import STEP_INPUTS, StepEngine, TrtStepLoop
 from trt_bgswap.runtime.vae import image_hwc
 from trt_bgswap.specs import UNET_STEP, VAE_DECODER_IMAGE, VAE_ENCODER_SAMPLE, ModelSpec, StepIO, VaeDecoderImageIO, VaeEncoderSampleIO, pipeline_dims
 
@@ -74,9 +74,9 @@ class ChainPlan:
     links: tuple[Link, ...]
     downloads: tuple[Endpoint, ...]
 
-    def copies(self, schedule_changed: bool) -> dict[str, int]:
-        """cudaMemcpy counts of one generation (the loop also uploads its schedule when it changed)."""
-        return {HTOD: len(self.uploads) + int(schedule_changed), DTOD: len(self.links), DTOH: len(self.downloads)}
+    def copies(self, schedule_changed: bool, steps: int) -> dict[str, int]:
+        """cudaMemcpy counts of one generation (the loop also uploads its schedule when it changed, and copies each step's rows in)."""
+        return {HTOD: len(self.uploads) + int(schedule_changed), DTOD: len(self.links) + steps * len(STEP_INPUTS), DTOH: len(self.downloads)}
 
 
 LINKED_INPUT = StepIO.MASKED_IMAGE_LATENTS  # the step graph's input the encoder's output feeds on the device
@@ -168,6 +168,7 @@ class DeviceChain:
     def __init__(self, encoder: TrtEngine, loop: ChainedStepLoop, decoder: TrtEngine, cfg: InpaintConfig) -> None:
         self.encoder, self.loop, self.decoder, self.cfg = encoder, loop, decoder, cfg
         self.last_plan: ChainPlan | None = None
+        self._warm = False
 
     @property
     def backend(self) -> str:
@@ -179,6 +180,9 @@ class DeviceChain:
         self.loop.load()
         if not same_stream(self.encoder.stream, self.loop.stream, self.decoder.stream):
             raise UsageError("the device chain's engines run on different CUDA streams; open them with one stream (runtime.loader does)")
+        if not self._warm:
+            self.loop.warm_up()  # the step graphs are captured at load, not on the first request
+            self._warm = True
 
     def generate(self, scheduler: LCMScheduler, inputs: GenerationInputs) -> np.ndarray:
         """The whole generation on the device; returns the float32 (1, H, W, 3) image in [0, 1] (one download)."""

@@ -66,11 +66,14 @@ class StageGenerator:
         return self.decoder.decode(latents)
 
     def load(self) -> None:
-        """Stages that own more than an engine (the TensorRT device loop: its own engine and CUDA graph)."""
+        """Stages that own more than an engine (the TensorRT device loop: its own engine and CUDA graphs, captured now)."""
         for stage in (self.encoder, self.denoiser, self.decoder):
             load = getattr(stage, "load", None)
             if load is not None:
                 load()
+        warm_up = getattr(self.denoiser, "warm_up", None)
+        if warm_up is not None:
+            warm_up()
 
     def close(self) -> None:
         for stage in (self.encoder, self.denoiser, self.decoder):

@@ -37,6 +37,7 @@ from trt_bgswap.memory import (
 )
 from trt_bgswap.runtime.backends import BackendChoice
 from trt_bgswap.runtime.sizing import generation_size
+from trt_bgswap.runtime.residency import files_bytes
 from trt_bgswap.specs import UNET, UNET_STEP, VAE_DECODER, VAE_ENCODER
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,16 @@ GUIDED_MODELS = (UNET, UNET_STEP)  # their batch doubles when classifier-free gu
 GENERATION_MODELS = (VAE_ENCODER, VAE_DECODER)  # they run stacked generations together with the UNet
 
 
-def _weights_bytes(folder: Path, manifest: Manifest, names: list[str]) -> int:
-    """Bytes of each opened graph's file and its external weights (``model.onnx`` + ``model.onnx_data``)."""
-    total = 0
-    for name in names:
-        graph = folder / manifest.models[name].file
-        total += sum(f.stat().st_size for f in graph.parent.glob(graph.name + "*") if f.is_file())
-    return total
+def _weights_bytes(folder: Path, manifest: Manifest, names: list[str], resident_budget: int | None = None) -> int:
+    """Bytes of each opened graph's file and its external weights (``model.onnx`` + ``model.onnx_data``).
+
+    ``resident_budget`` (``--low-memory``, :mod:`~.residency`): sessions stay open only up to that many
+    bytes besides the one running, so at most the budget plus the largest graph is resident.
+    """
+    sizes = [files_bytes(folder / manifest.models[name].file) for name in names]
+    if resident_budget is None or not sizes:
+        return sum(sizes)
+    return min(sum(sizes), resident_budget + max(sizes))
 
 
 @dataclass
@@ -79,8 +83,11 @@ class MemoryGuard:
         manifest: Manifest | None = None,
         budget: int | None = None,
         budget_source: str = "--memory-budget",
+        resident_budget: int | None = None,
     ) -> "SizeGuard | None":
         """The guard for ``names`` opened from ``folder`` on ``choice``; None where it does not apply.
+
+        ``resident_budget``: with ``--low-memory`` the bytes of sessions kept open (0: one at a time).
 
         It does not apply on GPU backends (device memory). An export without memory facts (made
         before they were recorded) gets an :class:`UnmeasuredGuard`.
@@ -106,7 +113,7 @@ class MemoryGuard:
             facts=facts,
             graphs=tuple(names),
             bounded=frozenset(built if flash else ()),
-            weights=_weights_bytes(folder, manifest, names),
+            weights=_weights_bytes(folder, manifest, names, resident_budget),
             base=process_rss(),
             budget=budget,
             budget_source=budget_source,
@@ -290,6 +297,7 @@ def guard_for_run(
     budget: int | None = None,
     budget_source: str = "--memory-budget",
     stages: Collection[str] | None = None,
+    resident_budget: int | None = None,
 ) -> SizeGuard | None:
     """The guard of the graphs ``Pipeline.load(folder, provider, stages=stages)`` would open, made without opening any.
 
@@ -304,4 +312,4 @@ def guard_for_run(
     if choice.engine != "ort" or choice.provider != "cpu":
         return None
     names = models_to_open(manifest, False, STAGES if stages is None else stages)  # as Pipeline.load opens them on the CPU
-    return MemoryGuard.for_folder(folder, choice, names, manifest, budget, budget_source)
+    return MemoryGuard.for_folder(folder, choice, names, manifest, budget, budget_source, resident_budget)

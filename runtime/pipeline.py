@@ -46,6 +46,7 @@ from trt_bgswap.runtime.guided_filter import Refinement
 from trt_bgswap.runtime.mask_ops import MaskOptions, inpaint_mask, refine_alpha
 from trt_bgswap.runtime.masker import Masker, MaskStage
 from trt_bgswap.runtime.preprocess import inpaint_inputs
+from trt_bgswap.runtime.residency import Residency, residency_for
 from trt_bgswap.runtime.scheduler import LCMScheduler
 from trt_bgswap.runtime.sizing import check_generation_size, generation_size
 from trt_bgswap.runtime.tokenizer import ClipTokenizer
@@ -100,6 +101,7 @@ class Pipeline:
         device_graphs: bool | None = None,
         stages: Collection[str] = STAGES,
         facts: Availability | None = None,
+        low_memory: "bool | int | Residency" = False,
         memory_budget: int | None = None,
     ) -> "Pipeline":
         """Open an exported folder on a backend, using `trt-bgswap build`'s engines when present.
@@ -111,6 +113,8 @@ class Pipeline:
         export has them. ``stages``: the work this pipeline does (``mask``, ``generate``): the
         other stage's models are not opened (a solid-colour run opens no UNet), and a masker
         left out opens on first use. ``engines`` overrides models with engines the caller made.
+        ``low_memory``: True opens each model's session only while its stage runs (one at a time);
+        a number of bytes keeps the most recently used sessions that fit it (:mod:`~.residency`).
         ``memory_budget``: the most host memory a generation may take (bytes; default
         ``TRT_BGSWAP_MEMORY_BUDGET``, else what is free): larger sizes are refused, the default shrinks.
         """
@@ -123,9 +127,11 @@ class Pipeline:
         if device_graphs is None:
             device_graphs = choice.engine == "trt" and bool(device_graphs_in(manifest))
         names = models_to_open(manifest, device_graphs, stages)
+        residency = residency_for(low_memory)  # one budget for every session, the lazily opened masker's too
         from trt_bgswap.runtime.memory_guard import MemoryGuard
 
-        memory = MemoryGuard.for_folder(folder, choice, names, manifest, memory_budget)  # before any graph is opened
+        resident = residency.budget if residency is not None else None  # --low-memory: fewer weights resident at once
+        memory = MemoryGuard.for_folder(folder, choice, names, manifest, memory_budget, resident_budget=resident)  # before any graph is opened
         opened = open_engines(folder, manifest, choice, threads, names=names)
         replaced = {k: e for k, e in (engines or {}).items() if k in opened.engines}
         for k in replaced:
@@ -138,10 +144,13 @@ class Pipeline:
                 tokenizer_2 = ClipTokenizer.from_dir(folder / manifest.inpaint.tokenizer_2_dir)
 
         def open_masker() -> MaskStage | None:
-            return cls.load(folder, provider, threads, device_graphs=device_graphs, stages=(MASK_STAGE,), facts=facts, memory_budget=memory_budget).stages.masker
+            return cls.load(
+                folder, provider, threads, device_graphs=device_graphs, stages=(MASK_STAGE,), facts=facts, memory_budget=memory_budget,
+                low_memory=residency or False,
+            ).stages.masker
 
         lazy = open_masker if MASK_STAGE not in stages and any(n in manifest.models for n in models_to_open(manifest, device_graphs, (MASK_STAGE,))) else None
-        assembled = assemble(manifest, opened.engines, tokenizer, tokenizer_2=tokenizer_2, lazy_masker=lazy)
+        assembled = assemble(manifest, opened.engines, tokenizer, tokenizer_2=tokenizer_2, lazy_masker=lazy, residency=residency)
         assembled.on_close.append(lambda: [r.close() for r in opened.shared])
         try:
             assembled.load()
@@ -153,10 +162,15 @@ class Pipeline:
 
     @classmethod
     def from_engines(
-        cls, manifest: Manifest, engines: Mapping[str, Engine], tokenizer: ClipTokenizer | None, tokenizer_2: ClipTokenizer | None = None
+        cls,
+        manifest: Manifest,
+        engines: Mapping[str, Engine],
+        tokenizer: ClipTokenizer | None,
+        low_memory: bool | int = False,
+        tokenizer_2: ClipTokenizer | None = None,
     ) -> "Pipeline":
         """A pipeline over engines the caller opened (the benchmark's timed engines), assembled by the same rules."""
-        stages = assemble(manifest, engines, tokenizer, tokenizer_2=tokenizer_2)
+        stages = assemble(manifest, engines, tokenizer, tokenizer_2=tokenizer_2, residency=residency_for(low_memory))
         stages.load()
         return cls(manifest, stages)
 

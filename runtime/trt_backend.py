@@ -11,12 +11,25 @@ Inference" in the TensorRT developer guide): ``trt.Runtime.deserialize_cuda_engi
 - :meth:`TrtEngine.run` executes on the device buffers without host copies, and
   :meth:`TrtEngine.device_ptr` / :meth:`TrtEngine.feed_from_device` pass one
   engine's output to the next engine on the device;
-- optionally one activation block is shared by several engines
+- optionally one activation block is shared by several engines on **one** stream
   (:class:`SharedActivations`: contexts created with
   ``ExecutionContextAllocationStrategy.USER_MANAGED`` and given memory with
-  ``set_device_memory``), and engines can be unloaded/reloaded for small GPUs;
+  ``set_device_memory``; "using it in another execution context running in parallel ... will
+  result in undefined behavior", NvInferRuntime.h@v11.1:4072-4074, so a second stream is
+  refused); the block follows the largest need of the engines loaded now, shrinking when
+  one unloads, and engines can be unloaded/reloaded for small GPUs;
+- uploads go through a pinned staging buffer per input (:class:`~.cuda_device.PinnedStaging`);
 - optionally the execution is captured once into a CUDA graph and replayed, for
-  static profiles only (:func:`trt_bgswap.runtime.trt_shapes.cuda_graph_eligibility`).
+  static profiles only (:func:`trt_bgswap.runtime.trt_shapes.cuda_graph_eligibility`);
+  a failed capture is logged with its cause and the engine runs eagerly from then on
+  (trtexec's fallback, sampleInference.cpp@v11.1:1361-1369);
+- one ``trt.ILogger`` for the process (:func:`trt_logger`), forwarding to :mod:`logging`,
+  shared by the builder and every runtime (Polygraphy's ``get_trt_logger`` does the same,
+  tools/Polygraphy/polygraphy/backend/trt/util.py@v11.1:36-76).
+
+Version notes (NVIDIA's bindings, tests/emulation/SOURCES.md): ``device_memory_size`` is
+deprecated in 10.1 and gone in 11 (``device_memory_size_v2`` from 10.1); ``set_device_memory``
+exists from 10.1 (10.0 has the ``device_memory`` property).
 
 The profile choice, buffer sizes and graph eligibility are plain Python tested
 on CPU; this module imports without ``tensorrt``/``cuda-python`` and raises
@@ -37,9 +50,9 @@ from trt_bgswap.runtime.cuda_device import (
     INSTALL_HINT,
     CudaGraph,
     DeviceBuffer,
+    PinnedStaging,
     Stream,
     copy_device,
-    copy_to_device,
     copy_to_host,
 )
 from trt_bgswap.runtime.engine import Engine
@@ -63,9 +76,52 @@ def import_tensorrt() -> Any:
     return trt
 
 
+class _LogForwarder:
+    """Maps TensorRT severities to :mod:`logging` levels (INFO and VERBOSE are debug noise for users)."""
+
+    def __init__(self, trt: Any) -> None:
+        s = trt.ILogger.Severity
+        self.levels = {s.INTERNAL_ERROR: logging.ERROR, s.ERROR: logging.ERROR, s.WARNING: logging.WARNING, s.INFO: logging.DEBUG, s.VERBOSE: logging.DEBUG}
+
+    def __call__(self, severity: Any, msg: str) -> None:
+        logging.getLogger("tensorrt").log(self.levels.get(severity, logging.INFO), "%s", msg)
+
+
+_LOGGER: tuple[Any, Any] | None = None  # (the tensorrt module, its logger): one per process
+
+
+def trt_logger(trt: Any) -> Any:
+    """The process's one ``trt.ILogger`` (forwarding to the ``tensorrt`` logger of :mod:`logging`).
+
+    TensorRT 8.0 required one logger for every builder and runtime; 8.2+ only needs the logger
+    to outlive what it made (NvInferRuntime.h@v11.1:1567-1568). One forwarder for the process
+    satisfies both, and puts the builder's and the runtime's messages in the same place.
+    """
+    global _LOGGER
+    if _LOGGER is not None and _LOGGER[0] is trt:
+        return _LOGGER[1]
+    forward = _LogForwarder(trt)
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: Any, msg: str) -> None:
+            forward(severity, msg)
+
+    _LOGGER = (trt, _Logger())
+    return _LOGGER[1]
+
+
 def _scratch_size(engine: Any) -> int:
-    # device_memory_size_v2 (TensorRT >= 10.1) accounts for weight streaming; 10.0 has device_memory_size.
-    return int(getattr(engine, "device_memory_size_v2", None) or engine.device_memory_size)
+    """Activation bytes the context needs: ``device_memory_size_v2`` (10.1+, the only one in 11.x), else 10.0's name.
+
+    ``hasattr``, not ``or``: a size of 0 is a real answer (an engine whose every node writes a
+    network output), and 11.x no longer binds ``device_memory_size`` (pyCore.cpp@v11.1:1426-1428).
+    """
+    if hasattr(engine, "device_memory_size_v2"):
+        return int(engine.device_memory_size_v2)
+    return int(engine.device_memory_size)
 
 
 def _set_scratch(context: Any, ptr: int, nbytes: int) -> None:
@@ -78,38 +134,66 @@ def _set_scratch(context: Any, ptr: int, nbytes: int) -> None:
 class SharedActivations:
     """One activation block for several engines run in turn on one stream.
 
-    TensorRT lets a context run on user-managed scratch memory; engines that
-    never run concurrently can share one block sized to the largest need
-    (the largest need; see :func:`trt_bgswap.runtime.trt_shapes.aligned`).
+    TensorRT lets a context run on user-managed scratch memory; engines that never run
+    concurrently can share one block sized to the largest need. "Never concurrently" is
+    what one stream guarantees, so the block belongs to one stream: engines opened without
+    a stream take it (:attr:`stream`), an engine on another stream is refused. The block
+    follows the engines loaded now: it grows when a bigger one loads and shrinks when the
+    biggest unloads; every context is re-pointed (and its CUDA graphs invalidated) then.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stream: Stream | None = None) -> None:
         self.buffer: DeviceBuffer | None = None
-        self._engines: list[TrtEngine] = []
+        self._needs: dict[TrtEngine, int] = {}
+        self._given = stream
+        self._stream = stream
+        self._owns_stream = False
 
     @property
     def nbytes(self) -> int:
         return self.buffer.nbytes if self.buffer is not None else 0
 
+    @property
+    def stream(self) -> Stream:
+        """The one stream of every engine on this block (made here when nobody gave one)."""
+        if self._stream is None:
+            self._stream = Stream()
+            self._owns_stream = True
+        return self._stream
+
     def attach(self, engine: "TrtEngine", nbytes: int) -> None:
-        if engine not in self._engines:
-            self._engines.append(engine)
-        if nbytes > self.nbytes:
-            if self.buffer is not None:
-                self.buffer.free()
-            self.buffer = DeviceBuffer(nbytes)
-            log.info("shared activation memory: %.1f MiB", nbytes / 2**20)
-            for e in self._engines:
-                e._bind_scratch()  # every context must see the new block; their CUDA graphs are stale
-        else:
-            engine._bind_scratch()
+        if self._stream is None:
+            self._stream = engine.stream  # the first engine's stream becomes the block's
+        if engine.stream is not self._stream:
+            raise UsageError(
+                f"{engine.spec.name}: shared activation memory is used by engines on one CUDA stream only (TensorRT: using it from "
+                "another context running in parallel is undefined behaviour); open the engines with the same stream"
+            )
+        self._needs[engine] = nbytes
+        self._resize()
+        engine._bind_scratch()
 
     def detach(self, engine: "TrtEngine") -> None:
-        if engine in self._engines:
-            self._engines.remove(engine)
-        if not self._engines and self.buffer is not None:
-            self.buffer.free()
+        self._needs.pop(engine, None)
+        self._resize()
+        if not self._needs:
+            if self._owns_stream and self._stream is not None:
+                self._stream.close()
+            self._stream, self._owns_stream = self._given, False
+
+    def _resize(self) -> None:
+        """Make the block exactly the largest need of the attached engines (freed first: no peak of old + new)."""
+        need = max(self._needs.values(), default=0)
+        if need == self.nbytes:
+            return
+        if self.buffer is not None:
+            self.buffer.free()  # cudaFree waits for the device: no queued work still uses the block
             self.buffer = None
+        if need > 0:
+            self.buffer = DeviceBuffer(need)
+        log.info("shared activation memory: %.1f MiB for %d engine(s)", need / 2**20, len(self._needs))
+        for e in self._needs:
+            e._bind_scratch()  # every context must see the new block; their CUDA graphs are stale
 
 
 class TrtEngine(Engine):
@@ -125,6 +209,7 @@ class TrtEngine(Engine):
     ) -> None:
         super().__init__(spec, path)
         self._stream = stream
+        self._given_stream = stream is not None
         self._owns_stream = stream is None
         self.shared = shared_activations
         self.use_cuda_graph = use_cuda_graph
@@ -137,7 +222,8 @@ class TrtEngine(Engine):
         self._host_out: dict[str, np.ndarray] = {}
         self._graph: CudaGraph | None = None
         self._graph_ok = False
-        self._logger: Any = None
+        self._graph_failed = False  # a capture failed: eager from then on
+        self._staging: dict[str, PinnedStaging] = {}
 
     @property
     def backend(self) -> str:
@@ -156,9 +242,9 @@ class TrtEngine(Engine):
         if not self.path.is_file():
             raise ModelError(f"{self.path}: TensorRT plan missing; run `trt-bgswap build DIR --backend trt`")
         if self._stream is None:
-            self._stream = Stream()
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
+            self._stream = self.shared.stream if self.shared is not None else Stream()
+            self._owns_stream = self.shared is None
+        self._runtime = trt.Runtime(trt_logger(trt))
         self._engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self._engine is None:
             raise ModelError(
@@ -200,9 +286,14 @@ class TrtEngine(Engine):
                 raise ModelError(f"{self.path}: {t.name!r} is {got} in the plan but {t.dtype} in the spec; rebuild from this export")
 
     def _bind_scratch(self) -> None:
-        if self._context is not None and self.shared is not None and self.shared.buffer is not None:
+        if self._context is not None and self.shared is not None and self.shared.buffer is not None and _scratch_size(self._engine) > 0:
             _set_scratch(self._context, self.shared.buffer.ptr, self.shared.buffer.nbytes)
             self._invalidate_graph()
+
+    @property
+    def scratch_ptr(self) -> int:
+        """The shared activation block's address (0 without one): captured graphs bake it in."""
+        return self.shared.buffer.ptr if self.shared is not None and self.shared.buffer is not None else 0
 
     def _invalidate_graph(self) -> None:
         if self._graph is not None:
@@ -240,7 +331,7 @@ class TrtEngine(Engine):
         if grown:
             log.debug("%s: allocated device buffers %s", self.spec.name, grown)
         eligibility = cuda_graph_eligibility(self.profiles[index])
-        self._graph_ok = self.use_cuda_graph and eligibility.eligible
+        self._graph_ok = self.use_cuda_graph and eligibility.eligible and not self._graph_failed
         if self.use_cuda_graph and not eligibility.eligible:
             log.info("%s: not using a CUDA graph: %s", self.spec.name, eligibility.reason)
         self._invalidate_graph()  # shapes, profile or pointers may have changed
@@ -261,7 +352,13 @@ class TrtEngine(Engine):
             # TensorRT may finish shape-dependent setup on the first enqueue after a shape change;
             # run once eagerly so that work is not recorded into the graph.
             self._execute()
-            self._graph.capture(self._execute)
+            try:
+                self._graph.capture(self._execute)
+            except BackendUnavailable as e:
+                self._graph_failed, self._graph_ok = True, False
+                log.warning("%s: CUDA-graph capture failed (%s); running eagerly from now on", self.spec.name, e)
+                self._execute()  # the warm-up's result would do; an enqueue of its own is certain
+                return
             log.info("%s: captured a CUDA graph for dims %s", self.spec.name, self._dims)
         self._graph.replay()
 
@@ -277,7 +374,9 @@ class TrtEngine(Engine):
         copy_device(self.device_ptr(name), src_ptr, nbytes, self.stream)
 
     def upload(self, name: str, array: np.ndarray) -> None:
-        copy_to_device(self.device_ptr(name), np.ascontiguousarray(array, dtype=self.spec.tensor(name).np_dtype), self.stream)
+        """Host array -> this input's device buffer, through the input's pinned staging buffer (asynchronous)."""
+        staging = self._staging.setdefault(name, PinnedStaging())
+        staging.upload(self.device_ptr(name), np.ascontiguousarray(array, dtype=self.spec.tensor(name).np_dtype), self.stream)
 
     def download(self, name: str) -> np.ndarray:
         """Copy one output to the host and wait for it."""
@@ -309,9 +408,14 @@ class TrtEngine(Engine):
         for b in self._device.values():
             b.free()
         self._device.clear()
+        for staging in self._staging.values():
+            staging.free()
+        self._staging.clear()
         self._host_out.clear()
         if self.shared is not None:
             self.shared.detach(self)
+            if not self._given_stream:
+                self._stream = None  # the block's stream; the next load takes it again
         self._context = None
         self._engine = None
         self._runtime = None

@@ -3,21 +3,25 @@
 Same loop as :class:`trt_bgswap.runtime.denoise.FusedStepDenoiser` (its reference), with no
 host round trip between steps:
 
-- one device block per (shape, steps) holds every step-varying tensor
-  (:func:`loop_layout`): the schedule (per-step timestep and the six LCM coefficients,
-  a row each), the noise (the initial latents, each step's injected noise, a zero
-  row for the final step), two ping-pong latent buffers and the ``denoised`` output;
+- one device block per (shape, steps) holds the step-varying inputs (:func:`loop_layout`):
+  the schedule (per-step timestep and the six LCM coefficients, a row each) and the noise
+  (the initial latents, each step's injected noise, a zero row for the final step);
 - the schedule is uploaded once per schedule, the noise once per generation, each in
   one copy; the text embeddings, mask and masked-image latents go into the engine's
   own input buffers (or are fed device-to-device by the caller through :attr:`TrtStepLoop.engine`);
-- each step only re-points the engine's tensors (``set_tensor_address``) at its rows
-  of the block (:func:`step_bindings`: step ``i`` reads the latents step ``i - 1``
-  wrote) and calls ``execute_async_v3`` on the one stream;
-- for static shapes the whole loop is captured once into a CUDA graph and replayed
-  (NVIDIA's pattern in the TensorRT developer guide, "CUDA Graphs": enqueue once
-  after a shape change, then ``cudaStreamBeginCapture`` / enqueue /
-  ``cudaStreamEndCapture`` / ``cudaGraphInstantiate``, then ``cudaGraphLaunch``);
-  :func:`graph_action` decides when;
+- the step engine's tensors are bound **once** to its own fixed input/output buffers; before
+  each step, device-to-device copies put that step's rows there (:func:`step_copies`: step
+  ``i`` reads the latents step ``i - 1`` wrote), then **one** ``execute_async_v3``;
+- for static shapes that one enqueue is captured into a CUDA graph and replayed for every
+  step: NVIDIA's proven pattern, one enqueue per graph on fixed addresses, new data copied
+  into the same tensors (demo/Diffusion/demo_diffusion/engine.py@v11.1:298-325; trtexec,
+  samples/common/sampleInference.cpp@v11.1:1335-1372). Capturing several enqueues of one
+  context with ``set_tensor_address`` between them is documented nowhere, so it is not done;
+- graphs are kept per :class:`GraphKey` (shapes, including the guidance batch ``B``, and the
+  addresses baked in), so alternating guidance 1 and 2 replays both; the context is re-set to
+  a slot's profile and shapes before its graph replays, as NVIDIA's TensorRT-Edge-LLM
+  ``EngineExecutor`` does (prepare: profile, shapes, bindings; execute: replay the cached graph
+  matching them). The step count is not in the key: the graph is one step;
 - only the final latents are copied back (or left on the device for the VAE decoder).
 
 Every decision (offsets, alignment, bindings, packing, capture) is a plain function
@@ -29,15 +33,15 @@ tested on CPU; :class:`TrtStepLoop` only executes them. Importable without
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from trt_bgswap.runtime.trt_shapes import DEVICE_ALIGNMENT, GraphEligibility, aligned, cuda_graph_eligibility
+from trt_bgswap.runtime.trt_shapes import DEVICE_ALIGNMENT, GraphEligibility, aligned, buffer_plan, cuda_graph_eligibility, reallocations
 from trt_bgswap.errors import BackendUnavailable, ModelError, UsageError
-from trt_bgswap.runtime.cuda_device import CudaGraph, DeviceBuffer, Stream, copy_to_device, copy_to_host
+from trt_bgswap.runtime.cuda_device import CudaGraph, DeviceBuffer, Stream, copy_device, copy_to_device, copy_to_host
 from trt_bgswap.runtime.scheduler import COEFFICIENT_NAMES, LCMCoefficients, LCMScheduler
 from trt_bgswap.runtime.denoise import DenoiseInputs, schedule_of, step_feeds
 from trt_bgswap.runtime.trt_backend import SharedActivations, TrtEngine
@@ -78,22 +82,20 @@ class Region:
 
 @dataclass(frozen=True)
 class LoopLayout:
-    """Where every step-varying tensor lives in the loop's one device block.
+    """Where every step-varying input lives in the loop's one device block.
 
-    Order: [schedule = timestep rows, coefficient rows][noise rows][latents ping, pong][denoised],
-    so the schedule and the noise are each one contiguous upload.
+    Order: [schedule = timestep rows, coefficient rows][noise rows], so the schedule and the
+    noise are each one contiguous upload.
     """
 
     steps: int
     timestep: Region  # steps rows: float32 timestep (1,)
     coefficients: Region  # steps rows: float32 (6,), COEFFICIENT_NAMES order
     noise: Region  # steps + 1 rows: initial latents, noise after steps 0..steps-2, zeros for the final step
-    latents: Region  # 2 rows: ping-pong, step i writes row i % 2
-    denoised: Region  # 1 row: written every step, read by nobody in the loop
 
     @property
     def nbytes(self) -> int:
-        return self.denoised.end
+        return self.noise.end
 
     @property
     def schedule_bytes(self) -> tuple[int, int]:
@@ -104,13 +106,7 @@ class LoopLayout:
         return self.noise.offset, self.noise.end
 
     def regions(self) -> dict[str, Region]:
-        return {
-            "timestep": self.timestep,
-            "coefficients": self.coefficients,
-            "noise": self.noise,
-            "latents": self.latents,
-            "denoised": self.denoised,
-        }
+        return {"timestep": self.timestep, "coefficients": self.coefficients, "noise": self.noise}
 
 
 def _row(spec: ModelSpec, name: str, dims: Mapping[str, int]) -> int:
@@ -141,34 +137,40 @@ def loop_layout(spec: ModelSpec, dims: Mapping[str, int], steps: int, alignment:
     timestep = region(_row(spec, StepIO.TIMESTEP, dims), steps)
     coefficients = region(_row(spec, StepIO.COEFFICIENTS, dims), steps)
     noise = region(sample, steps + 1)
-    latents = region(sample, 2)
-    denoised = region(sample, 1)
-    return LoopLayout(steps, timestep, coefficients, noise, latents, denoised)
+    return LoopLayout(steps, timestep, coefficients, noise)
 
 
-def step_bindings(layout: LoopLayout, index: int) -> dict[str, int]:
-    """Block offsets each ``StepIO.LOOP`` tensor points at during step ``index``.
+STEP_INPUTS = (StepIO.LATENTS, StepIO.NOISE, StepIO.TIMESTEP, StepIO.COEFFICIENTS)  # copied into the engine before every step
 
-    Step 0 reads the initial latents from noise row 0; step ``i > 0`` reads the latents
-    row step ``i - 1`` wrote; step ``i`` writes latents row ``i % 2`` (never the row it
-    reads: TensorRT's inputs and outputs must not alias) and injects noise row ``i + 1``.
+
+@dataclass(frozen=True)
+class StepCopy:
+    """One device-to-device copy before a step: ``nbytes`` into the engine's input ``dst``, from a block
+    offset (``src_offset``) or from one of the engine's own outputs (``src_output``)."""
+
+    dst: str
+    nbytes: int
+    src_offset: int | None = None
+    src_output: str | None = None
+
+
+def step_copies(layout: LoopLayout, index: int) -> list[StepCopy]:
+    """What step ``index`` copies into the engine's fixed input buffers before its one enqueue.
+
+    Step 0 reads the initial latents (noise row 0); step ``i > 0`` reads the ``prev_latents``
+    step ``i - 1`` left in the engine's output buffer (a copy: an input never aliases an output);
+    step ``i`` injects noise row ``i + 1`` and uses schedule row ``i``.
     """
     if not 0 <= index < layout.steps:
         raise IndexError(f"step {index} outside 0..{layout.steps - 1}")
-    read = layout.noise.at(0) if index == 0 else layout.latents.at((index - 1) % 2)
-    return {
-        StepIO.LATENTS: read,
-        StepIO.NOISE: layout.noise.at(index + 1),
-        StepIO.TIMESTEP: layout.timestep.at(index),
-        StepIO.COEFFICIENTS: layout.coefficients.at(index),
-        StepIO.PREV_LATENTS: layout.latents.at(index % 2),
-        StepIO.DENOISED: layout.denoised.at(0),
-    }
-
-
-def final_latents_offset(layout: LoopLayout) -> int:
-    """Where the last step leaves the final latents."""
-    return step_bindings(layout, layout.steps - 1)[StepIO.PREV_LATENTS]
+    sample = layout.noise.row_bytes
+    latents = StepCopy(StepIO.LATENTS, sample, src_offset=layout.noise.at(0)) if index == 0 else StepCopy(StepIO.LATENTS, sample, src_output=StepIO.PREV_LATENTS)
+    return [
+        latents,
+        StepCopy(StepIO.NOISE, sample, src_offset=layout.noise.at(index + 1)),
+        StepCopy(StepIO.TIMESTEP, layout.timestep.row_bytes, src_offset=layout.timestep.at(index)),
+        StepCopy(StepIO.COEFFICIENTS, layout.coefficients.row_bytes, src_offset=layout.coefficients.at(index)),
+    ]
 
 
 def _put_rows(block: np.ndarray, region: Region, base: int, rows: Sequence[np.ndarray]) -> None:
@@ -202,39 +204,55 @@ def pack_noise(layout: LoopLayout, inputs: DenoiseInputs) -> np.ndarray:
 
 @dataclass(frozen=True)
 class GraphKey:
-    """What a captured loop graph bakes in: shapes, step count and every device address it touches."""
+    """What a captured step graph bakes in: shapes (the guidance batch ``B`` among them) and every device address it touches."""
 
     dims: tuple[tuple[str, int], ...]
-    steps: int
     addresses: tuple[int, ...]
 
     @classmethod
-    def of(cls, dims: Mapping[str, int], steps: int, addresses: Sequence[int]) -> "GraphKey":
-        return cls(tuple(sorted(dims.items())), steps, tuple(addresses))
+    def of(cls, dims: Mapping[str, int], addresses: Sequence[int]) -> "GraphKey":
+        return cls(tuple(sorted(dims.items())), tuple(addresses))
 
 
-def graph_action(wanted: bool, eligibility: GraphEligibility, captured: GraphKey | None, key: GraphKey) -> str:
-    """``eager``, ``capture`` (run eagerly, then record) or ``replay`` the captured loop.
+MAX_GRAPHS = 8  # graph slots kept per loop (sizes x guidance batches in use); the oldest goes first
+
+
+def graph_action(wanted: bool, eligibility: GraphEligibility, captured: Container[GraphKey], key: GraphKey) -> str:
+    """``eager``, ``capture`` (run eagerly, then record) or ``replay`` the captured step.
 
     A CUDA graph replays fixed kernels on fixed pointers and shapes: it is used only for
-    static profiles, and re-captured whenever anything in :class:`GraphKey` changes.
+    static profiles, and captured once per :class:`GraphKey`.
     """
     if not wanted or not eligibility.eligible:
         return GRAPH_EAGER
-    return GRAPH_REPLAY if captured == key else GRAPH_CAPTURE
+    return GRAPH_REPLAY if key in captured else GRAPH_CAPTURE
 
 
 # --- the execution: thin TensorRT / CUDA -------------------------------------------------------
 
 
 class StepEngine(TrtEngine):
-    """A TensorRT engine whose tensors can be re-pointed between enqueues (the loop's per-step rows)."""
+    """The step engine: fixed buffers sized for the largest guidance batch, so switching batches moves no address."""
 
-    def bind(self, name: str, ptr: int) -> None:
-        if self._context is None:
-            raise BackendUnavailable(f"{self.spec.name}: engine not loaded; call load() first")
-        if not self._context.set_tensor_address(name, ptr):
-            raise BackendUnavailable(f"{self.spec.name}: TensorRT rejected the address of {name!r} (is it 256-byte aligned?)")
+    def reserve(self, dims: Mapping[str, int]) -> None:
+        """Grow the device buffers to ``dims``'s sizes now (a later ``allocate`` of smaller dims reuses them)."""
+        if self._engine is None:
+            self.load()
+        sizes = buffer_plan(self.spec, dims).sizes()
+        for name in reallocations({k: b.nbytes for k, b in self._device.items()}, sizes):
+            if name in self._device:
+                self._device[name].free()
+            self._device[name] = DeviceBuffer(sizes[name])
+        self._dims = None  # the next allocate re-binds every tensor to these buffers
+
+    def max_batch(self) -> int:
+        """The largest guidance batch ``B`` any profile admits (1 when the spec has no ``B``)."""
+        best = 1
+        for p in self.profiles:
+            for t in p.tensors:
+                symbols = self.spec.tensor(t.name).shape
+                best = max([best] + [hi for sym, hi in zip(symbols, t.max) if sym == "B"])
+        return best
 
     def graph_eligibility(self) -> GraphEligibility:
         """Whether the profile the current shapes run under allows a CUDA graph."""
@@ -262,10 +280,10 @@ class TrtStepLoop:
         self.use_cuda_graph = use_cuda_graph
         self.layout: LoopLayout | None = None
         self._dims: dict[str, int] | None = None
+        self._reserved: tuple[tuple[str, int], ...] | None = None  # the (h, w) whose largest batch the buffers hold
         self._block: DeviceBuffer | None = None
         self._schedule: bytes | None = None  # what the block's schedule rows hold now
-        self._graph: CudaGraph | None = None
-        self._graph_key: GraphKey | None = None
+        self._graphs: dict[GraphKey, CudaGraph] = {}  # insertion order = age
         self._graph_failed = False
         self.last_action: str | None = None  # what the last run did: eager / capture / replay
 
@@ -279,14 +297,50 @@ class TrtStepLoop:
 
     def load(self) -> None:
         self.engine.load()
-        if self._graph is None:
-            self._graph = CudaGraph(self.stream)
+
+    def warm_up(self) -> list[dict[str, int]]:
+        """Capture the step graph of every static profile now (at ``Pipeline.load``), so no request pays for it.
+
+        Each profile's inputs are zeroed, run once eagerly (TensorRT's warm-up after a shape change)
+        and recorded; returns the dims captured. Dynamic profiles run eagerly and need nothing.
+        """
+        self.load()
+        done = []
+        if not self.use_cuda_graph or self._graph_failed:
+            return done
+        spec = self.engine.spec
+        for profile in self.engine.profiles:
+            if not cuda_graph_eligibility(profile).eligible:
+                continue
+            feeds = {t.name: np.zeros(t.opt, dtype=spec.tensor(t.name).np_dtype) for t in profile.tensors}
+            dims = spec.infer_dims(feeds)
+            self._allocate(dims)
+            key = GraphKey.of(dims, self._addresses())
+            if key in self._graphs:
+                continue
+            for name, zeros in feeds.items():
+                self.engine.upload(name, zeros)
+            self.engine.run()
+            if not self._capture(key):
+                break
+            done.append(dims)
+        self.stream.synchronize()
+        return done
+
+    def _allocate(self, dims: dict[str, int]) -> None:
+        """Shapes for this run; buffers sized once for the largest guidance batch, so 1/2/1/2 keeps every address."""
+        if dims == self._dims:
+            return
+        sample = tuple(sorted((k, v) for k, v in dims.items() if k != "B"))
+        if sample != self._reserved:
+            self.engine.reserve({**dims, "B": max(self.engine.max_batch(), dims.get("B", 1))} if "B" in dims else dims)
+            self._reserved = sample
+        self.engine.allocate(dims)
+        self._dims = dims
 
     def _prepare(self, dims: dict[str, int], coefficients: LCMCoefficients) -> LoopLayout:
         """Shapes, block and schedule for this run; (re)allocates only when something grew or changed."""
-        if dims != self._dims:
-            self.engine.allocate(dims)
-            self._dims = dims
+        self._allocate(dims)
         layout = loop_layout(self.engine.spec, dims, len(coefficients))
         if self._block is None or self._block.nbytes < layout.nbytes:
             if self._block is not None:
@@ -301,13 +355,11 @@ class TrtStepLoop:
         self.layout = layout
         return layout
 
-    def _enqueue_steps(self) -> None:
+    def _copy_step_inputs(self, index: int) -> None:
         assert self.layout is not None and self._block is not None
-        base = self._block.ptr
-        for i in range(self.layout.steps):
-            for name, offset in step_bindings(self.layout, i).items():
-                self.engine.bind(name, base + offset)
-            self.engine.run()
+        for c in step_copies(self.layout, index):
+            src = self._block.ptr + c.src_offset if c.src_offset is not None else self.engine.device_ptr(c.src_output)
+            copy_device(self.engine.device_ptr(c.dst), src, c.nbytes, self.stream)
 
     def run_on_device(self, coefficients: LCMCoefficients, inputs: DenoiseInputs) -> int:
         """Enqueue the whole loop; returns the device address of the final (1, C, h, w) latents.
@@ -321,43 +373,50 @@ class TrtStepLoop:
         feeds = step_feeds(inputs, coefficients, 0, inputs.latents)
         dims = self.engine.spec.infer_dims(feeds)
         layout = self._prepare(dims, coefficients)
-        assert self._block is not None and self._graph is not None
+        assert self._block is not None
         for name in StepIO.CONDITIONING:
             self.engine.upload(name, feeds[name])
         copy_to_device(self._block.ptr + layout.noise_bytes[0], pack_noise(layout, inputs), self.stream)
 
         eligibility = self.engine.graph_eligibility()
-        key = GraphKey.of(dims, steps, self._addresses())
-        action = graph_action(self.use_cuda_graph and not self._graph_failed, eligibility, self._graph_key, key)
+        key = GraphKey.of(dims, self._addresses())
+        action = graph_action(self.use_cuda_graph and not self._graph_failed, eligibility, self._graphs, key)
         if self.use_cuda_graph and not eligibility.eligible and self.last_action is None:
-            log.info("%s: not capturing the loop into a CUDA graph: %s", STEP_MODEL, eligibility.reason)
-        if action == GRAPH_REPLAY:
-            self._graph.replay()
-        else:
-            self._enqueue_steps()  # eager; also TensorRT's required warm-up enqueue before a capture
-            if action == GRAPH_CAPTURE:
-                self._capture(key)
+            log.info("%s: not capturing the step into a CUDA graph: %s", STEP_MODEL, eligibility.reason)
+        for i in range(steps):
+            self._copy_step_inputs(i)
+            if action == GRAPH_REPLAY:
+                self._graphs[key].replay()
+            elif i == 0 and action == GRAPH_CAPTURE:
+                self.engine.run()  # TensorRT's warm-up enqueue after a shape change, not recorded
+                if not self._capture(key):
+                    action = GRAPH_EAGER
+            else:
+                self.engine.run()
         self.last_action = action
-        return self._block.ptr + final_latents_offset(layout)
+        return self.engine.device_ptr(StepIO.PREV_LATENTS)
 
     def _addresses(self) -> tuple[int, ...]:
-        """Every device address the captured loop touches: the block, the conditioning inputs, shared scratch."""
-        assert self._block is not None
-        shared = self.engine.shared
-        scratch = shared.buffer.ptr if shared is not None and shared.buffer is not None else 0
-        return (self._block.ptr, *(self.engine.device_ptr(n) for n in StepIO.CONDITIONING), scratch)
+        """Every device address the captured step touches: the engine's tensors and the shared scratch."""
+        names = [t.name for t in (*self.engine.spec.inputs, *self.engine.spec.outputs)]
+        return (*(self.engine.device_ptr(n) for n in names), self.engine.scratch_ptr)
 
-    def _capture(self, key: GraphKey) -> None:
-        assert self._graph is not None
-        self._graph_key = None
+    def _capture(self, key: GraphKey) -> bool:
+        """Record one enqueue into a new slot (recording runs nothing: step 0's result is the warm-up's)."""
+        for k in [k for k in self._graphs if k.addresses != key.addresses]:  # they bake buffers that moved or were freed
+            self._graphs.pop(k).reset()
+        while len(self._graphs) >= MAX_GRAPHS:
+            self._graphs.pop(next(iter(self._graphs))).reset()
+        graph = CudaGraph(self.stream)
         try:
-            self._graph.capture(self._enqueue_steps)
+            graph.capture(self.engine.run)
         except BackendUnavailable as e:
             self._graph_failed = True
-            log.warning("%s: CUDA-graph capture of the loop failed (%s); running the steps eagerly from now on", STEP_MODEL, e)
-            return
-        self._graph_key = key
-        log.info("%s: captured the %d-step loop into a CUDA graph for %s", STEP_MODEL, key.steps, dict(key.dims))
+            log.warning("%s: CUDA-graph capture of the step failed (%s); running the steps eagerly from now on", STEP_MODEL, e)
+            return False
+        self._graphs[key] = graph
+        log.info("%s: captured the step into a CUDA graph for %s (%d graph(s) kept)", STEP_MODEL, dict(key.dims), len(self._graphs))
+        return True
 
     def denoise(self, scheduler: LCMScheduler, inputs: DenoiseInputs) -> np.ndarray:
         """The denoising stage: the scheduler's schedule, on the GPU."""
@@ -372,15 +431,15 @@ class TrtStepLoop:
         return out
 
     def close(self) -> None:
-        """Free the graph, the block and the engine (and its stream if it made one)."""
-        if self._graph is not None:
-            self._graph.reset()
-            self._graph = None
-        self._graph_key = None
+        """Free the graphs, the block and the engine (and its stream if it made one)."""
+        for graph in self._graphs.values():
+            graph.reset()
+        self._graphs.clear()
         if self._block is not None:
             self._block.free()
             self._block = None
         self.layout = None
         self._schedule = None
         self._dims = None
+        self._reserved = None
         self.engine.close()

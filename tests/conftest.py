@@ -48,6 +48,19 @@ def exported_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="session")
+def exported_tiny_vae_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny models exported with ``--vae tiny``: the tiny TAESD encodes and decodes (issue 15)."""
+    from trt_bgswap.export.exporter import export_models
+
+    out = tmp_path_factory.mktemp("exported-tiny-vae") / "export"
+    export_models(
+        tiny_models_dir / "sd-inpainting", tiny_models_dir / "lcm-lora", tiny_models_dir / "rmbg", out,
+        precision="fp32", opset=17, tiny_vae_src=tiny_models_dir / "taesd",
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
 def built_cpu_dir(exported_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of ``exported_dir`` after ``trt-bgswap build`` for ONNX Runtime on the CPU: the graphs the
     runtime then opens, attention tiled by ``com.microsoft.MultiHeadAttention`` (engines/attention.py)."""

@@ -62,7 +62,7 @@ def test_explicit_choice_is_honoured(requested: str, facts: Availability, want: 
     "requested, facts, match",
     [
         ("trt", Availability(0, True, GPU_ORT), "no CUDA device"),
-        ("trt", Availability(1, False, GPU_ORT), r"pip install 'trt-bgswap\[trt\]'"),
+        ("trt", Availability(1, False, GPU_ORT), r"pip install 'trt-bgswap\[trt-cu13\]'"),
         ("ort-tensorrt", Availability(1, True, CUDA_ORT), "onnxruntime-gpu"),
         ("ort-cuda", Availability(1, True, CPU_ORT), "onnxruntime-gpu"),
         ("ort-cuda", Availability(0, True, GPU_ORT), "no CUDA device"),
@@ -98,7 +98,7 @@ def test_trt_engine_load_without_tensorrt_is_actionable(tmp_path: Path) -> None:
 
     engine = TrtEngine(mini_specs()["unet"], tmp_path / "model.plan")
     assert engine.backend == "tensorrt (not loaded)"
-    with pytest.raises(BackendUnavailable, match=r"TensorRT is not installed.*pip install 'trt-bgswap\[trt\]'.*pypi.nvidia.com"):
+    with pytest.raises(BackendUnavailable, match=r"TensorRT is not installed.*pip install 'trt-bgswap\[trt-cu13\]'"):
         engine.load()
 
 
@@ -107,7 +107,7 @@ def test_trt_build_without_tensorrt_is_actionable(tmp_path: Path) -> None:
     from trt_bgswap.engines.build import build_engines
 
     export = write_mini_export(tmp_path / "export")
-    with pytest.raises(BackendUnavailable, match=r"pip install 'trt-bgswap\[trt\]'"):
+    with pytest.raises(BackendUnavailable, match=r"pip install 'trt-bgswap\[trt-cu13\]'"):
         build_engines(export, backend="trt")
     assert not (export / "engines" / "unet" / "model.plan").exists()
 
@@ -116,7 +116,7 @@ def test_trt_build_without_tensorrt_is_actionable(tmp_path: Path) -> None:
 def test_cuda_calls_without_cuda_python_are_actionable() -> None:
     from trt_bgswap.runtime.cuda_device import Stream
 
-    with pytest.raises(BackendUnavailable, match=r"cuda-python.*pip install 'trt-bgswap\[trt\]'"):
+    with pytest.raises(BackendUnavailable, match=r"cuda-python.*pip install 'trt-bgswap\[trt-cu13\]'"):
         Stream()
 
 
@@ -125,7 +125,7 @@ def test_cuda_calls_without_cuda_python_are_actionable() -> None:
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"precision": "int8"}, "fp16, fp32"), ({"opt_level": 6}, "0..5"), ({"opt_level": -1}, "0..5"), ({"workspace_bytes": 1000}, "1 MiB")],
+    [({"precision": "int8"}, "fp16, fp32"), ({"precision": "fp32", "weak_fp16": True}, "needs --precision fp16"), ({"opt_level": 6}, "0..5"), ({"opt_level": -1}, "0..5"), ({"workspace_bytes": 1000}, "1 MiB")],
 )
 def test_bad_builder_options(kwargs: dict, match: str) -> None:
     with pytest.raises(UsageError, match=match):
@@ -134,13 +134,14 @@ def test_bad_builder_options(kwargs: dict, match: str) -> None:
 
 @pytest.mark.parametrize(
     "kwargs, flags",
-    [({}, {"FP16": True, "TF32": True}), ({"precision": "fp32"}, {"FP16": False, "TF32": True}), ({"tf32": False}, {"FP16": True, "TF32": False})],
+    [({}, {"TF32": True}), ({"precision": "fp32"}, {"TF32": True}), ({"tf32": False}, {"TF32": False}), ({"weak_fp16": True}, {"TF32": True, "FP16": True})],
 )
 def test_builder_flags(kwargs: dict, flags: dict) -> None:
+    """Strongly typed builds set no precision flag (precision is the graph's); FP16 only for the explicit weak fallback."""
     assert TrtBuildOptions(**kwargs).builder_flags() == flags
 
 
-@pytest.mark.parametrize("field, value", [("opt_level", 5), ("workspace_bytes", 1 << 30), ("tf32", False), ("timing_cache", False), ("precision", "fp32")])
+@pytest.mark.parametrize("field, value", [("opt_level", 5), ("workspace_bytes", 1 << 30), ("tf32", False), ("timing_cache", False), ("precision", "fp32"), ("weak_fp16", True)])
 def test_every_builder_option_is_in_the_key(field: str, value: object) -> None:
     assert TrtBuildOptions(**{field: value}).key_parts() != TrtBuildOptions().key_parts()
 

@@ -72,9 +72,34 @@ def test_quick_report_has_every_stage(quick_report: tuple[dict, Path], side: str
         _check_stats(st, f"{side}.unet_steps[{i}]", 2)
     assert r["prepost"], f"{side}: no pre/post-processing timings"
     assert r["peak_rss"] >= r["rss_after_load"] > 0
+    assert len(r["requests_in_order"]) == 2  # warm-up 0 + 2 runs: the first request after load is recorded
+    memory = r["stage_memory"]
+    if memory["per_stage_available"]:  # the process's own peak while each stage ran (issue 15)
+        for stage in STAGES:
+            assert 0 < memory["peak"][stage] <= r["peak_rss"], f"{side}: {stage} peak {memory['peak'][stage]} vs process {r['peak_rss']}"
+            assert 0 <= memory["rise"][stage] <= memory["peak"][stage]
     # model stages happen inside the end-to-end runs: their sum cannot exceed the slowest run
     for run_max, stage_sum in [(r["e2e"]["p90"] * 1.0001 + 1e-9, sum(r["stages"][s]["min"] for s in STAGES))]:
         assert stage_sum <= run_max, f"{side}: stage minima sum to {stage_sum} s, more than a whole run ({run_max} s)"
+
+
+def test_quick_report_has_the_small_box_rows(quick_report: tuple[dict, Path]) -> None:
+    """Issue 15: --low-memory, --vae tiny and diffusers with the same tiny autoencoder, each in its own worker; the targets listed."""
+    report, work = quick_report
+    v = report["variants"]
+    assert set(v) == {"ours_low_memory", "ours_vae_tiny", "baseline_vae_tiny"}, sorted(v)
+    for name, r in v.items():
+        _check_stats(r["e2e"], f"{name}.e2e", 2)
+        assert r["peak_rss"] > 0 and r["stage_memory"]["peak"], name
+        assert len(r["load_average"]["start"]) == 3, name
+    assert v["ours_low_memory"]["session_opens"] >= 2 * len(STAGES) - 1  # sessions open per request (a repeated prompt skips one)
+    assert "throughput" not in v["ours_low_memory"], "the variant rows skip the default row's extra comparisons"
+    assert report["cold_start"]["ours_low_memory"]["peak_rss"] > 0
+    names = {t["name"] for t in report["targets_small_boxes"]}
+    assert {"--low-memory: peak RSS", "--vae tiny: end to end", "first request after load"} <= names
+    md = (work / "results" / "tiny.md").read_text(encoding="utf-8")
+    for row in ("trt-bgswap --low-memory", "trt-bgswap --vae tiny", "diffusers + the same tiny autoencoder", "memory per stage", "issue 15"):
+        assert row in md, f"the Markdown report lacks {row!r}"
 
 
 def test_quick_report_compares_flops_targets_and_int8(quick_report: tuple[dict, Path]) -> None:

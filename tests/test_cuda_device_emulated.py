@@ -1,10 +1,11 @@
 """runtime/cuda_device.py (and TrtEngine's CUDA graphs) against emulated cuda-bindings 12 and 13 (tests/emulation).
 
-What passes: streams, device buffers, the three copies and a captured graph work on both
-cuda-bindings majors and leave nothing behind. What issue 10 says is wrong is pinned by
-``xfail(strict=True)`` tests: the driver error names no driver, handles go through the
-deprecated ``int()``, captures use the global mode (another thread's allocation breaks them),
-a failed capture hides its cause and leaks its graph, and TrtEngine has no eager fallback.
+Streams, device buffers, the three copies and a captured graph work on both cuda-bindings
+majors and leave nothing behind. Issue 10's items, pinned here as strict xfails until fixed: a
+too-old driver's error names the driver needed, handles go through ``get_cuda_native_handle``
+(not the deprecated ``int()``), captures are thread-local (another thread's allocation cannot
+break them), a failed capture reports its cause and leaks no graph, TrtEngine falls back to eager;
+``trt-bgswap info`` prints the versions and says when they do not fit.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ def test_streams_buffers_copies_and_a_graph_on_both_binding_majors(stack: StackS
         assert not em.leaks(), em.leaks()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 2: on a driver older than the CUDA major (cuda-bindings 13 needs R580+), the error names no driver version and the install hint does not mention drivers")
 def test_too_old_driver_error_names_the_driver_needed() -> None:
     from trt_bgswap.runtime.cuda_device import Stream
 
@@ -57,7 +57,6 @@ def test_too_old_driver_error_names_the_driver_needed() -> None:
     assert "580" in str(info.value) and "driver" in str(info.value).lower(), str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="issue 10: cuda_device.handle() uses int(cudaStream_t), deprecated since cuda-bindings 12.9.1/13.0 (use cuda.bindings.utils.get_cuda_native_handle)")
 def test_stream_handle_without_the_deprecated_int_conversion() -> None:
     from trt_bgswap.runtime.cuda_device import Stream
 
@@ -94,7 +93,6 @@ def allocate_in_another_thread_meanwhile(em: Emulation) -> dict:
     return outcome
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 (capture robustness): CudaGraph captures in cudaStreamCaptureModeGlobal, so another thread's cudaMalloc fails and invalidates the capture; trtexec captures thread-local (sampleDevice.h)")
 def test_another_threads_allocation_does_not_break_a_capture() -> None:
     from trt_bgswap.runtime.cuda_device import CudaGraph, DeviceBuffer, Stream, copy_device
 
@@ -112,7 +110,6 @@ def test_another_threads_allocation_does_not_break_a_capture() -> None:
             stream.close()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 (capture robustness): a capture whose launch raises leaks the captured cudaGraph_t")
 def test_a_failed_capture_leaks_no_graph() -> None:
     from trt_bgswap.runtime.cuda_device import CudaGraph, Stream
 
@@ -127,7 +124,6 @@ def test_a_failed_capture_leaks_no_graph() -> None:
         assert not em.leaks(), em.leaks()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 (capture robustness): a capture invalidated by its launch reports cudaErrorStreamCaptureInvalidated from the finally block, masking the call that caused it")
 def test_a_failed_capture_reports_its_cause() -> None:
     from trt_bgswap.runtime.cuda_device import CudaGraph, DeviceBuffer, Stream
 
@@ -139,16 +135,52 @@ def test_a_failed_capture_reports_its_cause() -> None:
     assert "cudaErrorStreamCaptureUnsupported" in str(info.value), str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 (capture robustness): TrtEngine.run raises when its CUDA-graph capture fails instead of running eagerly, as trtexec does (sampleInference.cpp)")
-def test_trt_engine_falls_back_to_eager_when_its_capture_fails(tmp_path: Path) -> None:
+def break_the_next_capture(em: Emulation) -> None:
+    """The next captured work is followed by an allocation in the capturing thread itself: prohibited in any capture mode."""
+    from trt_bgswap.runtime.cuda_device import DeviceBuffer
+
+    def hook(stream: int, op: object) -> None:
+        em.device.during_capture.remove(hook)
+        with pytest.raises(BackendUnavailable, match="cudaErrorStreamCaptureUnsupported"):
+            DeviceBuffer(64)
+
+    em.device.during_capture.append(hook)
+
+
+def test_trt_engine_falls_back_to_eager_when_its_capture_fails(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As trtexec (sampleInference.cpp@v11.1:1361-1369): a failed capture is logged with its cause, the engine runs eagerly from then on."""
     from trt_bgswap.runtime.trt_backend import TrtEngine
 
     with emulate(STACKS[-1]) as em:
         plan = em.build_plan(matmul_graph(tmp_path / "tiny.onnx"), tmp_path / "tiny.plan", [profile(2, 2, 2)])
         engine = TrtEngine(SPEC, plan, use_cuda_graph=True)
         x = np.array([[1, -2, 3, -4], [0.5, 0.25, -1, 2]], np.float32)
-        allocate_in_another_thread_meanwhile(em)  # breaks the (global-mode) capture
+        break_the_next_capture(em)
         try:
-            np.testing.assert_array_equal(engine(x=x)["y"], matmul_reference(x))
+            with caplog.at_level("WARNING", logger="trt_bgswap.runtime.trt_backend"):
+                np.testing.assert_array_equal(engine(x=x)["y"], matmul_reference(x))
+            assert "capture" in caplog.text and "cudaErrorStreamCaptureInvalidated" in caplog.text, caplog.text
+            captures = em.counts["captures"]
+            np.testing.assert_array_equal(engine(x=2 * x)["y"], matmul_reference(2 * x))
+            assert em.counts["captures"] == captures and em.counts["graph launches"] == 0, "after a failed capture the engine stays eager"
         finally:
             engine.close()
+        assert not em.leaks(), em.leaks()
+
+
+@pytest.mark.parametrize(("stack", "fits"), [
+    (StackSpec("10.0.1", "12.9.10", 12, 12040), True),  # a JetPack-era CUDA 12 pair on an R550 driver
+    (StackSpec("11.1.0", "13.5.0", 13, 12080), False),  # CUDA 13 wheels on an R570 driver (CUDA 12.8)
+], ids=["cu12-on-cuda12.4-driver", "cu13-on-cuda12.8-driver"])
+def test_info_prints_the_versions_and_says_when_they_do_not_fit(stack: StackSpec, fits: bool) -> None:
+    from trt_bgswap.info import cuda_lines
+
+    with emulate(stack):
+        lines = cuda_lines(tensorrt_cuda=stack.tensorrt_cuda)
+    text = "\n".join(lines)
+    assert f"driver supports CUDA {stack.driver // 1000}.{stack.driver % 1000 // 10}" in text and f"TensorRT built for CUDA {stack.tensorrt_cuda}" in text, text
+    assert f"cuda-bindings {stack.cuda_bindings}" in text, text
+    if fits:
+        assert lines[-1] == "cuda fit: ok", text
+    else:
+        assert lines[-1].startswith("cuda fit: NO") and ">= 580" in lines[-1], text

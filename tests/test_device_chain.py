@@ -49,7 +49,7 @@ from trt_bgswap.runtime.masker import DeviceMasker, Masker
 from trt_bgswap.runtime.ort_backend import OrtEngine
 from trt_bgswap.runtime.pipeline import GenerationOptions, Noise, Pipeline
 from trt_bgswap.runtime.scheduler import LCMScheduler
-from trt_bgswap.runtime.trt_loop import TrtStepLoop
+from trt_bgswap.runtime.trt_loop import GRAPH_REPLAY, TrtStepLoop
 from trt_bgswap.runtime.vae import image_hwc
 from trt_bgswap.specs import DEVICE_GRAPHS, pipeline_dims, rmbg_full_spec, vae_decoder_image_spec
 from trt_bgswap.specs import RMBG_FULL as RMBG
@@ -156,8 +156,8 @@ def test_chain_plan_dims_links_and_copies(manifest: Manifest, size: tuple[int, i
     ]
     assert Endpoint(STEP_MODEL, "masked_image_latents") not in plan.uploads, "the encoder's latents must not come from the host"
     assert plan.downloads == (Endpoint(DECODER, "image"),)
-    assert plan.copies(schedule_changed=True) == {HTOD: 7, DTOD: 2, DTOH: 1}
-    assert plan.copies(schedule_changed=False) == {HTOD: 6, DTOD: 2, DTOH: 1}
+    assert plan.copies(schedule_changed=True, steps=3) == {HTOD: 7, DTOD: 2 + 3 * 4, DTOH: 1}
+    assert plan.copies(schedule_changed=False, steps=1) == {HTOD: 6, DTOD: 2 + 4, DTOH: 1}
 
 
 def test_chain_plan_refuses_graphs_that_do_not_fit(manifest: Manifest) -> None:
@@ -235,7 +235,6 @@ def test_device_graph_inpaint_equals_host_with_given_mask_and_noise(host: Pipeli
 # --- the TensorRT orchestration on an emulated device (CPU) --------------------------------------
 
 
-UNDOCUMENTED_MULTI_ENQUEUE = frozenset({"multiple enqueues per capture"})  # see tests/test_trt_loop.py: the loop's capture
 
 
 def plan_profiles(name: str, manifest: Manifest) -> list:
@@ -342,7 +341,7 @@ def test_emulated_device_chain_equals_graph_chain_with_one_download(
     plan_store, stack: StackSpec, device_export: Path, manifest: Manifest, host: Pipeline, guidance: float, tmp_path: Path  # noqa: ANN001
 ) -> None:
     plans = plan_store(stack)
-    with emulate(stack, allow=UNDOCUMENTED_MULTI_ENQUEUE) as em:
+    with emulate(stack) as em:
         _device_chain_runs(em, plans, device_export, manifest, host, guidance, tmp_path)
         assert not em.leaks(), f"left behind: {em.leaks()}"
 
@@ -350,6 +349,8 @@ def test_emulated_device_chain_equals_graph_chain_with_one_download(
 def _device_chain_runs(em: Emulation, plans: dict[str, Path], device_export: Path, manifest: Manifest, host: Pipeline, guidance: float, tmp_path: Path) -> None:
     chain = emulated_chain(plans, manifest, use_cuda_graph=True)
     counts = em.counts
+    chain.load()  # as Pipeline.load does: engines deserialized and step graphs captured before the first generation
+    captures = counts["captures"]
     try:
         for run, (steps, seed) in enumerate(((3, 1), (3, 2), (2, 3))):
             inputs, coeff = chain_inputs(host, steps, guidance, seed), scheduler(steps)
@@ -357,7 +358,7 @@ def _device_chain_runs(em: Emulation, plans: dict[str, Path], device_export: Pat
             got = chain.generate(coeff, inputs)
             delta = {k: counts[k] - before.get(k, 0) for k in (HTOD, DTOD, DTOH)}
             assert chain.last_plan is not None
-            expected = chain.last_plan.copies(schedule_changed=run != 1)  # run 1 repeats run 0's schedule
+            expected = chain.last_plan.copies(schedule_changed=run != 1, steps=steps)  # run 1 repeats run 0's schedule
             assert delta == expected, f"run {run}: copies {delta}, the plan says {expected}"
             want = graph_chain_reference(device_export, manifest, coeff, inputs)
             assert got.shape == (1, HEIGHT, WIDTH, 3), f"image shape {got.shape}"
@@ -369,6 +370,7 @@ def _device_chain_runs(em: Emulation, plans: dict[str, Path], device_export: Pat
             assert_within(max_err(got, want), chain_noise, f"run {run} ({chain.loop.last_action}): image vs the ONNX Runtime graph chain")
             # the encoder's latents reached the loop on the device (the host placeholder is zeros)
             assert max_err(graph_chain_reference(device_export, manifest, coeff, inputs, masked_latents=False), want) > 1e-4
+            assert chain.loop.last_action == GRAPH_REPLAY and counts["captures"] == captures, "the step graph was captured at load"
     finally:
         chain.close()  # the loop, the encoder and the decoder
         chain.loop.stream.close()  # the chain's engines share a stream the test made
@@ -436,7 +438,7 @@ GPU_MACHINE = Availability(cuda_devices=1, tensorrt=True, ort_providers=("CPUExe
 @pytest.fixture()
 def trt_machine(emulated_stack: StackSpec) -> Iterator[Emulation]:
     """The emulated TensorRT + cuda-python."""
-    with emulate(emulated_stack, allow=UNDOCUMENTED_MULTI_ENQUEUE) as emulation:
+    with emulate(emulated_stack) as emulation:
         yield emulation
 
 
@@ -458,7 +460,7 @@ def test_emulated_trt_load_picks_the_device_chain_and_replace_downloads_only_alp
         got = pipe.replace(rgb, options)
         delta = {k: counts[k] - before.get(k, 0) for k in (HTOD, DTOD, DTOH)}
         assert delta[DTOH] == 2, f"a replace must download the alpha and the generated image only: {delta}"
-        assert delta[DTOD] == 2, f"encoder -> loop and loop -> decoder stay on the device: {delta}"
+        assert delta[DTOD] == 2 + options.steps * 4, f"encoder -> loop and loop -> decoder stay on the device, plus the loop's 4 copies per step: {delta}"
         assert delta[HTOD] == 1 + 7, f"the photo once, then the generation's seven uploads: {delta}"
         want = host.replace(rgb, options)
         assert want.generated is not None and got.generated is not None

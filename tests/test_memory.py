@@ -129,7 +129,10 @@ def test_parse_bytes() -> None:
 
 
 def test_proc_and_cgroup_readers(tmp_path: Path) -> None:
-    assert mem_available("MemTotal: 100 kB\nMemAvailable:    2048 kB\n") == 2048 * 1024
+    # the system reserve stays out: the floor on a small machine, a share of the total on a large one
+    assert mem_available("MemTotal: 4194304 kB\nMemAvailable:    3145728 kB\n") == (3 << 30) - (1 << 30)
+    assert mem_available("MemTotal: 67108864 kB\nMemAvailable:   33554432 kB\n") == (32 << 30) - int(0.05 * (64 << 30))
+    assert mem_available("MemTotal: 100 kB\nMemAvailable:    2048 kB\n") == 0
     assert mem_available("nothing") is None
     assert process_rss("VmRSS:\t  512 kB\n") == 512 * 1024
     group = tmp_path / "app.slice"

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SUBPACKAGES = ["trt_bgswap", "trt_bgswap.cli", "trt_bgswap.runtime", "trt_bgswap.engines", "trt_bgswap.export", "trt_bgswap.training", "trt_bgswap.benchmarking", "trt_bgswap.server"]
 
@@ -42,3 +44,12 @@ def test_non_editable_install_imports_every_subpackage_from_the_repository_root(
     for module, file in out["files"].items():
         assert file.startswith(str(target)), f"{module} came from {file}, not the installed package in {target}"
     assert out["page"], "the try-it page's files were not installed as package data"
+
+
+@pytest.mark.parametrize("module", ["trt_bgswap", "trt_bgswap.cli"])
+def test_python_dash_m_runs_the_cli(module: str) -> None:
+    """`python -m trt_bgswap` and `python -m trt_bgswap.cli` are the console script (where no launcher is installed)."""
+    from trt_bgswap import __version__
+
+    proc = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and __version__ in proc.stdout + proc.stderr, proc.stderr

@@ -174,7 +174,7 @@ def test_sdxl_ort_engines(sdxl_exported: Path, runtime: Pipeline, reference, loo
 @pytest.mark.slow  # an fp16 export of the tiny SDXL (~35 s of CPU)
 def test_fp16_safe_vae_is_chosen_explicitly(tiny_models_dir: Path, tmp_path: Path) -> None:
     """`export --precision fp16`: SDXL's own VAE stays fp32 (force_upcast); a VAE whose config says force_upcast false,
-    given with --vae (as madebyollin/sdxl-vae-fp16-fix), is exported in fp16 and its constants go to the manifest."""
+    given with --vae-src (as madebyollin/sdxl-vae-fp16-fix), is exported in fp16 and its constants go to the manifest."""
     import json
 
     from trt_bgswap.errors import UsageError
@@ -183,7 +183,7 @@ def test_fp16_safe_vae_is_chosen_explicitly(tiny_models_dir: Path, tmp_path: Pat
     vae = shutil.copytree(tiny_models_dir / "sdxl-inpainting" / "vae", tmp_path / "sdxl-vae-fp16-fix")
     config = json.loads((vae / "config.json").read_text(encoding="utf-8"))
     (vae / "config.json").write_text(json.dumps({**config, "force_upcast": False, "scaling_factor": 0.25}), encoding="utf-8")
-    with pytest.raises(UsageError, match="--vae replaces"):
+    with pytest.raises(UsageError, match="--vae-src replaces"):
         export_models(None, None, tiny_models_dir / "rmbg", tmp_path / "x", vae_src=vae)
     out = tmp_path / "export"
     export_models(tiny_models_dir / "sdxl-inpainting", tiny_models_dir / "lcm-lora-sdxl", None, out, precision="fp16", vae_src=vae)

@@ -1,9 +1,10 @@
 """runtime/trt_backend.py (TrtEngine, SharedActivations) against every emulated TensorRT release (tests/emulation).
 
 Passing: an engine runs with ONNX Runtime parity on each release, alone or on shared
-activation memory, and frees everything. Pinned with ``xfail(strict=True)``: issue 10's
-``device_memory_size`` fallback (removed in 11.x), shared scratch used from two streams
-without ordering, shared scratch that never shrinks, and pageable uploads.
+activation memory, and frees everything. Issue 10's items: no ``device_memory_size`` (removed
+in 11.x) when the v2 size is 0, shared scratch on one stream only (engines without a stream
+take the block's; another stream is refused), shared scratch that shrinks when the biggest
+engine unloads, and uploads from pinned memory.
 """
 
 from __future__ import annotations
@@ -16,12 +17,6 @@ from emulation import STACKS, Emulation, Hazard, StackSpec, emulate
 from trt_emulated_graphs import SPEC, add_graph, matmul_graph, matmul_reference, profile
 
 X = np.array([[1, -2, 3, -4], [0.5, 0.25, -1, 2]], np.float32)  # quarters of small integers: exact in float32
-
-NO_DEVICE_MEMORY_SIZE = pytest.mark.xfail(
-    strict=True, raises=AttributeError,
-    reason="issue 10 item 3: _scratch_size falls through to ICudaEngine.device_memory_size (removed in TensorRT 11) whenever device_memory_size_v2 is 0",
-)
-
 
 @pytest.mark.parametrize("shared", [False, True], ids=["own-memory", "shared-activations"])
 def test_engine_matches_onnx_runtime_and_frees_everything(emulated: Emulation, tmp_path: Path, shared: bool) -> None:
@@ -40,7 +35,7 @@ def test_engine_matches_onnx_runtime_and_frees_everything(emulated: Emulation, t
     assert not emulated.leaks(), emulated.leaks()
 
 
-@pytest.mark.parametrize("stack", [pytest.param(s, id=s.id, marks=NO_DEVICE_MEMORY_SIZE if s.tensorrt.startswith("11.") else ()) for s in STACKS])
+@pytest.mark.parametrize("stack", STACKS, ids=lambda s: s.id)
 def test_engine_without_activation_memory_on_shared_activations(stack: StackSpec, tmp_path: Path) -> None:
     from trt_bgswap.runtime.trt_backend import SharedActivations, TrtEngine
 
@@ -55,26 +50,48 @@ def test_engine_without_activation_memory_on_shared_activations(stack: StackSpec
         assert not em.leaks(), em.leaks()
 
 
-@pytest.mark.xfail(strict=True, raises=Hazard, reason="issue 10: SharedActivations lets engines on different streams use one scratch block with no ordering between them (TensorRT: using the memory in another context running in parallel is undefined behaviour)")
 def test_shared_activations_are_not_used_from_two_streams_at_once(tmp_path: Path) -> None:
     from trt_bgswap.runtime.trt_backend import SharedActivations, TrtEngine
 
     with emulate(STACKS[-1]) as emulated:  # not version-specific: one release is enough
         plan = emulated.build_plan(matmul_graph(tmp_path / "tiny.onnx"), tmp_path / "tiny.plan", [profile(1, 2, 2)])
         shared = SharedActivations()
-        first, second = TrtEngine(SPEC, plan, shared_activations=shared), TrtEngine(SPEC, plan, shared_activations=shared)  # each makes its own stream
+        first, second = TrtEngine(SPEC, plan, shared_activations=shared), TrtEngine(SPEC, plan, shared_activations=shared)  # no stream given
         try:
             for engine in (first, second):
                 engine.allocate({"B": 2})
                 engine.upload("x", X)
                 engine.run()  # asynchronous: the first engine's work is still queued when the second is enqueued
+            assert first.stream is second.stream is shared.stream, "engines without a stream take the shared block's"
             np.testing.assert_array_equal(second.download("y"), matmul_reference(X))
         finally:
             first.close()
             second.close()
+        assert not emulated.leaks(), emulated.leaks()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: SharedActivations keeps its largest block after the engine that needed it is unloaded")
+def test_shared_activations_refuse_an_engine_on_another_stream(tmp_path: Path) -> None:
+    from trt_bgswap.errors import UsageError
+    from trt_bgswap.runtime.cuda_device import Stream
+    from trt_bgswap.runtime.trt_backend import SharedActivations, TrtEngine
+
+    with emulate(STACKS[0]) as emulated:
+        plan = emulated.build_plan(matmul_graph(tmp_path / "tiny.onnx"), tmp_path / "tiny.plan", [profile(1, 2, 2)])
+        one, other = Stream(), Stream()
+        shared = SharedActivations(one)
+        first, second = TrtEngine(SPEC, plan, stream=one, shared_activations=shared), TrtEngine(SPEC, plan, stream=other, shared_activations=shared)
+        try:
+            first.load()
+            with pytest.raises(UsageError, match="one CUDA stream"):
+                second.load()
+        finally:
+            first.close()
+            second.close()
+            one.close()
+            other.close()
+        assert not emulated.leaks(), emulated.leaks()
+
+
 def test_shared_activations_shrink_when_the_largest_engine_unloads(tmp_path: Path) -> None:
     from trt_bgswap.runtime.trt_backend import SharedActivations, TrtEngine
 
@@ -91,12 +108,12 @@ def test_shared_activations_shrink_when_the_largest_engine_unloads(tmp_path: Pat
             assert shared.nbytes == need[large] > need[small]
             engines[1].unload()
             assert shared.nbytes == need[small], f"{shared.nbytes} bytes kept for an unloaded engine (the small one needs {need[small]})"
+            np.testing.assert_array_equal(engines[0](x=X)["y"], matmul_reference(X))  # the small engine runs on the re-pointed block
         finally:
             for engine in engines:
                 engine.close()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: uploads copy from pageable host memory (staged and synchronous in CUDA; slow for 48 MB photos); pinned staging is the fix")
 def test_uploads_come_from_pinned_host_memory(tmp_path: Path) -> None:
     from trt_bgswap.runtime.trt_backend import TrtEngine
 

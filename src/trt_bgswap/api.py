@@ -168,11 +168,14 @@ class BackgroundReplacer:
         max_pixels: int | None = None,
         pipeline: Pipeline | None = None,
         stages: Collection[str] = STAGES,
+        low_memory: bool | int = False,
         memory_budget: int | str | None = None,
     ) -> None:
         """``models``: an exported folder, or None for solid colours behind your own masks (nothing is loaded).
 
         ``stages``: the work this instance does (``mask``, ``generate``); the other stage's models are not opened.
+        ``low_memory``: each model's session opens only while its stage runs (True), or a budget in bytes
+        decides which stay open; results are identical, each request pays for opening sessions again.
         ``memory_budget``: the most host memory a generation may take ('6G' or bytes; default
         ``TRT_BGSWAP_MEMORY_BUDGET``, else what is free); larger sizes are refused before they run.
         """
@@ -181,7 +184,9 @@ class BackgroundReplacer:
             pipeline = (
                 Pipeline.without_models()
                 if models is None
-                else Pipeline.load(Path(models).expanduser(), provider=provider, threads=threads, stages=stages, memory_budget=budget)
+                else Pipeline.load(
+                    Path(models).expanduser(), provider=provider, threads=threads, stages=stages, memory_budget=budget, low_memory=low_memory
+                )
             )
         self.pipeline = pipeline
         self.max_pixels = max_pixels

@@ -15,7 +15,45 @@ import subprocess
 
 from trt_bgswap import __version__
 
-PACKAGES = ("numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "tokenizers", "onnx", "torch", "diffusers", "transformers", "peft", "tensorrt", "huggingface_hub")
+PACKAGES = ("numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "tokenizers", "onnx", "torch", "diffusers", "transformers", "peft", "huggingface_hub")
+
+
+def tensorrt_version() -> str | None:
+    """The installed TensorRT: from pip's metadata (``tensorrt-cu12``/``-cu13``), else the module (JetPack's apt package)."""
+    for name in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt_cu13", "tensorrt_cu12"):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if importlib.util.find_spec("tensorrt") is None:
+        return None
+    try:
+        import tensorrt
+
+        return str(tensorrt.__version__)
+    except Exception as e:  # a broken install still gets a line in `info`
+        return f"unimportable ({e})"
+
+
+def cuda_lines(tensorrt_cuda: int | None = None) -> list[str]:
+    """TensorRT, CUDA runtime and driver versions, and whether they fit (both CUDA queries work without a GPU context)."""
+    from trt_bgswap.runtime.cuda_versions import INSTALL_HINT, cuda_version_text, read_versions
+
+    trt = tensorrt_version()
+    lines = ["tensorrt: " + (trt or f"not installed ({INSTALL_HINT})")]
+    try:
+        from trt_bgswap.runtime.cuda_device import cudart
+
+        rt = cudart()
+    except Exception as e:  # BackendUnavailable without cuda-python; anything else is reported, not raised
+        lines.append(f"cuda: {e}")
+        return lines
+    v = read_versions(rt, tensorrt_cuda)
+    lines.append(f"cuda: runtime {cuda_version_text(v.runtime)} (cuda-bindings {v.bindings or '?'}), driver supports CUDA {cuda_version_text(v.driver)}"
+                 + (f", TensorRT built for CUDA {v.tensorrt_cuda}" if v.tensorrt_cuda else ""))
+    problems = v.problems()
+    lines.append("cuda fit: " + ("ok" if not problems else "NO: " + "; ".join(problems)))
+    return lines
 
 
 def package_versions() -> dict[str, str]:
@@ -59,7 +97,7 @@ def info_text() -> str:
     lines = [f"trt-bgswap {__version__}", f"python {platform.python_version()} on {platform.platform()}"]
     lines.append("packages: " + ", ".join(f"{k} {v}" for k, v in package_versions().items()))
     lines.append("onnxruntime providers: " + ", ".join(available_providers()))
-    lines.append("tensorrt: " + ("installed" if importlib.util.find_spec("tensorrt") else "not installed (pip install 'trt-bgswap[trt]' on a GPU machine)"))
+    lines.extend(cuda_lines())
     found = gpus()
     lines.append("gpu: " + ("; ".join(found) if found else "none found (nvidia-smi absent or no device)"))
     try:

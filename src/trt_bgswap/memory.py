@@ -17,7 +17,7 @@ the attention computed tile by tile (what ``trt-bgswap build`` makes for ONNX Ru
 the CPU, :mod:`trt_bgswap.engines.attention`). The stages run one after another, so the
 peak is that of the costliest stage, plus what the photo itself holds meanwhile.
 
-Available memory is the smallest of: this process's RSS + ``MemAvailable`` (``/proc/meminfo``),
+Available memory is the smallest of: this process's RSS + ``MemAvailable`` (``/proc/meminfo``) less a reserve for the rest of the machine,
 the cgroup v2 ``memory.max`` headroom, and a budget (``--memory-budget`` /
 ``TRT_BGSWAP_MEMORY_BUDGET``; appliances set one so a run never takes more than its share).
 numpy-free, torch-free: the lean runtime and the CLI import it before loading anything.
@@ -286,10 +286,23 @@ def address_space_room(status: str | None = None) -> int | None:
     return max(0, soft - reserved)
 
 
+# What a run leaves to the rest of the machine out of MemAvailable (the kernel's estimate is not a
+# promise: page cache it counts as reclaimable is shared, and other processes keep growing). A run
+# sized to all of it could still push the machine into the out-of-memory killer; the reserve is the
+# larger of a fixed floor and a share of the total.
+SYSTEM_RESERVE_BYTES = 1 << 30
+SYSTEM_RESERVE_SHARE = 0.05
+
+
 def mem_available(meminfo: str | None = None) -> int | None:
+    """``MemAvailable`` minus the system reserve (:data:`SYSTEM_RESERVE_BYTES`, :data:`SYSTEM_RESERVE_SHARE` of ``MemTotal``)."""
     text = _read(Path("/proc/meminfo")) if meminfo is None else meminfo
     m = re.search(r"^MemAvailable:\s+(\d+) kB", text or "", re.MULTILINE)
-    return int(m.group(1)) * 1024 if m else None
+    if not m:
+        return None
+    total = re.search(r"^MemTotal:\s+(\d+) kB", text or "", re.MULTILINE)
+    reserve = max(SYSTEM_RESERVE_BYTES, int(SYSTEM_RESERVE_SHARE * int(total.group(1)) * 1024) if total else 0)
+    return max(0, int(m.group(1)) * 1024 - reserve)
 
 
 def cgroup_headroom(root: Path = Path("/sys/fs/cgroup"), proc_cgroup: str | None = None) -> int | None:

@@ -79,11 +79,13 @@ def export_sources(
     device_graphs: bool = False,
     loras: Sequence["LoraSource"] = (),
     masker: str | None = None,
-    vae: Path | None = None,
+    vae_src: Path | None = None,
+    tiny_vae: str | None = None,
 ) -> Manifest:
     """Resolve the sources (local paths, hub ids, registry names; 'none' leaves one out) and export them to ``out``.
 
     ``loras`` (local files, ``--lora``) are fused after the LCM-LoRA, in order (:mod:`trt_bgswap.export.lora`).
+    ``tiny_vae``: a tiny autoencoder (TAESD: a folder or hub id) exported in place of the VAE (``--vae tiny``).
     """
     from trt_bgswap.export.exporter import export_models
     from trt_bgswap.export.sources import resolve_source
@@ -114,7 +116,8 @@ def export_sources(
         loras=loras,
         allow_pickle=allow_pickle,
         masker=masker,
-        vae_src=vae,
+        vae_src=vae_src,
+        tiny_vae_src=None if tiny_vae is None else resolve_source(tiny_vae, offline=offline),
     )
 
 

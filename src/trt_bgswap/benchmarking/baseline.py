@@ -20,6 +20,7 @@ measurement: load everything, process one photo, write the PNG, exit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from trt_bgswap.benchmarking.peak_memory import StagePeaks
 from trt_bgswap.benchmarking.stats import StageClock, Stats
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ PIPELINES: dict[str, tuple[str, dict[str, Any]]] = {
 class Baseline:
     """The loaded baseline: diffusers pipeline + RMBG module, with optional stage hooks."""
 
-    def __init__(self, sd: Path, lora: Path | None, rmbg: Path, threads: int, rmbg_size: int) -> None:
+    def __init__(self, sd: Path, lora: Path | None, rmbg: Path, threads: int, rmbg_size: int, taesd: Path | None = None) -> None:
         import diffusers
         import torch
         from diffusers import LCMScheduler
@@ -68,14 +70,19 @@ class Baseline:
             pipe.load_lora_weights(str(lora_path.parent if lora_path.is_file() else lora_path), weight_name=weight)
             pipe.fuse_lora()
             pipe.unload_lora_weights()
+        if taesd is not None:  # diffusers' documented swap: pipe.vae = AutoencoderTiny.from_pretrained("madebyollin/taesd")
+            from diffusers import AutoencoderTiny
+
+            pipe.vae = AutoencoderTiny.from_pretrained(str(taesd), torch_dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self.net = load_rmbg_weights(Path(rmbg)).eval()
         self.rmbg_size = rmbg_size
         self.torch = torch
+        self.peaks: StagePeaks | None = None
 
-    def attach(self, clock: StageClock) -> None:
-        """Time the model modules' forward calls into ``clock``."""
+    def attach(self, clock: StageClock, peaks: StagePeaks | None = None) -> None:
+        """Time the model modules' forward calls into ``clock`` (and their peak memory into ``peaks``)."""
         modules = [
             ("text_encoder", self.pipe.text_encoder),
             ("text_encoder", getattr(self.pipe, "text_encoder_2", None)),  # SDXL: both encoders are the text stage
@@ -83,12 +90,24 @@ class Baseline:
             ("unet", self.pipe.unet),
             ("vae_decoder", self.pipe.vae.decoder),
         ]
+        self.peaks = peaks
         for name, module in modules:
             if module is None:
                 continue
-            start: list[float] = []
-            module.register_forward_pre_hook(lambda m, args, s=start: s.append(time.perf_counter()))
-            module.register_forward_hook(lambda m, args, out, s=start, n=name: clock.add(n, time.perf_counter() - s.pop()))
+            start: list[tuple[float, Any]] = []
+
+            def before(m: Any, args: Any, s: list[tuple[float, Any]] = start, n: str = name) -> None:
+                scope = self.peaks.stage(n) if self.peaks is not None else contextlib.nullcontext()
+                scope.__enter__()
+                s.append((time.perf_counter(), scope))
+
+            def after(m: Any, args: Any, out: Any, s: list[tuple[float, Any]] = start, n: str = name) -> None:
+                t0, scope = s.pop()
+                clock.add(n, time.perf_counter() - t0)
+                scope.__exit__(None, None, None)
+
+            module.register_forward_pre_hook(before)
+            module.register_forward_hook(after)
 
     def mask(self, rgb: np.ndarray, clock: StageClock) -> np.ndarray:
         """RMBG-1.4's reference: uint8 HxW mask."""
@@ -100,7 +119,7 @@ class Baseline:
             x = torch.tensor(rgb, dtype=torch.float32).permute(2, 0, 1)[None]
             x = F.interpolate(x, size=(self.rmbg_size, self.rmbg_size), mode="bilinear")
             x = (x / 255.0 - RMBG_MEAN) / RMBG_STD
-        with clock.measure("rmbg"):
+        with clock.measure("rmbg"), self.peaks.stage("rmbg") if self.peaks is not None else contextlib.nullcontext():
             y = self.net(x)[0][0]
         with clock.measure("rmbg_postprocess"):
             y = torch.squeeze(F.interpolate(y, size=(h, w), mode="bilinear"), 0)
@@ -131,37 +150,43 @@ class Baseline:
 
 def _load(job: Mapping[str, Any]) -> Baseline:
     src = job["sources"]
-    return Baseline(Path(src["sd-inpainting"]), Path(src["lcm-lora"]) if src.get("lcm-lora") else None, Path(src["rmbg"]), int(job["threads"]), int(job["rmbg_size"]))
+    return Baseline(
+        Path(src["sd-inpainting"]), Path(src["lcm-lora"]) if src.get("lcm-lora") else None, Path(src["rmbg"]), int(job["threads"]), int(job["rmbg_size"]),
+        taesd=Path(job["taesd"]) if job.get("taesd") else None,
+    )  # fmt: skip
 
 
 def measure_baseline(job: Mapping[str, Any]) -> dict[str, Any]:
     """The ``baseline`` worker: same photo, size, steps, guidance and threads as ours."""
-    from trt_bgswap.benchmarking.machine import current_rss_bytes, peak_rss_bytes
+    from trt_bgswap.benchmarking.machine import current_rss_bytes
     from trt_bgswap.benchmarking.photos import load_photo
 
     result: dict[str, Any] = {"rss_start": current_rss_bytes()}
+    peaks = StagePeaks()
     t0 = time.perf_counter()
     base = _load(job)
     result["load_seconds"] = time.perf_counter() - t0
     result["rss_after_load"] = current_rss_bytes()
     result["backends"] = {"all": f"torch {base.torch.__version__} CPU, {base.torch.get_num_threads()} threads"}
     clock = StageClock()
-    base.attach(clock)
+    base.attach(clock, peaks)
     rgb = load_photo(job["photo"])
     warmup, runs, steps = int(job["warmup"]), int(job["runs"]), int(job["steps"])
     size = tuple(job["size"])
-    samples = []
+    samples, every = [], []
     for i in range(warmup + runs):
         clock.discard()
         t = time.perf_counter()
         base.replace(rgb, f"{job['prompt']} {i}", steps, float(job["guidance"]), size, 0, clock)  # type: ignore[arg-type]
         dt = time.perf_counter() - t
+        every.append(dt)
         if i < warmup:
             clock.discard()
             continue
         samples.append(dt)
         clock.lap()
     result["e2e"] = Stats.of(samples).to_json()
+    result["requests_in_order"] = every
     stages = {}
     for name in MODEL_STAGES:
         stages[name] = Stats.of([sum(r.get(name, [])) for r in clock.runs]).to_json()
@@ -176,7 +201,8 @@ def measure_baseline(job: Mapping[str, Any]) -> dict[str, Any]:
     prepost["diffusers_internal"] = Stats.of(diffusers_overhead).to_json()
     result["prepost"] = prepost
     result["throughput"] = {"e2e_images_per_s": 1.0 / float(np.median(samples))}
-    result["peak_rss"] = peak_rss_bytes()
+    result["stage_memory"] = peaks.to_json()
+    result["peak_rss"] = peaks.peak()
     return result
 
 

@@ -2,7 +2,9 @@
 
 Each command runs in a fresh Python process; the time is the output file's modification
 time minus the launch time (what a user waits for), plus the process's total wall time and
-its peak RSS (``wait4``'s rusage of that child: the memory one real run needs).
+its own peak RSS (``VmHWM`` sampled from outside: the memory one real run needs; ``wait4``'s
+figure would start from this benchmark's own high-water mark, see
+:mod:`~trt_bgswap.benchmarking.peak_memory`).
 Model files were read earlier in the same benchmark, so the OS file cache is warm for
 both sides alike; engines are already built (``trt-bgswap build``), as the target says.
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from trt_bgswap.errors import BgSwapError
+
+from trt_bgswap.benchmarking.peak_memory import run_measuring_peak
 
 log = logging.getLogger(__name__)
 
@@ -36,26 +39,30 @@ def timed_command(cmd: Sequence[str], output: Path, log_path: Path) -> dict[str,
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as logf:
         start = time.time()
-        proc = subprocess.Popen(list(cmd), stdout=logf, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: its peak RSS
+        child = run_measuring_peak(cmd, stdout=logf)
         end = time.time()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0 or not output.is_file():
+    if child.returncode != 0 or not output.is_file():
         tail = log_path.read_text(encoding="utf-8", errors="replace")[-2000:]
-        raise BgSwapError(f"cold-start command failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+        raise BgSwapError(f"cold-start command failed (exit {child.returncode}): {' '.join(cmd)}\n{tail}")
     written = os.stat(output).st_mtime
-    peak = int(usage.ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
-    return {"to_first_image": written - start, "process_wall": end - start, "peak_rss": peak, "command": list(cmd)}
+    return {
+        "to_first_image": written - start, "process_wall": end - start, "peak_rss": child.peak_rss if child.peak_rss is not None else child.peak_rss_upper, "peak_rss_upper": child.peak_rss_upper,
+        "peak_samples": child.samples, "command": list(cmd),
+    }  # fmt: skip
 
 
-def cold_start_ours(export_dir: Path, photo: Path, out_dir: Path, prompt: str, steps: int, guidance: float, size: tuple[int, int], threads: int, provider: str) -> dict[str, Any]:
-    out = out_dir / "cold-ours.png"
+def cold_start_ours(
+    export_dir: Path, photo: Path, out_dir: Path, prompt: str, steps: int, guidance: float, size: tuple[int, int], threads: int, provider: str,
+    low_memory: bool = False,
+) -> dict[str, Any]:
+    name = "cold-ours-low-memory" if low_memory else "cold-ours"
+    out = out_dir / f"{name}.png"
     cmd = [
         *_cli(), "-q", "run", str(photo), "--models", str(export_dir), "--prompt", prompt, "--steps", str(steps),
         "--guidance", str(guidance), "--seed", "0", "--size", f"{size[0]}x{size[1]}", "--threads", str(threads),
-        "--provider", provider, "-o", str(out), "--overwrite",
+        "--provider", provider, "-o", str(out), "--overwrite", *(["--low-memory"] if low_memory else []),
     ]  # fmt: skip
-    return timed_command(cmd, out, out_dir / "cold-ours.log")
+    return timed_command(cmd, out, out_dir / f"{name}.log")
 
 
 def cold_start_baseline(sources: dict[str, Path], photo: Path, out_dir: Path, prompt: str, steps: int, guidance: float, size: tuple[int, int], threads: int, rmbg_size: int) -> dict[str, Any]:

@@ -15,6 +15,9 @@ and the tensor sizes, not on the weight values. The configurations are the publi
 - the LCM-LoRA: ``latent-consistency/lcm-lora-sdv1-5``'s format and rank (64, alpha 8) over
   the full UNet (:func:`trt_bgswap.export.tiny_sd.write_tiny_lcm_lora` writes that format
   for any UNet config);
+- TAESD (``--vae tiny``): diffusers' ``AutoencoderTiny`` defaults, which are ``madebyollin/taesd``'s
+  ``config.json`` (encoder/decoder blocks of 64 channels, (1, 3, 3, 3) / (3, 3, 3, 1) blocks,
+  4 latent channels, ``scaling_factor`` 1.0; ``taesdxl`` has the same architecture);
 - RMBG-1.4: :class:`trt_bgswap.export.isnet.BriaRMBG` at full width (its channel plan is
   RMBG-1.4's ``briarmbg.py``) with a 1024x1024 input (``preprocessor_config.json``, and
   ``model_input_size = [1024, 1024]`` in BRIA's example code).
@@ -129,7 +132,7 @@ SDXL_TEXT_ENCODER_2_CONFIG: dict[str, Any] = {
 }
 
 RMBG_INPUT_SIZE = 1024
-FULL_NAMES = ("sd-inpainting", "lcm-lora", "rmbg")
+FULL_NAMES = ("sd-inpainting", "lcm-lora", "rmbg", "taesd")
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -206,6 +209,16 @@ def write_full_rmbg(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+def write_full_taesd(folder: Path, seed: int) -> Path:
+    """TAESD at its published architecture (diffusers' AutoencoderTiny defaults), random weights: 2.4 M parameters."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    AutoencoderTiny().eval().save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
 def write_full_sdxl_inpainting(folder: str | Path, seed: int = 0) -> Path:
     """A diffusers SDXL-inpainting folder at the published sizes (:data:`SDXL_INPAINT_UNET_CONFIG` ...) with random weights.
 
@@ -256,15 +269,20 @@ def write_full_models(folder: str | Path, seed: int = 0, family: str = "sd15") -
     inpaint, lora = ("sd-inpainting", "lcm-lora") if family == "sd15" else ("sdxl-inpainting", "lcm-lora-sdxl")
     writer, unet_config = (write_full_sd_inpainting, SD15_INPAINT_UNET_CONFIG) if family == "sd15" else (write_full_sdxl_inpainting, SDXL_INPAINT_UNET_CONFIG)
     paths = {inpaint: folder / inpaint, lora: folder / lora, "rmbg": folder / "rmbg"}
+    if family == "sd15":
+        paths["taesd"] = folder / "taesd"  # the --vae tiny rows (TAESD decodes SD1/SD2 latents; SDXL's would be taesdxl)
     done = {name: folder / f".complete-{name}" for name in paths}
-    if (folder / ".complete").is_file():  # written by earlier versions for the SD1.5 set
-        for name in FULL_NAMES:
+    if family == "sd15" and (folder / ".complete").is_file():  # written by earlier versions for the SD1.5 set
+        for name in ("sd-inpainting", "lcm-lora", "rmbg"):
             write_text_atomic(done[name], "ok\n")
     for name, write in (
         (inpaint, lambda: writer(paths[inpaint], seed)),
         (lora, lambda: write_tiny_lcm_lora(paths[lora], unet_config, seed=seed + 1)),
         ("rmbg", lambda: write_full_rmbg(paths["rmbg"], seed + 2)),
+        ("taesd", lambda: write_full_taesd(paths["taesd"], seed + 3)),
     ):
+        if name not in paths:
+            continue
         if done[name].is_file():
             log.info("full-size random %s already in %s", name, paths[name])
             continue

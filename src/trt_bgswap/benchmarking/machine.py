@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import resource
-import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -73,9 +71,10 @@ def machine_info() -> dict[str, Any]:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+    """This process's own peak resident set size so far (``VmHWM``, not a parent's inherited high-water mark)."""
+    from trt_bgswap.benchmarking.peak_memory import process_peak_bytes
+
+    return process_peak_bytes()
 
 
 def current_rss_bytes() -> int | None:

@@ -29,7 +29,8 @@ from trt_bgswap.runtime.pipeline import GenerationOptions, Noise, Pipeline
 from trt_bgswap.runtime.tokenizer import ClipTokenizer
 from trt_bgswap.specs import pipeline_dims
 
-from trt_bgswap.benchmarking.machine import current_rss_bytes, device_memory_used, peak_rss_bytes
+from trt_bgswap.benchmarking.machine import current_rss_bytes, device_memory_used
+from trt_bgswap.benchmarking.peak_memory import StagePeaks
 from trt_bgswap.benchmarking.photos import load_photo
 from trt_bgswap.benchmarking.stats import StageClock, Stats, time_calls
 from trt_bgswap.benchmarking.timed_engine import TimedEngine
@@ -78,15 +79,17 @@ def measure_ours(job: Mapping[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"rss_start": current_rss_bytes()}
 
     clock = StageClock()
+    peaks = StagePeaks()
     t0 = time.perf_counter()
-    engines: dict[str, Engine] = {}
+    engines: dict[str, TimedEngine] = {}
+    low_memory = bool(job.get("low_memory"))
     for name, entry in manifest.models.items():
-        stage = STAGE_OF.get(name, name)
-        engines[name] = TimedEngine(_engine(entry.spec, job["engines"][name], provider, threads), stage, clock)
-        engines[name].load()
+        engines[name] = TimedEngine(_engine(entry.spec, job["engines"][name], provider, threads), STAGE_OF.get(name, name), clock, peaks)
+        if not low_memory:  # --low-memory opens each session when its stage runs (the stage's time and peak include it)
+            engines[name].load()
     tokenizer = ClipTokenizer.from_dir(export_dir / cfg.tokenizer_dir)
     tokenizer_2 = ClipTokenizer.from_dir(export_dir / cfg.tokenizer_2_dir) if cfg.tokenizer_2_dir else None  # SDXL
-    pipeline = Pipeline.from_engines(manifest, engines, tokenizer, tokenizer_2)
+    pipeline = Pipeline.from_engines(manifest, engines, tokenizer, low_memory=low_memory, tokenizer_2=tokenizer_2)
     masker = pipeline.stages.masker
     assert isinstance(masker, Masker), "the benchmark times RMBG's host pre/post-processing"
     result["load_seconds"] = time.perf_counter() - t0
@@ -103,18 +106,25 @@ def measure_ours(job: Mapping[str, Any]) -> dict[str, Any]:
         options = GenerationOptions(f"{job['prompt']} {i}", steps=steps, guidance=float(job["guidance"]), seed=0, size=(width, height))
         pipeline.replace(rgb, options, noise=noise)
 
-    samples = []
+    samples, every = [], []
     for i in range(warmup + runs):
         clock.discard()
         t = time.perf_counter()
         e2e(i)
         dt = time.perf_counter() - t
+        every.append(dt)  # the first request after load vs the next ones (start-up work left for the first call)
         if i < warmup:
             clock.discard()
             continue
         samples.append(dt)
         clock.lap()
     result["e2e"] = Stats.of(samples).to_json()
+    result["requests_in_order"] = every
+    result["stage_memory"] = peaks.to_json()  # the end-to-end runs only
+    if pipeline.stages.residency is not None:
+        result["session_opens"] = pipeline.stages.residency.loads
+    for engine in engines.values():
+        engine.peaks = None
     result["stages"], result["unet_steps"] = _stage_stats(clock.runs, steps)
     model_sums = [sum(sum(v) for k, v in r.items() if k in MODEL_STAGES) for r in clock.runs]
     result["non_model"] = Stats.of([e - m for e, m in zip(samples, model_sums)]).to_json()
@@ -127,14 +137,16 @@ def measure_ours(job: Mapping[str, Any]) -> dict[str, Any]:
 
     result["prepost"] = _prepost(pipeline, masker, rgb, (width, height), steps, warmup, runs)
     # the pipeline's peak: before the batch-throughput runs and the fp32-RMBG comparison add their own memory
-    result["peak_rss"] = peak_rss_bytes()
+    result["peak_rss"] = peaks.peak()
     result["device_memory_after_runs"] = device_memory_used()  # a lower bound of the device peak; None on CPU
+    if not job.get("extras", True):
+        return result
     result["throughput"] = _throughput(pipeline, masker, rgb, dims, job, samples)
     if job.get("rmbg_fp32"):
         result["rmbg_fp32"] = _rmbg_fp32(manifest, masker, job, provider, threads, warmup, runs)
     if job.get("unfused"):
         result["unfused"] = _unfused(pipeline, manifest, job, provider, threads, dims)
-    result["peak_rss_end"] = peak_rss_bytes()  # including batch-2 runs and the extra comparison sessions
+    result["peak_rss_end"] = peaks.peak()  # including batch-2 runs and the extra comparison sessions
     return result
 
 

@@ -31,6 +31,13 @@ TARGET_OVERHEAD = 0.03
 TARGET_INSTALL_BYTES = 300 * 10**6
 TARGET_IMPORT_S = 0.5
 IMPORT_KEY = "trt_bgswap.api, onnxruntime"
+# Issue 15's targets (small boxes), all on the full-size benchmark, both sides in the same run
+TARGET_MEMORY_RATIO = 1.0  # default mode: peak RSS and one cold `run` process at most the baseline's
+TARGET_E2E_NOW = 0.83  # default mode end to end: no slower than before issue 15
+TARGET_LOW_MEMORY_RATIO = 0.5  # --low-memory peak RSS / the baseline's
+TARGET_TINY_VS_FULL = 0.5  # --vae tiny end to end / diffusers with the full VAE
+TARGET_TINY_VS_TINY = 0.8  # --vae tiny end to end / diffusers with the same tiny autoencoder
+TARGET_FIRST_REQUEST = 1.1  # the first request after load / the second
 
 
 SCHEMA = "trt-bgswap-bench/1"
@@ -113,6 +120,25 @@ def _targets(ours: Mapping[str, Any], baseline: Mapping[str, Any] | None, cold: 
     ]
 
 
+def _targets_small_boxes(
+    ours: Mapping[str, Any], baseline: Mapping[str, Any] | None, variants: Mapping[str, Any], cold: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """Issue 15's acceptance, each measured in this run (None where a side was not run)."""
+    low, tiny, base_tiny = variants.get("ours_low_memory"), variants.get("ours_vae_tiny"), variants.get("baseline_vae_tiny")
+    co, cb = cold.get("ours"), cold.get("baseline")
+    order = ours.get("requests_in_order") or []
+    return [
+        _target("default mode: peak RSS", f"<= {TARGET_MEMORY_RATIO}x baseline", _ratio(ours["peak_rss"], baseline["peak_rss"] if baseline else None), TARGET_MEMORY_RATIO, "x baseline"),
+        _target("default mode: one cold `run` process's peak RSS", f"<= {TARGET_MEMORY_RATIO}x baseline script", _ratio(co["peak_rss"], cb["peak_rss"]) if co and cb else None, TARGET_MEMORY_RATIO, "x baseline"),
+        _target("default mode: end to end", f"<= {TARGET_E2E_NOW}x baseline", _ratio(_median(ours["e2e"]), _median(baseline["e2e"]) if baseline else None), TARGET_E2E_NOW, "x baseline"),
+        _target("--low-memory: peak RSS", f"<= {TARGET_LOW_MEMORY_RATIO}x baseline", _ratio(low["peak_rss"], baseline["peak_rss"]) if low and baseline else None, TARGET_LOW_MEMORY_RATIO, "x baseline"),
+        _target("cold start of `trt-bgswap run`", f"<= {TARGET_COLD_RATIO}x baseline script", _ratio(co["to_first_image"], cb["to_first_image"]) if co and cb else None, TARGET_COLD_RATIO, "x baseline"),
+        _target("first request after load", f"<= {TARGET_FIRST_REQUEST}x the second", order[0] / order[1] if len(order) > 1 else None, TARGET_FIRST_REQUEST, "x second"),
+        _target("--vae tiny: end to end", f"<= {TARGET_TINY_VS_FULL}x diffusers (full VAE)", _ratio(_median(tiny["e2e"]), _median(baseline["e2e"])) if tiny and baseline else None, TARGET_TINY_VS_FULL, "x baseline"),
+        _target("--vae tiny: end to end", f"<= {TARGET_TINY_VS_TINY}x diffusers with the same tiny autoencoder", _ratio(_median(tiny["e2e"]), _median(base_tiny["e2e"])) if tiny and base_tiny else None, TARGET_TINY_VS_TINY, "x diffusers+TAESD"),
+    ]
+
+
 def build_report(
     *,
     settings: Any,
@@ -133,6 +159,7 @@ def build_report(
     manifest: Manifest,
     applied: Mapping[str, bool],
     errors: list[str],
+    variants: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     assert manifest.inpaint is not None and manifest.rmbg is not None
     comparison = _comparison(ours, baseline, flops, float(peak["peak_flops"]), settings.steps)
@@ -163,6 +190,8 @@ def build_report(
         "cold_start": dict(cold),
         "footprint": dict(footprint),
         "targets": _targets(ours, baseline, cold, footprint),
+        "variants": dict(variants or {}),
+        "targets_small_boxes": _targets_small_boxes(ours, baseline, variants or {}, cold),
     }
 
 
@@ -229,6 +258,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"{_x(_ratio(co['to_first_image'], cb['to_first_image']) if co and cb else None)} |"
         )
     lines.append(f"| end-to-end images/s (sequential) | {o['throughput']['e2e_images_per_s']:.3f} | {b['throughput']['e2e_images_per_s']:.3f} |" + (f" {_x(_ratio(o['throughput']['e2e_images_per_s'], b['throughput']['e2e_images_per_s']))} |" if b else " - |") if b else f"| end-to-end images/s | {o['throughput']['e2e_images_per_s']:.3f} | - | - |")
+    lines += _stage_memory_lines(o, b)
     lines += ["", "| batch | RMBG images/s (ours) | UNet samples/s (ours) |", "|---:|---:|---:|"]
     for k, v in o["throughput"].items():
         if k.startswith("batch"):
@@ -251,12 +281,83 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if report["errors"]:
         lines += ["", "Errors (the run continued without the failed part):", ""] + [f"- {' '.join(e.split())[:400]}" for e in report["errors"]]
     lines += ["", f"Total wall time of the benchmark: {report['wall_seconds'] / 60:.1f} min.", ""]
-    lines += ["", "| target (issue 5) | measured | met |", "|---|---:|:---:|"]
-    for t in report["targets"]:
-        meas = "-" if t["measured"] is None else (f"{t['measured']:.1%}" if t["unit"] == "fraction" else f"{t['measured']:.3g} {t['unit']}")
-        met = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")
-        lines.append(f"| {t['name']}: {t['target']} | {meas} | {met} |")
+    lines += _variant_lines(report)
+    for title, key in (("target (issue 5)", "targets"), ("target (issue 15, small boxes)", "targets_small_boxes")):
+        lines += ["", f"| {title} | measured | met |", "|---|---:|:---:|"]
+        for t in report.get(key) or []:
+            meas = "-" if t["measured"] is None else (f"{t['measured']:.1%}" if t["unit"] == "fraction" else f"{t['measured']:.3g} {t['unit']}")
+            met = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")
+            lines.append(f"| {t['name']}: {t['target']} | {meas} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def _load(side: Mapping[str, Any]) -> str:
+    la = side.get("load_average") or {}
+    start, end = la.get("start"), la.get("end")
+    return "-" if not start or not end else f"{start[0]:.1f} / {end[0]:.1f}"
+
+
+VARIANT_ROWS = (
+    ("ours", "trt-bgswap (default)"),
+    ("ours_low_memory", "trt-bgswap --low-memory"),
+    ("ours_vae_tiny", "trt-bgswap --vae tiny"),
+    ("baseline", "diffusers (full VAE)"),
+    ("baseline_vae_tiny", "diffusers + the same tiny autoencoder"),
+)
+
+
+def _variant_lines(report: Mapping[str, Any]) -> list[str]:
+    """Issue 15's rows side by side: end to end, peak memory, load, first request; ratios to both diffusers rows."""
+    sides = {"ours": report["ours"], "baseline": report["baseline"], **(report.get("variants") or {})}
+    if len(sides) <= 2 and not report.get("variants"):
+        return []
+    base, base_tiny = sides.get("baseline"), sides.get("baseline_vae_tiny")
+    lines = [
+        "",
+        "| row (each in its own process) | end to end (median) | peak RSS | load | first / second request | vs diffusers (full VAE) | vs diffusers + tiny AE | load average (1 min) start / end |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, label in VARIANT_ROWS:
+        r = sides.get(key)
+        if r is None:
+            continue
+        e2e = _median(r["e2e"])
+        extra = f" ({r['session_opens']} session opens)" if r.get("session_opens") is not None else ""
+        lines.append(
+            f"| {label}{extra} | {_s(e2e)} | {_gb(r['peak_rss'])} | {_s(r['load_seconds'])} | {_first_vs_second(r)} | "
+            f"{_x(_ratio(e2e, _median(base['e2e'])) if base else None)} | {_x(_ratio(e2e, _median(base_tiny['e2e'])) if base_tiny else None)} | "
+            f"{_load(r)} |"
+        )
+    low = (report.get("cold_start") or {}).get("ours_low_memory")
+    if low:
+        lines.append(f"| cold `run --low-memory` process | {_s(low['to_first_image'])} to the image | {_gb(low['peak_rss'])} | - | - | - | - | - |")
+    return lines
+
+
+def _first_vs_second(side: Mapping[str, Any] | None) -> str:
+    order = (side or {}).get("requests_in_order") or []
+    return "-" if len(order) < 2 else f"{_s(order[0])} / {_s(order[1])} ({_x(order[0] / order[1])})"
+
+
+def _stage_memory_lines(o: Mapping[str, Any], b: Mapping[str, Any] | None) -> list[str]:
+    """The process's own peak while each model stage ran, and what the stage added over the RSS at its start."""
+    om, bm = o.get("stage_memory") or {}, (b or {}).get("stage_memory") or {}
+    if not om.get("peak"):
+        return []
+    lines = [
+        "",
+        "| memory per stage: peak RSS while it ran (its own rise) | ours | baseline |",
+        "|---|---:|---:|",
+    ]
+    for name in STAGES:
+
+        def cell(m: Mapping[str, Any]) -> str:
+            peak = m.get("peak", {}).get(name)
+            return "-" if peak is None else f"{_gb(peak)} (+{m['rise'][name] / 2**20:.0f} MiB)"
+
+        lines.append(f"| {name} | {cell(om)} | {cell(bm)} |")
+    lines.append(f"| first / second request after load | {_first_vs_second(o)} | {_first_vs_second(b)} |")
+    return lines
 
 
 def update_readme(readme: str | Path, markdown: str, start: str = README_START, end: str = README_END) -> None:

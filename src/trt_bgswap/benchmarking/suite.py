@@ -63,6 +63,8 @@ class BenchSettings:
     int8_rmbg: bool = True  # static int8 RMBG in the timed pipeline (fp32 timed alongside)
     baseline: bool = True
     cold_start: bool = True
+    low_memory: bool = True  # also time `--low-memory` (its own worker and cold run): its peak and its latency cost
+    vae_tiny: bool = True  # also time `--vae tiny`, and diffusers with the same tiny autoencoder (TAESD)
     readme: Path | None = None  # a Markdown file whose results block is replaced
     command: str = ""
     note: str = ""  # e.g. "other processes were running"
@@ -120,18 +122,20 @@ def _sources(settings: BenchSettings, timeline: Timeline) -> dict[str, Path]:
         missing = [str(p) for p in paths.values() if not p.exists()]
         if missing:
             raise UsageError(f"--sources {settings.sources}: missing {missing}; it needs {', '.join(n + '/' for n in names.values())}")
+        if (settings.sources / "taesd").is_dir():  # optional: the --vae tiny rows
+            paths["taesd"] = settings.sources / "taesd"
         return paths
     folder = settings.work_dir / f"models-{settings.mode}"
     if settings.mode == "tiny":
         from trt_bgswap.export.tiny import write_tiny_models
 
-        if not all((folder / n).exists() for n in names.values()):
+        if not all((folder / n).exists() for n in (*names.values(), "taesd")):
             timeline.run("write tiny random models", lambda: write_tiny_models(folder))
-        return {k: folder / n for k, n in names.items()}
+        return {**{k: folder / n for k, n in names.items()}, **({"taesd": folder / "taesd"} if settings.family == "sd15" else {})}  # TAESD: SD latents
     from trt_bgswap.benchmarking.fullsize import write_full_models
 
     written = timeline.run("write full-size random models", lambda: write_full_models(folder, family=settings.family))
-    return {k: written[n] for k, n in names.items()}
+    return {**{k: written[n] for k, n in names.items()}, **({"taesd": written["taesd"]} if "taesd" in written else {})}
 
 
 def _export(settings: BenchSettings, sources: dict[str, Path], timeline: Timeline) -> tuple[Path, bool]:
@@ -216,8 +220,9 @@ def _flops(export_dir: Path, manifest: Manifest, timeline: Timeline) -> dict[str
     return out
 
 
-def _worker(side: str, job: dict[str, Any], work: Path) -> dict[str, Any]:
-    job_path, out_path, log_path = work / f"job-{side}.json", work / f"result-{side}.json", work / f"worker-{side}.log"
+def _worker(side: str, job: dict[str, Any], work: Path, name: str | None = None) -> dict[str, Any]:
+    name = name or side
+    job_path, out_path, log_path = work / f"job-{name}.json", work / f"result-{name}.json", work / f"worker-{name}.log"
     write_text_atomic(job_path, json.dumps(job, indent=2) + "\n")
     if out_path.exists():
         out_path.unlink()
@@ -228,8 +233,45 @@ def _worker(side: str, job: dict[str, Any], work: Path) -> dict[str, Any]:
         )  # fmt: skip
     if proc.returncode != 0 or not out_path.is_file():
         tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
-        raise BgSwapError(f"the {side} benchmark worker failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+        raise BgSwapError(f"the {name} benchmark worker failed (exit {proc.returncode}); log {log_path}:\n{tail}")
     return json.loads(out_path.read_text(encoding="utf-8"))
+
+
+def _variants(
+    settings: BenchSettings, sources: dict[str, Path], export_dir: Path, job_ours: dict[str, Any], job_base: dict[str, Any] | None,
+    work: Path, timeline: Timeline, errors: list[str],
+) -> dict[str, Any]:
+    """Issue 15's rows, each in its own worker: ``--low-memory``; ``--vae tiny``; diffusers with the same tiny autoencoder.
+
+    The ``--vae tiny`` export shares every other graph (and their built engines) with the default one:
+    only the VAE graphs differ (:func:`trt_bgswap.export.exporter.with_tiny_vae`).
+    """
+    rows: dict[str, Any] = {}
+    lean = {"extras": False}  # the variants skip the batch-throughput, int8 and fusion comparisons (the default row has them)
+    runs: dict[str, Any] = {}
+    if settings.low_memory:
+        runs["ours_low_memory"] = ("ours", {**job_ours, **lean, "low_memory": True})
+    if settings.vae_tiny:
+        if "taesd" not in sources:
+            errors.append(f"no taesd/ beside the sources in {settings.sources}: the --vae tiny rows were not run")
+        else:
+            from trt_bgswap.export.exporter import with_tiny_vae
+
+            target = settings.work_dir / f"export-{settings.mode}-vae-tiny"
+            timeline.run("export --vae tiny (the tiny autoencoder's VAE graphs, the rest linked)", lambda: with_tiny_vae(export_dir, sources["taesd"], target))
+            engines = dict(job_ours["engines"])
+            for name in ("vae_encoder", "vae_decoder"):
+                engines[name] = {"path": str(target / name / "model.onnx"), "graph_optimization": "all", "backend": "ort"}
+            runs["ours_vae_tiny"] = ("ours", {**job_ours, **lean, "export_dir": str(target), "engines": engines})
+            if job_base is not None:
+                runs["baseline_vae_tiny"] = ("baseline", {**job_base, "taesd": str(sources["taesd"])})
+    for name, (side, job) in runs.items():
+        try:
+            rows[name] = timeline.run(f"time {name.replace('_', ' ')}", lambda s=side, j=job, n=name: _worker(s, j, work, name=n))
+        except BgSwapError as e:
+            errors.append(str(e))
+            log.warning("bench: %s", e)
+    return rows
 
 
 def run_suite(settings: BenchSettings) -> dict[str, Any]:
@@ -274,14 +316,16 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
         } if applied["fuse"] else None,
     }  # fmt: skip
     ours = timeline.run("time our pipeline", lambda: _worker("ours", job_ours, work))
-    baseline = None
+    baseline, job_base = None, None
     if settings.baseline:
-        job_base = {**common, "sources": {k: str(v) for k, v in sources.items()}, "rmbg_size": manifest.rmbg.input_size[0]}
+        job_base = {**common, "sources": {k: str(v) for k, v in sources.items() if k != "taesd"}, "rmbg_size": manifest.rmbg.input_size[0]}
         try:
             baseline = timeline.run("time the PyTorch baseline", lambda: _worker("baseline", job_base, work))
         except BgSwapError as e:
             errors.append(str(e))
             log.warning("bench: %s", e)
+
+    variants = _variants(settings, sources, export_dir, job_ours, job_base, work, timeline, errors)
 
     cold: dict[str, Any] = {}
     if settings.cold_start:
@@ -295,6 +339,11 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
             "ours": ("cold start: trt-bgswap run", lambda: cold_start_ours(export_dir, *args, provider="cpu" if settings.backend == "cpu" else "trt")),
             "baseline": ("cold start: baseline script", lambda: cold_start_baseline(sources, *args, rmbg_size=manifest.rmbg.input_size[0])),
         }
+        if settings.low_memory:
+            runs["ours_low_memory"] = (
+                "cold start: trt-bgswap run --low-memory",
+                lambda: cold_start_ours(export_dir, *args, provider="cpu" if settings.backend == "cpu" else "trt", low_memory=True),
+            )
         for side, (label, fn) in runs.items():
             if side == "baseline" and not settings.baseline:
                 continue
@@ -311,6 +360,7 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
         settings=settings, machine_info=info, threads=threads, load_before=load_before, load_after=machine.load_average(),
         timeline=timeline.seconds, export_reused=reused, build=build_info, flops=flops, peak=peak, ours=ours,
         baseline=baseline, cold=cold, footprint=footprint, started=started, manifest=manifest, applied=applied, errors=errors,
+        variants=variants,
     )  # fmt: skip
     out_dir = settings.out_dir or work
     out_dir.mkdir(parents=True, exist_ok=True)

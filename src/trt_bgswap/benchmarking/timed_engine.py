@@ -2,11 +2,13 @@
 
 The pipeline runs unchanged (no timing code in the runtime); the benchmark hands it
 wrapped engines, so each model stage's time is read inside a real end-to-end run. Only
-``infer`` is timed: input validation and dtype casts stay in the pipeline's overhead.
+``infer`` is timed: input validation and dtype casts stay in the pipeline's overhead. With
+``peaks``, the process's peak memory while each call ran is recorded under the same stage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
 
@@ -14,17 +16,19 @@ import numpy as np
 
 from trt_bgswap.runtime.engine import Engine
 
+from trt_bgswap.benchmarking.peak_memory import StagePeaks
 from trt_bgswap.benchmarking.stats import StageClock
 
 
 class TimedEngine(Engine):
     """Delegates to ``inner`` and records ``infer`` durations under ``stage`` in ``clock``."""
 
-    def __init__(self, inner: Engine, stage: str, clock: StageClock) -> None:
+    def __init__(self, inner: Engine, stage: str, clock: StageClock, peaks: StagePeaks | None = None) -> None:
         super().__init__(inner.spec, inner.path)
         self.inner = inner
         self.stage = stage
         self.clock = clock
+        self.peaks = peaks
 
     @property
     def backend(self) -> str:
@@ -38,9 +42,10 @@ class TimedEngine(Engine):
         self.inner.allocate(dims)
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        t0 = time.perf_counter()
-        out = self.inner.infer(feeds)
-        self.clock.add(self.stage, time.perf_counter() - t0)
+        with self.peaks.stage(self.stage) if self.peaks is not None else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            out = self.inner.infer(feeds)
+            self.clock.add(self.stage, time.perf_counter() - t0)
         return out
 
     def unload(self) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from trt_bgswap.atomic import write_text_atomic
+from trt_bgswap.benchmarking.machine import load_average
 
 SIDES = ("ours", "baseline")
 
@@ -25,6 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     side, job_path, out_path = args
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))
+    load_start = load_average()
     if side == "ours":
         from trt_bgswap.benchmarking.ours import measure_ours
 
@@ -33,6 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from trt_bgswap.benchmarking.baseline import measure_baseline
 
         result = measure_baseline(job)
+    result["load_average"] = {"start": load_start, "end": load_average()}  # a busy machine shows here, per side
     write_text_atomic(out_path, json.dumps(result, indent=2, sort_keys=True) + "\n")
     return 0
 

@@ -87,6 +87,8 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     b.add_argument("--no-int8-rmbg", action="store_true", help="run RMBG in fp32 instead of static int8")
     b.add_argument("--no-baseline", action="store_true", help="skip the diffusers/PyTorch baseline")
     b.add_argument("--no-cold-start", action="store_true", help="skip the cold-start subprocess runs")
+    b.add_argument("--no-low-memory", action="store_true", help="skip the --low-memory rows (its own worker and cold run)")
+    b.add_argument("--no-vae-tiny", action="store_true", help="skip the --vae tiny rows (ours and diffusers with the same tiny autoencoder)")
     b.add_argument("--note", default="", help="a remark recorded with the machine (e.g. 'other processes were running')")
     b.set_defaults(func=run_bench)
 
@@ -106,7 +108,7 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--guidance", str(args.guidance)]
     if tuple(args.batch_sizes) != (1, 2):
         parts += ["--batch-sizes", ",".join(str(x) for x in args.batch_sizes)]
-    for flag in ("no_fuse", "no_int8_rmbg", "no_baseline", "no_cold_start"):
+    for flag in ("no_fuse", "no_int8_rmbg", "no_baseline", "no_cold_start", "no_low_memory", "no_vae_tiny"):
         if getattr(args, flag):
             parts.append("--" + flag.replace("_", "-"))
     if args.note:
@@ -138,6 +140,8 @@ def run_bench(args: argparse.Namespace) -> int:
         int8_rmbg=not args.no_int8_rmbg,
         baseline=not args.no_baseline,
         cold_start=not args.no_cold_start,
+        low_memory=not args.no_low_memory,
+        vae_tiny=not args.no_vae_tiny,
         readme=Path(args.readme) if args.readme else None,
         command=command_line(args),
         note=args.note,

@@ -20,7 +20,9 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     b.add_argument("dir")
     b.add_argument("--backend", choices=["ort", "trt"], default="ort", help="ort: pre-optimized ONNX Runtime graphs (+ EP caches); trt: TensorRT plans")
     b.add_argument("--provider", choices=["auto", "cpu", "cuda", "tensorrt"], default="cpu", help="for --backend ort: the ONNX Runtime provider to build for")
-    b.add_argument("--precision", choices=["fp16", "fp32"], default="fp16", help="TensorRT plan precision")
+    b.add_argument("--precision", choices=["fp16", "fp32"], default="fp16",
+                   help="TensorRT plan precision: strongly typed; fp16 converts fp32 graphs to fp16 with fp32 islands (the VAE keeps its export's precision)")
+    b.add_argument("--weak-fp16", action="store_true", help="TensorRT 10.x only: the deprecated weakly typed FP16 build (TensorRT picks each layer's precision)")
     b.add_argument("--size", type=parse_size, action="append", help="generation size WxH (repeatable)")
     b.add_argument("--dynamic", help="dynamic size range MIN..MAX, e.g. 256..768")
     b.add_argument("--opt-level", type=int_range("--opt-level", 0, 5), default=3, help="TensorRT builder optimization level")
@@ -52,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         dynamic=parse_size_range(args.dynamic) if args.dynamic else None,
         opt_level=args.opt_level,
         provider=provider or "cpu",
+        weak_fp16=args.weak_fp16,
     )
     log.info("engines in %s (%d rebuilt, %d reused)", report.out_dir, len(report.rebuilt), len(report.models) - len(report.rebuilt))
     return 0

@@ -12,6 +12,7 @@ from trt_bgswap.model_folders import export_sources, with_defaults
 log = logging.getLogger("trt_bgswap")
 
 NAME = "export"
+TAESD_DEFAULT = "madebyollin/taesd"  # MIT; SD1.x/2.x latents
 HELP = "PyTorch models -> ONNX folder (needs the export extra)"
 
 
@@ -22,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     e.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     e.add_argument("--force", action="store_true", help="replace an existing exported folder")
     e.add_argument(
-        "--vae", type=Path, metavar="DIR",
+        "--vae-src", type=Path, metavar="DIR",
         help="a diffusers AutoencoderKL folder replacing the model's VAE, e.g. an fp16-safe one (madebyollin/sdxl-vae-fp16-fix): "
         "with --precision fp16 it is exported in fp16 when its config says force_upcast: false (the model's own VAE stays fp32)",
     )
@@ -32,6 +33,11 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         action="store_true",
         help="also export vae_encoder_sample/, vae_decoder_image/, rmbg_full/: the VAE and RMBG with their pre/post-processing inside (TensorRT keeps data on the GPU)",
     )
+    e.add_argument(
+        "--vae", choices=["full", "tiny"], default="full",
+        help="tiny: the tiny autoencoder (TAESD) encodes and decodes instead of the model's VAE: much faster, less detail",
+    )  # fmt: skip
+    e.add_argument("--taesd", default=TAESD_DEFAULT, help=f"with --vae tiny: the tiny autoencoder, a folder or hub id (default {TAESD_DEFAULT}; taesdxl for SDXL)")
     e.set_defaults(func=run)
 
 
@@ -39,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     sources = with_defaults(given_sources(args), need_inpaint=True, need_rmbg=True)
     manifest = export_sources(
         sources, Path(args.out), precision=args.precision, opset=args.opset, offline=args.offline, allow_pickle=args.allow_pickle,
-        overwrite=args.force, fused_step=args.fused_step, device_graphs=args.device_graphs, loras=args.loras, masker=args.masker, vae=args.vae,
+        overwrite=args.force, fused_step=args.fused_step, device_graphs=args.device_graphs, loras=args.loras, masker=args.masker,
+        tiny_vae=args.taesd if args.vae == "tiny" else None, vae_src=args.vae_src,
     )
     log.info("exported %s to %s", ", ".join(manifest.models), args.out)
     return 0

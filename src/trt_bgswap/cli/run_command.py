@@ -70,6 +70,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     r.add_argument("--guidance", type=float_range("--guidance", 0.0, 30.0), default=1.0, help="classifier-free guidance (1: off)")
     r.add_argument("--num-results", type=int_range("--num-results", 1, 64), default=1, help="results per image, with seeds seed, seed+1, ...")
     r.add_argument("--size", type=parse_size, help="generation size WxH, multiples of the model's (64 for SD1.5) (default: ~512^2 at the image's aspect)")
+    r.add_argument("--low-memory", action="store_true", help="open each model only while its stage runs: far less memory, same results, slower")
     r.add_argument(
         "--memory-budget",
         type=byte_size,
@@ -134,7 +135,7 @@ def _check_memory(folder: Path, args: argparse.Namespace, jobs: list[Job], stage
     from trt_bgswap.runtime.sizing import generation_size
     from trt_bgswap.runtime.memory_guard import guard_for_run
 
-    guard = guard_for_run(folder, args.provider, args.memory_budget, stages=stages)
+    guard = guard_for_run(folder, args.provider, args.memory_budget, stages=stages, resident_budget=0 if args.low_memory else None)
     if guard is None:
         return
     sizes = [j.info.size for j in jobs if j.info is not None] or [(guard.config.default_size, guard.config.default_size)]
@@ -181,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
     if "generate" in stages:
         _check_memory(models, args, jobs, stages)
     swapper = BackgroundReplacer(
-        models, provider=args.provider, threads=args.threads, max_pixels=args.max_pixels, stages=stages, memory_budget=args.memory_budget
+        models, provider=args.provider, threads=args.threads, max_pixels=args.max_pixels, stages=stages, memory_budget=args.memory_budget,
+        low_memory=args.low_memory,
     )
     swapper.check_options(  # once, before any image: a bad option stops the run with exit code 2
         args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,

@@ -42,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     s.add_argument("--token-file", type=Path, help="require 'Authorization: Bearer <token>' (the file's first line) on every route but /healthz")
     s.add_argument("--provider", choices=PROVIDERS, default="auto", help="auto (TensorRT engines, then ONNX Runtime CUDA, then CPU), trt, tensorrt/cuda or cpu")
     s.add_argument("--threads", type=int_range("--threads", 0, 256), default=0, help="intra-op threads (0: all cores)")
+    s.add_argument("--low-memory", action="store_true", help="open each model only while its stage runs: far less memory, same results, slower")
     s.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up (and the batch exactness check: no batching)")
     ray = s.add_argument_group("Ray Serve (pip install 'trt-bgswap[ray]')")
     ray.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment instead of one uvicorn process")
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     config = ServerConfig(
         models=folder.resolve(), provider=args.provider, threads=args.threads, max_queue=args.max_queue, max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms, max_pixels=args.max_pixels, max_bytes=args.max_bytes, timeout=args.timeout,
-        token_file=args.token_file.resolve() if args.token_file else None, warmup=args.warmup,
+        token_file=args.token_file.resolve() if args.token_file else None, warmup=args.warmup, low_memory=args.low_memory,
     )
     config.validate()
     _check_host(args.host, args.token_file is not None)

@@ -125,7 +125,7 @@ class Service:
         cfg = self.config
         try:
             t0 = time.monotonic()
-            pipe = Pipeline.load(cfg.models, provider=cfg.provider, threads=cfg.threads)
+            pipe = Pipeline.load(cfg.models, provider=cfg.provider, threads=cfg.threads, low_memory=cfg.low_memory)
             self.replacer = BackgroundReplacer(None, max_pixels=cfg.max_pixels, pipeline=pipe)
             batcher = Batcher(pipe, self.metrics, cfg.max_queue, cfg.max_batch, cfg.batch_wait_ms / 1000.0)
             if cfg.warmup:

@@ -30,6 +30,7 @@ class ServerConfig:
     timeout: float = 300.0  # seconds from arrival to answer (504 after)
     token_file: Path | None = None  # with it, every route but /healthz needs "Authorization: Bearer <token>"
     warmup: bool = True  # run each stage once (and check batch exactness) before /readyz says ready
+    low_memory: bool = False  # each model's session open only while its stage runs (Pipeline.load(low_memory=))
 
     def validate(self) -> None:
         for name, value, lo in (("--max-queue", self.max_queue, 1), ("--max-batch", self.max_batch, 1), ("--max-pixels", self.max_pixels, 1), ("--max-bytes", self.max_bytes, 1024)):
