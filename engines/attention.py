@@ -68,6 +68,45 @@ def _static_dims(value_info: Any) -> list[int | None]:
     return [d.dim_value if d.HasField("dim_value") else None for d in dims]
 
 
+WEIGHTLESS_ABOVE = 1024  # elements: larger initializers keep only their type and shape for inference
+
+
+def _without_weight_data(model: Any) -> Any:
+    """A copy of ``model`` whose large initializers carry no data, for shape inference.
+
+    Inference serializes the model, and protobuf refuses a message over 2 GiB: the full-size
+    SD1.5 UNet with its weights loaded (3.4 GB) failed here. Inference reads only the type and
+    shape of a weight; data propagation reads the values of small shape constants, which stay.
+    """
+    from onnx import TensorProto
+
+    light = type(model)()
+    _copy_without_initializers(model, light)
+    kept = []
+    for t in model.graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        if n <= WEIGHTLESS_ABOVE:
+            kept.append(t)
+            continue
+        stub = TensorProto(name=t.name, data_type=t.data_type, dims=list(t.dims), data_location=TensorProto.EXTERNAL)
+        stub.external_data.add(key="location", value="not-loaded-for-shape-inference")
+        kept.append(stub)
+    light.graph.initializer.extend(kept)
+    return light
+
+
+def _copy_without_initializers(model: Any, into: Any) -> None:
+    """``into`` = ``model`` minus its initializers (copying the whole message first would hold the weights twice)."""
+    into.ir_version = model.ir_version
+    into.opset_import.extend(model.opset_import)
+    into.functions.extend(model.functions)
+    into.graph.name = model.graph.name
+    for field in ("node", "input", "output", "value_info"):
+        getattr(into.graph, field).extend(getattr(model.graph, field))
+
+
 def bound_attention(model: Any) -> Tiling:
     """Replace (in place) every float32 (batch, heads, tokens, dim) attention of ``model`` by ``MultiHeadAttention``.
 
@@ -85,7 +124,7 @@ def bound_attention(model: Any) -> Tiling:
     result = Tiling()
     if not triples:
         return result
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    inferred = onnx.shape_inference.infer_shapes(_without_weight_data(model), data_prop=True)
     shapes = {v.name: v for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
     replace: dict[int, list[Any]] = {}  # index of the final MatMul -> the nodes standing in for the three
     remove: set[int] = set()

@@ -304,27 +304,3 @@ def resolve(
     _check_pickles(folder, allow_pickle, label)
     commit = folder.name if _COMMIT.fullmatch(folder.name) else None
     return Source(path=folder, repo_id=repo_id, revision=rev, commit=commit, variant=variant.name if variant else None)
-
-
-def resolve_source(
-    source: str | os.PathLike[str],
-    family: str | None = None,
-    *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    offline: bool = False,
-    allow_pickle: bool = False,
-    token: str | bool | None = None,
-    endpoint: str | None = None,
-) -> Path:
-    """`resolve`, returning just the local path (what the exporter and the CLI load from)."""
-    return resolve(
-        source,
-        family,
-        revision=revision,
-        cache_dir=cache_dir,
-        offline=offline,
-        allow_pickle=allow_pickle,
-        token=token,
-        endpoint=endpoint,
-    ).path

@@ -63,16 +63,6 @@ def wrap(text_encoder: Any, penultimate: bool = False) -> Any:
     return TextEncoderWrapper(text_encoder)
 
 
-def export_text_encoder(
-    src: str | Path,
-    out_dir: str | Path,
-    precision: str = "fp32",
-    opset: int = DEFAULT_OPSET,
-) -> ModelEntry:
-    """Export ``src/text_encoder`` to ``out_dir/model.onnx``; returns its manifest entry."""
-    return export_text_encoder_module(load_text_encoder(src), out_dir, precision, opset)
-
-
 def sample_ids(model: Any, spec: ModelSpec) -> dict[str, Any]:
     """Tracing ids: a batch of 2 random rows (the batch dim cannot fold into a constant)."""
     import torch

@@ -45,6 +45,57 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = {
 
 SD15_VAE_SCALING_FACTOR = 0.18215  # vae/config.json of SD1.5; the tiny VAE declares the same
 
+# SD1.5 inpainting's published configs (unet/, vae/, text_encoder/config.json of
+# runwayml/stable-diffusion-inpainting; the VAE's scaling factor is diffusers' default, which that
+# file relies on): the full-size benchmark models use them as they are, the tiny ones shrink them.
+SD15_INPAINT_UNET_CONFIG: dict[str, Any] = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 9,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+SD15_VAE_CONFIG: dict[str, Any] = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "scaling_factor": SD15_VAE_SCALING_FACTOR,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+SD15_TEXT_ENCODER_CONFIG: dict[str, Any] = {
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "projection_dim": 768,
+    "vocab_size": 49408,
+}
+
 # The module-name suffixes the LCM-LoRA distillation script puts LoRA layers on (diffusers names).
 LCM_LORA_TARGETS: tuple[str, ...] = (
     "to_q",
@@ -70,43 +121,18 @@ LCM_LORA_FILE = "pytorch_lora_weights.safetensors"
 def tiny_unet_config(cross_attention_dim: int) -> dict[str, Any]:
     """SD1.5's UNet config with tiny channels; ``attention_head_dim`` keeps SD1.5's meaning (8 heads)."""
     return {
-        "_class_name": "UNet2DConditionModel",
-        "act_fn": "silu",
-        "attention_head_dim": 8,  # diffusers reads this as the number of heads for SD1.5
+        **SD15_INPAINT_UNET_CONFIG,
         "block_out_channels": [32, 32, 64, 64],
-        "center_input_sample": False,
         "cross_attention_dim": cross_attention_dim,
-        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-        "downsample_padding": 1,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "in_channels": 9,
         "layers_per_block": 1,
-        "mid_block_scale_factor": 1,
-        "norm_eps": 1e-05,
         "norm_num_groups": 8,
-        "out_channels": 4,
         "sample_size": 16,  # x VAE factor 8 = 128 px default size
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     }
 
 
 def tiny_vae_config() -> dict[str, Any]:
     """SD1.5's VAE config with tiny channels; 4 blocks keep the downsampling factor at 8."""
-    return {
-        "_class_name": "AutoencoderKL",
-        "act_fn": "silu",
-        "block_out_channels": [16, 32, 32, 32],
-        "down_block_types": ["DownEncoderBlock2D"] * 4,
-        "in_channels": 3,
-        "latent_channels": 4,
-        "layers_per_block": 1,
-        "norm_num_groups": 8,
-        "out_channels": 3,
-        "sample_size": 128,
-        "scaling_factor": SD15_VAE_SCALING_FACTOR,
-        "up_block_types": ["UpDecoderBlock2D"] * 4,
-    }
+    return {**SD15_VAE_CONFIG, "block_out_channels": [16, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 128}
 
 
 def _tokenizer_ids(tokenizer_dir: Path) -> tuple[int, int, int, int, int]:
@@ -147,11 +173,11 @@ SD15_INPAINT_MODEL_INDEX: dict[str, Any] = {
 }
 
 
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
+def write_json(path: Path, obj: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _save_safetensors(state: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(state: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
     from trt_bgswap.atomic import atomic_path
@@ -159,6 +185,75 @@ def _save_safetensors(state: dict[str, Any], path: Path, metadata: dict[str, str
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+
+
+def write_sd_inpainting(
+    folder: str | Path,
+    text_encoder: dict[str, Any],
+    unet_config: dict[str, Any],
+    vae_config: dict[str, Any],
+    seed: int,
+    perturb: bool,
+    pad_token: str | None = None,
+) -> Path:
+    """A diffusers SD-inpainting folder (SD1.5's layout, SD2's too) with random seeded weights, at any size; returns the folder.
+
+    The tokenizer is the project's small CLIP tokenizer (padding with ``pad_token``, eos unless given:
+    SD2's OpenCLIP tokenizer pads with ``!``); the text encoder is ``CLIPTextConfig(**text_encoder)``
+    with the tokenizer's special ids (and its vocabulary size and length unless ``text_encoder`` gives them).
+    ``perturb`` gives constant tensors (norm scales, zero biases) random values, so every layer of a tiny
+    model matters to the parity tests.
+    """
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from trt_bgswap.export.tiny_tokenizer import write_tiny_clip_tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok_dir = Path(write_tiny_clip_tokenizer(folder / "tokenizer", **({"pad_token": pad_token} if pad_token is not None else {})))
+    vocab_size, bos, eos, pad, max_length = _tokenizer_ids(tok_dir)
+    gen = torch.Generator().manual_seed(seed)
+    te_config = CLIPTextConfig(
+        **{"vocab_size": vocab_size, "max_position_embeddings": max_length, **text_encoder}, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad
+    )
+    torch.manual_seed(seed)
+    log.info("%s: text encoder", folder)
+    model = CLIPTextModel(te_config).eval()
+    if perturb:
+        _perturb_constant_params(model, gen)
+    te_dict = te_config.to_dict()
+    te_dict["architectures"] = ["CLIPTextModel"]
+    write_json(folder / "text_encoder" / "config.json", te_dict)
+    save_safetensors(model.state_dict(), folder / "text_encoder" / "model.safetensors", {"format": "pt"})
+    del model
+    for name, cls, config in (("unet", UNet2DConditionModel, unet_config), ("vae", AutoencoderKL, vae_config)):
+        log.info("%s: %s", folder, name)
+        model = cls.from_config(config).eval()
+        if perturb:
+            _perturb_constant_params(model, gen)
+        write_json(folder / name / "config.json", dict(model.config))
+        save_safetensors(model.state_dict(), folder / name / "diffusion_pytorch_model.safetensors")
+        del model
+    write_json(folder / "scheduler" / "scheduler_config.json", dict(SD15_SCHEDULER_CONFIG))
+    write_json(folder / "model_index.json", dict(SD15_INPAINT_MODEL_INDEX))
+    return folder
+
+
+# The tiny text encoder: SD1.5's architecture (openai/clip-vit-large-patch14's quick_gelu) at hidden size 32.
+TINY_TEXT_ENCODER: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "projection_dim": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "hidden_act": "quick_gelu",
+}
+
+# SD2's text encoder is OpenCLIP ViT-H (gelu, not quick_gelu); its tokenizer pads with "!".
+TINY_SD2_TEXT_ENCODER: dict[str, Any] = {**TINY_TEXT_ENCODER, "hidden_act": "gelu"}
+SD2_PAD_TOKEN = "!"
 
 
 def sd2_variant(unet_config: dict[str, Any], vae_config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -179,62 +274,13 @@ def write_tiny_sd_inpainting(folder: str | Path, seed: int = 0, sd2: bool = Fals
     ``sd2``: SD2 inpainting's instead: the OpenCLIP text encoder (``hidden_act`` gelu) whose
     tokenizer pads with ``!``, and :func:`sd2_variant`'s UNet and VAE.
     """
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from trt_bgswap.export.tiny_tokenizer import write_tiny_clip_tokenizer
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok_dir = Path(write_tiny_clip_tokenizer(folder / "tokenizer", **({"pad_token": "!"} if sd2 else {})))
-    vocab_size, bos, eos, pad, max_length = _tokenizer_ids(tok_dir)
-    gen = torch.Generator().manual_seed(seed)
-
-    hidden = 32
-    te_config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=64,
-        projection_dim=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=max_length,
-        hidden_act="gelu" if sd2 else "quick_gelu",  # SD2: OpenCLIP ViT-H; SD1.5: openai/clip-vit-large-patch14
-        bos_token_id=bos,
-        eos_token_id=eos,
-        pad_token_id=pad,
-    )
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(te_config).eval()
-    _perturb_constant_params(text_encoder, gen)
-    te_dir = folder / "text_encoder"
-    te_dir.mkdir(parents=True, exist_ok=True)
-    te_dict = te_config.to_dict()
-    te_dict["architectures"] = ["CLIPTextModel"]
-    _write_json(te_dir / "config.json", te_dict)
-    _save_safetensors(text_encoder.state_dict(), te_dir / "model.safetensors", {"format": "pt"})
-
-    unet_config, vae_config = tiny_unet_config(cross_attention_dim=hidden), tiny_vae_config()
+    text_encoder = TINY_SD2_TEXT_ENCODER if sd2 else TINY_TEXT_ENCODER
+    unet_config, vae_config = tiny_unet_config(cross_attention_dim=text_encoder["hidden_size"]), tiny_vae_config()
     if sd2:
         unet_config, vae_config = sd2_variant(unet_config, vae_config)
-    unet = UNet2DConditionModel.from_config(unet_config).eval()
-    _perturb_constant_params(unet, gen)
-    _write_json(folder / "unet" / "config.json", dict(unet.config))
-    _save_safetensors(unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors")
-
-    vae = AutoencoderKL.from_config(vae_config).eval()
-    _perturb_constant_params(vae, gen)
-    _write_json(folder / "vae" / "config.json", dict(vae.config))
-    _save_safetensors(vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors")
-
-    _write_json(folder / "scheduler" / "scheduler_config.json", dict(SD15_SCHEDULER_CONFIG))
-    _write_json(
-        folder / "model_index.json",
-        dict(SD15_INPAINT_MODEL_INDEX),
-    )
+    write_sd_inpainting(folder, text_encoder, unet_config, vae_config, seed, perturb=True, pad_token=SD2_PAD_TOKEN if sd2 else None)
     log.info("tiny %s inpainting written to %s", "SD2" if sd2 else "SD-1.5", folder)
-    return folder
+    return Path(folder)
 
 
 def lcm_lora_module_names(unet: Any) -> list[str]:
@@ -290,6 +336,6 @@ def write_tiny_lcm_lora(
         state[f"{key}.lora_down.weight"] = down.to(torch.float16)
         state[f"{key}.lora_up.weight"] = up.to(torch.float16)
         state[f"{key}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
-    _save_safetensors(state, folder / LCM_LORA_FILE)
+    save_safetensors(state, folder / LCM_LORA_FILE)
     log.info("tiny LCM-LoRA (%d modules, rank %d, alpha %g) written to %s", len(state) // 3, rank, alpha, folder)
     return folder

@@ -26,7 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from trt_bgswap.export.tiny_sd import _perturb_constant_params, _save_safetensors, _tokenizer_ids, _write_json
+from trt_bgswap.export.tiny_sd import SD15_VAE_CONFIG, _perturb_constant_params, _tokenizer_ids, save_safetensors, write_json
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,52 @@ SDXL_INPAINT_MODEL_INDEX: dict[str, Any] = {
     "tokenizer_2": ["transformers", "CLIPTokenizer"],
     "unet": ["diffusers", "UNet2DConditionModel"],
     "vae": ["diffusers", "AutoencoderKL"],
+}
+
+# SDXL inpainting (diffusers/stable-diffusion-xl-1.0-inpainting-0.1, unet/config.json): 9 channels, three blocks,
+# transformer depths 1/2/10, linear projections, cross-attention 2048 (768 + 1280), the text_time added embedding
+# (2816 = 256 x 6 time ids + 1280 pooled), sample_size 128 (1024 px).
+SDXL_INPAINT_UNET_CONFIG: dict[str, Any] = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 9,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+
+# SDXL's VAE (vae/config.json): SD's architecture, scaling_factor 0.13025, force_upcast (it overflows float16).
+SDXL_VAE_CONFIG: dict[str, Any] = {**SD15_VAE_CONFIG, "sample_size": 1024, "scaling_factor": SDXL_VAE_SCALING_FACTOR, "force_upcast": True}
+
+# SDXL's text_encoder_2 (OpenCLIP ViT-bigG/14's text tower as CLIPTextModelWithProjection).
+SDXL_TEXT_ENCODER_2_CONFIG: dict[str, Any] = {
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+    "vocab_size": 49408,
 }
 
 HIDDEN_1, HIDDEN_2, PROJECTION_2 = 32, 48, 40  # text_encoder, text_encoder_2 widths; text_encoder_2's projection_dim
@@ -145,8 +191,8 @@ def _text_encoder(folder: Path, tokenizer_dir: Path, hidden: int, act: str, proj
     folder.mkdir(parents=True, exist_ok=True)
     d = config.to_dict()
     d["architectures"] = [cls.__name__]
-    _write_json(folder / "config.json", d)
-    _save_safetensors(model.state_dict(), folder / "model.safetensors", {"format": "pt"})
+    write_json(folder / "config.json", d)
+    save_safetensors(model.state_dict(), folder / "model.safetensors", {"format": "pt"})
 
 
 def write_tiny_sdxl_inpainting(folder: str | Path, seed: int = 0) -> Path:
@@ -166,15 +212,15 @@ def write_tiny_sdxl_inpainting(folder: str | Path, seed: int = 0) -> Path:
 
     unet = UNet2DConditionModel.from_config(tiny_sdxl_unet_config()).eval()
     _perturb_constant_params(unet, gen)
-    _write_json(folder / "unet" / "config.json", dict(unet.config))
-    _save_safetensors(unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors")
+    write_json(folder / "unet" / "config.json", dict(unet.config))
+    save_safetensors(unet.state_dict(), folder / "unet" / "diffusion_pytorch_model.safetensors")
 
     vae = AutoencoderKL.from_config(tiny_sdxl_vae_config()).eval()
     _perturb_constant_params(vae, gen)
-    _write_json(folder / "vae" / "config.json", dict(vae.config))
-    _save_safetensors(vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors")
+    write_json(folder / "vae" / "config.json", dict(vae.config))
+    save_safetensors(vae.state_dict(), folder / "vae" / "diffusion_pytorch_model.safetensors")
 
-    _write_json(folder / "scheduler" / "scheduler_config.json", dict(SDXL_SCHEDULER_CONFIG))
-    _write_json(folder / "model_index.json", dict(SDXL_INPAINT_MODEL_INDEX))
+    write_json(folder / "scheduler" / "scheduler_config.json", dict(SDXL_SCHEDULER_CONFIG))
+    write_json(folder / "model_index.json", dict(SDXL_INPAINT_MODEL_INDEX))
     log.info("tiny SDXL inpainting written to %s", folder)
     return folder

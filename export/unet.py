@@ -97,20 +97,6 @@ def wrap(unet: Any, added: bool = False) -> Any:
     return AddedCondUNetWrapper(unet) if added else UNetWrapper(unet)
 
 
-def export_unet(
-    src: str | Path,
-    out_dir: str | Path,
-    max_length: int,
-    lora: str | Path | None = None,
-    lora_scale: float = 1.0,
-    precision: str = "fp32",
-    opset: int = DEFAULT_OPSET,
-    external_data: bool | None = None,
-) -> ModelEntry:
-    """Export ``src/unet`` (LoRA fused) to ``out_dir/model.onnx``; ``max_length`` is the tokenizer's."""
-    return export_unet_module(load_unet(src, lora, lora_scale), out_dir, max_length, precision, opset, external_data)
-
-
 def export_unet_module(
     unet: Any,
     out_dir: str | Path,

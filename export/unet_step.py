@@ -148,7 +148,8 @@ def export_unet_step(
 ) -> ModelEntry:
     """Export ``src/unet`` (LoRA fused) + the LCM step as ``out_dir/model.onnx`` (``out_dir`` = ``<export>/unet_step``).
 
-    Arguments as :func:`trt_bgswap.export.unet.export_unet`; ``max_length`` is the tokenizer's.
+    ``lora``/``lora_scale`` as :func:`trt_bgswap.export.unet.load_unet`; the rest as
+    :func:`trt_bgswap.export.unet.export_unet_module`; ``max_length`` is the tokenizer's.
     """
     src = Path(src)
     check_step_scheduler(_scheduler_config(src))

@@ -40,10 +40,6 @@ class ColorSpace:
                 log.warning("the photo's ICC profile is unusable (%s); treating its colours as sRGB", " ".join(str(e).split()))
                 self._to_srgb = self._from_srgb = None
 
-    @property
-    def is_srgb(self) -> bool:
-        return self._to_srgb is None
-
     def to_srgb(self, rgb: np.ndarray) -> np.ndarray:
         """The photo as the models see it (uint8 HxWx3 sRGB)."""
         return rgb if self._to_srgb is None else _apply(self._to_srgb, rgb)

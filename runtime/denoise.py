@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from trt_bgswap.errors import ModelError, UsageError
-from trt_bgswap.runtime.engine import Engine
+from trt_bgswap.runtime.engine import Engine, EngineStage
 from trt_bgswap.runtime.scheduler import LCMCoefficients, LCMConfig, LCMScheduler
 from trt_bgswap.specs import UNET_STEP, StepIO, UnetIO
 
@@ -50,6 +50,15 @@ def check_step_scheduler(config: LCMConfig) -> None:
             f"scheduler clip_sample={config.clip_sample}, thresholding={config.thresholding}: the fused UNet-step "
             "graph does neither; use the separate UNet graph (the default pipeline) for this model"
         )
+
+
+def check_step_noise(name: str, arrays: Sequence[np.ndarray], steps: int, shape: tuple[int, ...]) -> None:
+    """``steps - 1`` noise arrays (one after every non-final step), each of the latents' ``shape``."""
+    if len(arrays) < steps - 1:
+        raise UsageError(f"{name} has {len(arrays)} arrays; {steps} steps need {steps - 1}")
+    for i, arr in enumerate(arrays[: steps - 1]):
+        if arr.shape != shape:
+            raise UsageError(f"{name}[{i}] has shape {arr.shape}; it must match the latents {shape}")
 
 
 @dataclass(frozen=True)
@@ -87,11 +96,7 @@ class DenoiseInputs:
                 raise UsageError(f"{name} has shape {arr.shape}; with latents {shape} it must be {want}")
         if steps < 1:
             raise UsageError(f"steps={steps}: the loop needs at least one step")
-        if len(self.step_noise) < steps - 1:
-            raise UsageError(f"{len(self.step_noise)} step-noise arrays for {steps} steps; pass {steps - 1}")
-        for i, arr in enumerate(self.step_noise[: steps - 1]):
-            if arr.shape != shape:
-                raise UsageError(f"step_noise[{i}] has shape {arr.shape}; it must match the latents {shape}")
+        check_step_noise("step_noise", self.step_noise, steps, shape)
         if self.embeddings.ndim != 3 or self.embeddings.shape[0] not in (shape[0], GUIDED_BATCH * shape[0]):
             raise UsageError(
                 f"embeddings have shape {self.embeddings.shape} for {shape[0]} generation(s); pass (N, S, D) [cond] "
@@ -122,7 +127,7 @@ def cast_for(engine: Engine, name: str, arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=engine.spec.tensor(name).np_dtype)
 
 
-class HostDenoiser:
+class HostDenoiser(EngineStage):
     """The UNet per step; guidance and the LCM step in numpy (the diffusers parity reference).
 
     N generations stack into one UNet call of N rows (2N with guidance: all uncond rows, then all
@@ -130,13 +135,6 @@ class HostDenoiser:
     """
 
     max_rows = None
-
-    def __init__(self, unet: Engine) -> None:
-        self.engine = unet
-
-    @property
-    def backend(self) -> str:
-        return self.engine.backend
 
     def unet(self, sample: np.ndarray, timestep: float, embeddings: np.ndarray, added: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
         """One UNet call; ``added`` are the added conditions (SDXL's text_embeds, time_ids) by input name."""
@@ -165,9 +163,6 @@ class HostDenoiser:
                 eps = uncond + np.float32(inputs.guidance) * (text - uncond)
             latents, _ = scheduler.step(eps, int(t), latents, noise=inputs.step_noise[i] if i < len(timesteps) - 1 else None)
         return latents
-
-    def close(self) -> None:
-        self.engine.close()
 
 
 def step_noise(inputs: DenoiseInputs, index: int, steps: int) -> np.ndarray:
@@ -215,7 +210,7 @@ def fused_denoise(engine: Engine, coefficients: LCMCoefficients, inputs: Denoise
     return latents
 
 
-class FusedStepDenoiser:
+class FusedStepDenoiser(EngineStage):
     """The fused ``unet_step`` graph run step after step through the common engine interface (any backend)."""
 
     max_rows = 1
@@ -223,14 +218,7 @@ class FusedStepDenoiser:
     def __init__(self, engine: Engine) -> None:
         if engine.spec.name != UNET_STEP:
             raise ModelError(f"the fused loop needs the {UNET_STEP!r} graph, got {engine.spec.name!r}; export with --fused-step")
-        self.engine = engine
-
-    @property
-    def backend(self) -> str:
-        return self.engine.backend
+        super().__init__(engine)
 
     def denoise(self, scheduler: LCMScheduler, inputs: DenoiseInputs) -> np.ndarray:
         return fused_denoise(self.engine, schedule_of(scheduler), inputs)
-
-    def close(self) -> None:
-        self.engine.close()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
@@ -36,7 +36,7 @@ from trt_bgswap.runtime.cuda_device import Stream
 from trt_bgswap.runtime.denoise import schedule_of
 from trt_bgswap.runtime.generator import GenerationInputs
 from trt_bgswap.runtime.scheduler import LCMScheduler
-from trt_bgswap.runtime.trt_backend import SharedActivations, TrtEngine
+from trt_bgswap.runtime.trt_backend import TrtEngine
 from trt_bgswap.runtime.trt_loop import STEP_INPUTS, StepEngine, TrtStepLoop
 from trt_bgswap.runtime.vae import image_hwc
 from trt_bgswap.specs import UNET_STEP, VAE_DECODER_IMAGE, VAE_ENCODER_SAMPLE, ModelSpec, StepIO, VaeDecoderImageIO, VaeEncoderSampleIO, pipeline_dims
@@ -127,15 +127,8 @@ def same_stream(*streams: Stream) -> bool:
 class DeviceFedStepEngine(StepEngine):
     """The step engine, with inputs that can come from another engine's device buffer instead of the host."""
 
-    def __init__(
-        self,
-        spec: ModelSpec,
-        path: Path,
-        stream: Stream | None = None,
-        shared_activations: SharedActivations | None = None,
-    ) -> None:
-        super().__init__(spec, path, stream=stream, shared_activations=shared_activations, use_cuda_graph=False)
-        self.device_feeds: dict[str, int] = {}  # input name -> device address its data is copied from
+    # input name -> device address its data is copied from; DeviceChain sets a new mapping per generation
+    device_feeds: Mapping[str, int] = MappingProxyType({})
 
     def upload(self, name: str, array: np.ndarray) -> None:
         ptr = self.device_feeds.get(name)
@@ -148,16 +141,7 @@ class DeviceFedStepEngine(StepEngine):
 class ChainedStepLoop(TrtStepLoop):
     """:class:`TrtStepLoop` whose conditioning inputs can be fed device-to-device (the encoder's latents)."""
 
-    def __init__(
-        self,
-        spec: ModelSpec,
-        plan_path: Path,
-        stream: Stream | None = None,
-        use_cuda_graph: bool = True,
-        shared_activations: SharedActivations | None = None,
-    ) -> None:
-        super().__init__(spec, plan_path, stream=stream, use_cuda_graph=use_cuda_graph, shared_activations=shared_activations)
-        self.engine = DeviceFedStepEngine(spec, plan_path, stream=stream, shared_activations=shared_activations)
+    engine_class = DeviceFedStepEngine
 
 
 class DeviceChain:

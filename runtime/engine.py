@@ -65,3 +65,17 @@ class Engine(ABC):
         if dims != self._dims:
             self.allocate(dims)
         return self.infer(feeds)
+
+
+class EngineStage:
+    """A pipeline stage that runs one engine: its backend is the engine's, and closing the stage closes the engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @property
+    def backend(self) -> str:
+        return self.engine.backend
+
+    def close(self) -> None:
+        self.engine.close()

@@ -9,6 +9,7 @@ import numpy as np
 from trt_bgswap.errors import UsageError
 from trt_bgswap.runtime.color_management import ColorSpace
 from trt_bgswap.runtime.compose import CompositeOptions, CompositeReport
+from trt_bgswap.runtime.denoise import check_step_noise
 from trt_bgswap.runtime.mask_ops import MaskOptions
 
 MAX_STEPS = 50
@@ -53,11 +54,7 @@ class Noise:
         for name, arr in (("latents", self.latents), ("posterior", self.posterior)):
             if arr.shape != shape:
                 raise UsageError(f"noise.{name} has shape {arr.shape}; this generation needs {shape}")
-        if len(self.steps) < steps - 1:
-            raise UsageError(f"noise.steps has {len(self.steps)} arrays; {steps} steps need {steps - 1}")
-        for i, arr in enumerate(self.steps[: steps - 1]):
-            if arr.shape != shape:
-                raise UsageError(f"noise.steps[{i}] has shape {arr.shape}; this generation needs {shape}")
+        check_step_noise("noise.steps", self.steps, steps, shape)
 
 
 @dataclass

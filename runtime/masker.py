@@ -392,8 +392,6 @@ class DeviceMasker:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        batch = engine.spec.inputs[0].shape[0]
-        self._batch_dims = {} if isinstance(batch, int) else {str(batch): 1}
 
     def predict(self, rgb: np.ndarray) -> np.ndarray:
         """uint8 HxWx3 -> float32 HxW alpha in [0, 1]."""

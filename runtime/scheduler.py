@@ -311,10 +311,6 @@ class LCMScheduler:
         """From a pipeline's scheduler_config.json dict (any scheduler class, as diffusers converts it)."""
         return cls(LCMConfig.from_dict(cfg))
 
-    @property
-    def step_index(self) -> int | None:
-        return self._step_index
-
     def set_timesteps(
         self,
         num_inference_steps: int | None = None,

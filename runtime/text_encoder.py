@@ -7,23 +7,20 @@ from collections import OrderedDict
 import numpy as np
 
 from trt_bgswap.runtime.denoise import cast_for
-from trt_bgswap.runtime.engine import Engine
+from trt_bgswap.runtime.engine import Engine, EngineStage
 from trt_bgswap.runtime.tokenizer import ClipTokenizer
 from trt_bgswap.specs import TextEncoderIO
 
 PROMPT_CACHE_SIZE = 64  # a batch with one prompt (or a server with a few popular ones) skips the encoder
 
 
-class TextEncoder:
+class TextEncoder(EngineStage):
     """Tokenizer + text encoder graph; every output of the graph (hidden states, SDXL's ``text_embeds``) as float32."""
 
     def __init__(self, engine: Engine, tokenizer: ClipTokenizer, cache_size: int = PROMPT_CACHE_SIZE) -> None:
-        self.engine, self.tokenizer, self.cache_size = engine, tokenizer, cache_size
+        super().__init__(engine)
+        self.tokenizer, self.cache_size = tokenizer, cache_size
         self._cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
-
-    @property
-    def backend(self) -> str:
-        return self.engine.backend
 
     def outputs(self, prompt: str) -> dict[str, np.ndarray]:
         """Every output of the graph for one prompt (batch 1), from the cache when the prompt was encoded before."""
@@ -45,4 +42,4 @@ class TextEncoder:
 
     def close(self) -> None:
         self._cache.clear()
-        self.engine.close()
+        super().close()

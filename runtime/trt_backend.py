@@ -34,6 +34,9 @@ exists from 10.1 (10.0 has the ``device_memory`` property).
 The profile choice, buffer sizes and graph eligibility are plain Python tested
 on CPU; this module imports without ``tensorrt``/``cuda-python`` and raises
 :class:`~trt_bgswap.errors.BackendUnavailable` with the install hint when used.
+
+One concept, kept in one file although it passes 400 lines: running a TensorRT plan behind the
+engine interface (the logger, the activation memory and the engine are its parts).
 """
 
 from __future__ import annotations

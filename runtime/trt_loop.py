@@ -28,6 +28,9 @@ Every decision (offsets, alignment, bindings, packing, capture) is a plain funct
 tested on CPU; :class:`TrtStepLoop` only executes them. Importable without
 ``tensorrt``/``cuda-python``; using it without them raises
 :class:`~trt_bgswap.errors.BackendUnavailable` with the install hint.
+
+One concept, kept in one file although it passes 400 lines: the device-resident loop, its plan
+next to the execution that follows it (the plan's offsets are what the execution binds).
 """
 
 from __future__ import annotations
@@ -265,6 +268,7 @@ class TrtStepLoop:
     """Runs a whole denoising schedule with the fused UNet-step plan, on one stream, device-resident."""
 
     max_rows = 1  # the step graph's latents are batch 1
+    engine_class: type[StepEngine] = StepEngine  # a subclass may feed inputs differently (device_chain.DeviceFedStepEngine)
 
     def __init__(
         self,
@@ -276,7 +280,7 @@ class TrtStepLoop:
     ) -> None:
         if spec.name != STEP_MODEL:
             raise ModelError(f"TrtStepLoop runs the {STEP_MODEL!r} plan, not {spec.name!r}")
-        self.engine = StepEngine(spec, plan_path, stream=stream, shared_activations=shared_activations, use_cuda_graph=False)
+        self.engine = self.engine_class(spec, plan_path, stream=stream, shared_activations=shared_activations, use_cuda_graph=False)
         self.use_cuda_graph = use_cuda_graph
         self.layout: LoopLayout | None = None
         self._dims: dict[str, int] | None = None

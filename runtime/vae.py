@@ -16,7 +16,7 @@ import numpy as np
 from trt_bgswap.errors import ModelError
 from trt_bgswap.manifest import InpaintConfig
 from trt_bgswap.runtime.denoise import cast_for
-from trt_bgswap.runtime.engine import Engine
+from trt_bgswap.runtime.engine import Engine, EngineStage
 from trt_bgswap.specs import VAE_DECODER_IMAGE, VaeDecoderImageIO, VaeDecoderIO, VaeEncoderIO, VaeEncoderSampleIO
 
 
@@ -42,13 +42,10 @@ class VaeDecoder(Protocol):
     def close(self) -> None: ...
 
 
-class HostVaeEncoder:
+class HostVaeEncoder(EngineStage):
     def __init__(self, engine: Engine, cfg: InpaintConfig) -> None:
-        self.engine, self.cfg = engine, cfg
-
-    @property
-    def backend(self) -> str:
-        return self.engine.backend
+        super().__init__(engine)
+        self.cfg = cfg
 
     def encode(self, masked_image: np.ndarray, eps: np.ndarray) -> np.ndarray:
         out = self.engine(**{VaeEncoderIO.SAMPLE: cast_for(self.engine, VaeEncoderIO.SAMPLE, masked_image)})
@@ -57,36 +54,20 @@ class HostVaeEncoder:
             latents = latents - np.float32(self.cfg.vae_shift_factor)
         return latents * np.float32(self.cfg.vae_scaling_factor)
 
-    def close(self) -> None:
-        self.engine.close()
 
-
-class GraphVaeEncoder:
+class GraphVaeEncoder(EngineStage):
     """``vae_encoder_sample``: the draw and the scaling inside the graph."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    @property
-    def backend(self) -> str:
-        return self.engine.backend
 
     def encode(self, masked_image: np.ndarray, eps: np.ndarray) -> np.ndarray:
         e = self.engine
         feeds = {VaeEncoderSampleIO.SAMPLE: cast_for(e, VaeEncoderSampleIO.SAMPLE, masked_image), VaeEncoderSampleIO.EPS: cast_for(e, VaeEncoderSampleIO.EPS, eps)}
         return e(**feeds)[VaeEncoderSampleIO.LATENTS]
 
-    def close(self) -> None:
-        self.engine.close()
 
-
-class HostVaeDecoder:
+class HostVaeDecoder(EngineStage):
     def __init__(self, engine: Engine, cfg: InpaintConfig) -> None:
-        self.engine, self.cfg = engine, cfg
-
-    @property
-    def backend(self) -> str:
-        return self.engine.backend
+        super().__init__(engine)
+        self.cfg = cfg
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         z = latents / np.float32(self.cfg.vae_scaling_factor)
@@ -94,9 +75,6 @@ class HostVaeDecoder:
             z = z + np.float32(self.cfg.vae_shift_factor)
         img = self.engine(**{VaeDecoderIO.LATENTS: cast_for(self.engine, VaeDecoderIO.LATENTS, z)})[VaeDecoderIO.SAMPLE].astype(np.float32)
         return np.clip(img / 2.0 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
-
-    def close(self) -> None:
-        self.engine.close()
 
 
 def image_hwc(image: np.ndarray) -> np.ndarray:
@@ -106,19 +84,9 @@ def image_hwc(image: np.ndarray) -> np.ndarray:
     return image.transpose(0, 2, 3, 1)
 
 
-class GraphVaeDecoder:
+class GraphVaeDecoder(EngineStage):
     """``vae_decoder_image``: the unscaling and the [-1, 1] -> [0, 1] clamp inside the graph."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-
-    @property
-    def backend(self) -> str:
-        return self.engine.backend
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         e = self.engine
         return image_hwc(e(**{VaeDecoderImageIO.LATENTS: cast_for(e, VaeDecoderImageIO.LATENTS, latents)})[VaeDecoderImageIO.IMAGE])
-
-    def close(self) -> None:
-        self.engine.close()

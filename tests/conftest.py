@@ -13,10 +13,14 @@ Other test files rely on these names; keep them stable.
   attention tiled). Read-only.
 
 Both are built once per session (a few seconds on CPU).
+
+- ``trt_gpu`` -> skips (with the reason) unless tensorrt, cuda-python and a CUDA device are all
+  present; session-scoped, so it runs before (and so skips) any session-scoped export.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -72,6 +76,19 @@ def built_cpu_dir(exported_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     shutil.copytree(exported_dir, folder)
     build_engines(folder, backend="ort", provider="cpu")
     return folder
+
+
+@pytest.fixture(scope="session")
+def trt_gpu() -> None:
+    """Skip (with the reason) unless tensorrt, cuda-python and a CUDA device are all present."""
+    if importlib.util.find_spec("tensorrt") is None:
+        pytest.skip("needs TensorRT: the tensorrt package is not installed (pip install 'trt-bgswap[trt]' on a GPU machine)")
+    if importlib.util.find_spec("cuda") is None:
+        pytest.skip("needs cuda-python (pip install 'trt-bgswap[trt]')")
+    from trt_bgswap.runtime.cuda_device import device_count_via_driver
+
+    if device_count_via_driver() < 1:
+        pytest.skip("needs an NVIDIA GPU: no CUDA device visible to the driver")
 
 
 # --- the TensorRT / cuda-python emulation (tests/emulation): `emulated_stack`, `emulated` ----------

@@ -194,7 +194,7 @@ def test_flop_counter_matches_pytorch(exported_dir: Path, tiny_models_dir: Path,
 
 def test_flop_counter_counts_fused_attention_like_the_unfused_graph(exported_dir: Path, tmp_path: Path) -> None:
     from trt_bgswap.benchmarking.flops import count_flops
-    from trt_bgswap.engines.optimize import fuse_transformer
+    from trt_bgswap.engines.fusion import fuse_transformer
 
     dims = {"sample": [1, 9, 16, 16], "timestep": [1], "encoder_hidden_states": [1, 77, 32]}
     fused_path = tmp_path / "fused.onnx"

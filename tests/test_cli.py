@@ -23,7 +23,7 @@ from skimage import data
 
 from trt_bgswap.api import BackgroundReplacer, alpha_to_u8
 from trt_bgswap.cli import main
-from trt_bgswap.runtime.image_io import read_image
+from trt_bgswap.runtime.image_read import read_image
 from trt_bgswap.runtime.masker import Masker
 
 SIDE = 200
@@ -185,8 +185,8 @@ def test_output_folder_under_a_file(exported_dir: Path, photos: Path, tmp_path: 
 
 
 def _unprivileged_cli(argv: list[str]) -> dict:
-    """The CLI where file permissions apply even to root (image_io's tests drop the override the same way)."""
-    from test_image_io import run_unprivileged
+    """The CLI where file permissions apply even to root (image_read/image_write tests drop the override the same way)."""
+    from image_files import run_unprivileged
 
     return run_unprivileged(
         f"""

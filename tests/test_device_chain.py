@@ -25,7 +25,6 @@ compared with the host pipeline on ONNX Runtime per output.
 from __future__ import annotations
 
 import functools
-import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -493,20 +492,6 @@ def test_emulated_trt_load_without_device_graphs_keeps_the_host_path(
 
 
 # --- on a GPU --------------------------------------------------------------------------------
-
-
-
-@pytest.fixture(scope="module")
-def trt_gpu() -> None:
-    """Skip (with the reason) unless tensorrt, cuda-python and a CUDA device are all present."""
-    if importlib.util.find_spec("tensorrt") is None:
-        pytest.skip("needs TensorRT: the tensorrt package is not installed (pip install 'trt-bgswap[trt]' on a GPU machine)")
-    if importlib.util.find_spec("cuda") is None:
-        pytest.skip("needs cuda-python (pip install 'trt-bgswap[trt]')")
-    from trt_bgswap.runtime.cuda_device import device_count_via_driver
-
-    if device_count_via_driver() < 1:
-        pytest.skip("needs an NVIDIA GPU: no CUDA device visible to the driver")
 
 
 @pytest.mark.gpu

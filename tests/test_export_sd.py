@@ -221,9 +221,8 @@ def test_graph_io_follows_spec(exported_dir: Path, fp16_dir: Path, model: str) -
 
 def test_external_data_unet(tiny_models_dir: Path, tmp_path: Path, torch_models) -> None:
     """The >2 GB path (forced here on the tiny UNet): weights in model.onnx_data, graph runs the same."""
-    entry = unet_export.export_unet(
-        tiny_models_dir / "sd-inpainting", tmp_path / "unet", 77, tiny_models_dir / "lcm-lora", external_data=True
-    )
+    unet = unet_export.load_unet(tiny_models_dir / "sd-inpainting", tiny_models_dir / "lcm-lora")
+    entry = unet_export.export_unet_module(unet, tmp_path / "unet", 77, external_data=True)
     graph_file, data_file = tmp_path / "unet" / MODEL_FILE, tmp_path / "unet" / DATA_FILE
     assert entry.file == f"unet/{MODEL_FILE}" and data_file.is_file()
     assert graph_file.stat().st_size < data_file.stat().st_size / 4, "weights should live in the data file"

@@ -21,7 +21,8 @@ from trt_bgswap.cli import main
 torch = pytest.importorskip("torch")
 
 from trt_bgswap.training.data import dataset_hash, read_dataset  # noqa: E402
-from trt_bgswap.training.finetune import FinetuneOptions, Models, Objective, finetune  # noqa: E402
+from trt_bgswap.training.finetune import FinetuneOptions, finetune  # noqa: E402
+from trt_bgswap.training.objective import Models, Objective  # noqa: E402
 from trt_bgswap.training.lora_file import ADAPTER_METADATA_KEY, LORA_FILE, TRAINING_KEY, read_training_metadata  # noqa: E402
 
 WALL = (230, 120, 30)

@@ -19,7 +19,7 @@ from PIL import Image
 from skimage import data
 
 from trt_bgswap.errors import InputImageError
-from trt_bgswap.runtime.image_io import MIN_SIDE, LoadedImage, read_image
+from trt_bgswap.runtime.image_read import MIN_SIDE, LoadedImage, read_image
 
 FORMATS = {
     "PNG": {},

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from test_cli_run import trt_bgswap
+from test_run_command import trt_bgswap
 from trt_bgswap.api import BackgroundReplacer
 from trt_bgswap.errors import UsageError
 from trt_bgswap.runtime.pipeline import GenerationOptions, Pipeline

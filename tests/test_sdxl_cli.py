@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from skimage import data
 
-from test_cli_run import trt_bgswap
+from test_run_command import trt_bgswap
 
 
 def test_sdxl_export_then_run_with_no_other_flag(tiny_models_dir: Path, tmp_path: Path) -> None:

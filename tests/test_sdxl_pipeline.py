@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import family_parity as fp
-from family_parity import ACCEPTANCE, CASES, PROMPT
+from family_parity import ACCEPTANCE, CASES
 from tolerance import assert_within
 from trt_bgswap.families import SD1, SD2, SDXL, family_of
 from trt_bgswap.manifest import Manifest

@@ -106,7 +106,7 @@ def test_offline_resolution_finds_the_hub_cache(tmp_path: Path, name: str, no_ne
 def test_hub_id_resolves_like_the_variant_name(tmp_path: Path, no_network: str) -> None:
     v = VARIANTS["rmbg-1.4"]
     snapshot = make_hub_cache(tmp_path, v.repo_id, concrete_files(v.files))
-    assert sources.resolve_source(v.repo_id, "rmbg", offline=True, cache_dir=tmp_path, endpoint=no_network) == snapshot
+    assert sources.resolve(v.repo_id, "rmbg", offline=True, cache_dir=tmp_path, endpoint=no_network).path == snapshot
 
 
 def test_hf_hub_offline_env_means_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: str) -> None:
@@ -114,7 +114,7 @@ def test_hf_hub_offline_env_means_offline(tmp_path: Path, monkeypatch: pytest.Mo
     snapshot = make_hub_cache(tmp_path, v.repo_id, concrete_files(v.files))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert sources.offline_mode(False)
-    assert sources.resolve_source("lcm-lora-sdv1-5", "lcm-lora", cache_dir=tmp_path, endpoint=no_network) == snapshot
+    assert sources.resolve("lcm-lora-sdv1-5", "lcm-lora", cache_dir=tmp_path, endpoint=no_network).path == snapshot
 
 
 def test_network_down_but_cached_still_works(tmp_path: Path, no_network: str) -> None:
@@ -128,7 +128,7 @@ def test_network_down_but_cached_still_works(tmp_path: Path, no_network: str) ->
 def test_default_cache_is_the_hub_cache(tmp_path: Path, no_network: str) -> None:
     v = VARIANTS["rmbg-1.4"]
     snapshot = make_hub_cache(tmp_path / "default-hub-cache", v.repo_id, concrete_files(v.files))
-    assert sources.resolve_source("rmbg-1.4", offline=True, endpoint=no_network) == snapshot
+    assert sources.resolve("rmbg-1.4", offline=True, endpoint=no_network).path == snapshot
 
 
 @pytest.mark.parametrize("how", ["at", "argument"])
@@ -155,7 +155,7 @@ def test_conflicting_revisions(tmp_path: Path) -> None:
 
 def test_missing_model_offline(tmp_path: Path, no_network: str) -> None:
     with pytest.raises(ModelError) as info:
-        sources.resolve_source("rmbg-1.4", "rmbg", offline=True, cache_dir=tmp_path / "empty", endpoint=no_network)
+        sources.resolve("rmbg-1.4", "rmbg", offline=True, cache_dir=tmp_path / "empty", endpoint=no_network).path
     message = str(info.value)
     for part in ("briaai/RMBG-1.4@main", str(tmp_path / "empty"), "offline mode is on", "--rmbg", "tiny-models DIR"):
         assert part in message, f"{part!r} not in {message!r}"
@@ -166,7 +166,7 @@ def test_missing_model_offline(tmp_path: Path, no_network: str) -> None:
 def test_missing_model_without_network(tmp_path: Path, no_network: str, family: str, option: str) -> None:
     name = {"rmbg": "rmbg-1.4", "sd-inpainting": "sd15-inpainting", "lcm-lora": "lcm-lora-sdv1-5"}[family]
     with pytest.raises(ModelError) as info:
-        sources.resolve_source(name, family, cache_dir=tmp_path, endpoint=no_network)
+        sources.resolve(name, family, cache_dir=tmp_path, endpoint=no_network).path
     message = str(info.value)
     repo = VARIANTS[name].repo_id
     for part in (f"cannot download {repo}: no network", f"point {option} at a local folder", "`trt-bgswap tiny-models DIR`"):
@@ -179,7 +179,7 @@ def test_incomplete_snapshot_names_the_missing_files(tmp_path: Path, no_network:
     v = VARIANTS["rmbg-1.4"]
     make_hub_cache(tmp_path, v.repo_id, [f for f in concrete_files(v.files) if f != "model.safetensors"])
     with pytest.raises(ModelError, match=r"is missing model\.safetensors; run again with network access"):
-        sources.resolve_source("rmbg-1.4", "rmbg", offline=True, cache_dir=tmp_path, endpoint=no_network)
+        sources.resolve("rmbg-1.4", "rmbg", offline=True, cache_dir=tmp_path, endpoint=no_network).path
 
 
 class _HubLike(http.server.BaseHTTPRequestHandler):
@@ -233,7 +233,7 @@ def hub_like() -> Iterator[type[_HubLike]]:
 def test_hub_refusals(tmp_path: Path, hub_like: type[_HubLike], status: int, error_code: str | None, expected: list[str]) -> None:
     hub_like.status, hub_like.error_code = status, error_code
     with pytest.raises(ModelError) as info:
-        sources.resolve_source("rmbg-1.4", "rmbg", cache_dir=tmp_path, endpoint=hub_like.endpoint)  # type: ignore[attr-defined]
+        sources.resolve("rmbg-1.4", "rmbg", cache_dir=tmp_path, endpoint=hub_like.endpoint).path  # type: ignore[attr-defined]
     message = str(info.value)
     assert "briaai/RMBG-1.4" in message
     for part in expected:
@@ -243,7 +243,7 @@ def test_hub_refusals(tmp_path: Path, hub_like: type[_HubLike], status: int, err
 
 def test_invalid_hub_id(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="not a valid hub id"):
-        sources.resolve_source("org/na--me", "rmbg", offline=True, cache_dir=tmp_path)
+        sources.resolve("org/na--me", "rmbg", offline=True, cache_dir=tmp_path).path
 
 
 # ---------------------------------------------------------------- names and local paths
@@ -258,7 +258,7 @@ def test_invalid_hub_id(tmp_path: Path) -> None:
 )
 def test_unknown_names_list_the_valid_ones(name: str, family: str | None, listed: list[str], not_listed: list[str]) -> None:
     with pytest.raises(UsageError) as info:
-        sources.resolve_source(name, family)
+        sources.resolve(name, family).path
     message = str(info.value)
     assert f"unknown model {name!r}" in message
     assert all(n in message for n in listed) and not any(n in message for n in not_listed), message
@@ -266,15 +266,15 @@ def test_unknown_names_list_the_valid_ones(name: str, family: str | None, listed
 
 def test_variant_of_the_wrong_family() -> None:
     with pytest.raises(UsageError, match="--rmbg sd15-inpainting: sd15-inpainting is a sd-inpainting model; give one of birefnet, rmbg-1.4, rmbg-2.0"):
-        sources.resolve_source("sd15-inpainting", "rmbg")
+        sources.resolve("sd15-inpainting", "rmbg").path
 
 
 def test_local_paths_pass_through(tmp_path: Path) -> None:
     folder = tmp_path / "my-rmbg"
     (folder / "onnx").mkdir(parents=True)
     (folder / "onnx" / "model.onnx").write_bytes(b"onnx")
-    assert sources.resolve_source(str(folder), "rmbg") == folder
-    assert sources.resolve_source(folder / "onnx" / "model.onnx", "rmbg") == folder / "onnx" / "model.onnx"
+    assert sources.resolve(str(folder), "rmbg").path == folder
+    assert sources.resolve(folder / "onnx" / "model.onnx", "rmbg").path == folder / "onnx" / "model.onnx"
     got = sources.resolve(folder, "rmbg")
     assert got.repo_id is None and got.commit is None
 
@@ -283,18 +283,18 @@ def test_local_folder_shadows_a_hub_id(tmp_path: Path, monkeypatch: pytest.Monke
     """A relative folder spelled like org/name is the user's folder, not a download."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "briaai" / "RMBG-1.4").mkdir(parents=True)
-    assert sources.resolve_source("briaai/RMBG-1.4", "rmbg") == Path("briaai/RMBG-1.4")
+    assert sources.resolve("briaai/RMBG-1.4", "rmbg").path == Path("briaai/RMBG-1.4")
 
 
 @pytest.mark.parametrize("text", ["./missing-folder", "missing.onnx", "/nonexistent/model.safetensors", "~/nope/x.json"])
 def test_missing_local_paths(text: str) -> None:
     with pytest.raises(ModelError, match="no such file or folder; check the path"):
-        sources.resolve_source(text, "rmbg")
+        sources.resolve(text, "rmbg").path
 
 
 def test_missing_pathlike(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="no such file or folder"):
-        sources.resolve_source(tmp_path / "nope", "rmbg")
+        sources.resolve(tmp_path / "nope", "rmbg").path
 
 
 # ---------------------------------------------------------------- pickles
@@ -316,14 +316,14 @@ def test_pickled_folders(tmp_path: Path, layout: dict[str, bytes], refused: str 
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_bytes(content)
     if refused is None:
-        assert sources.resolve_source(folder) == folder
+        assert sources.resolve(folder).path == folder
         return
     with pytest.raises(ModelError) as info:
-        sources.resolve_source(folder)
+        sources.resolve(folder).path
     message = str(info.value)
     for part in (refused, "can run code when loaded", "safetensors", "--allow-pickle"):
         assert part in message, f"{part!r} not in {message!r}"
-    assert sources.resolve_source(folder, allow_pickle=True) == folder
+    assert sources.resolve(folder, allow_pickle=True).path == folder
 
 
 @pytest.mark.parametrize("suffix,refused", [(".ckpt", True), (".pt", True), (".pth", True), (".bin", True), (".safetensors", False), (".onnx", False)])
@@ -332,10 +332,10 @@ def test_pickled_files(tmp_path: Path, suffix: str, refused: bool) -> None:
     f.write_bytes(b"x")
     if refused:
         with pytest.raises(ModelError, match="is a pickled checkpoint"):
-            sources.resolve_source(f)
-        assert sources.resolve_source(f, allow_pickle=True) == f
+            sources.resolve(f).path
+        assert sources.resolve(f, allow_pickle=True).path == f
     else:
-        assert sources.resolve_source(f) == f
+        assert sources.resolve(f).path == f
 
 
 def test_download_patterns_fetch_no_pickles_unless_allowed() -> None:
@@ -354,8 +354,8 @@ def test_cached_pickle_only_snapshot_with_allow_pickle(tmp_path: Path, no_networ
     v = VARIANTS["lcm-lora-sdv1-5"]
     snapshot = make_hub_cache(tmp_path, v.repo_id, ["pytorch_lora_weights.bin"])
     with pytest.raises(ModelError, match="missing pytorch_lora_weights.safetensors"):
-        sources.resolve_source("lcm-lora-sdv1-5", offline=True, cache_dir=tmp_path, endpoint=no_network)
-    got = sources.resolve_source("lcm-lora-sdv1-5", offline=True, allow_pickle=True, cache_dir=tmp_path, endpoint=no_network)
+        sources.resolve("lcm-lora-sdv1-5", offline=True, cache_dir=tmp_path, endpoint=no_network).path
+    got = sources.resolve("lcm-lora-sdv1-5", offline=True, allow_pickle=True, cache_dir=tmp_path, endpoint=no_network).path
     assert got == snapshot
 
 
@@ -366,7 +366,7 @@ def test_licence_notice_once_per_user(tmp_path: Path, caplog: pytest.LogCaptureF
     v = VARIANTS["rmbg-1.4"]
     make_hub_cache(tmp_path / "hub", v.repo_id, concrete_files(v.files))
     with caplog.at_level(logging.WARNING, logger="trt_bgswap.export.sources"):
-        sources.resolve_source("rmbg-1.4", offline=True, cache_dir=tmp_path / "hub", endpoint=no_network)
+        sources.resolve("rmbg-1.4", offline=True, cache_dir=tmp_path / "hub", endpoint=no_network).path
     first = [r.getMessage() for r in caplog.records if "licence" in r.getMessage()]
     assert len(first) == 1 and "not licensed for commercial use" in first[0] and v.license in first[0]
     state = tmp_path / "home" / "config" / sources.NOTICES_FILE
@@ -375,13 +375,13 @@ def test_licence_notice_once_per_user(tmp_path: Path, caplog: pytest.LogCaptureF
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="trt_bgswap.export.sources"):
-        sources.resolve_source("rmbg-1.4", offline=True, cache_dir=tmp_path / "hub", endpoint=no_network)
+        sources.resolve("rmbg-1.4", offline=True, cache_dir=tmp_path / "hub", endpoint=no_network).path
     assert not [r for r in caplog.records if "licence" in r.getMessage()]
 
 
 def test_licence_notice_is_shown_even_when_the_download_fails(tmp_path: Path, caplog: pytest.LogCaptureFixture, no_network: str) -> None:
     with caplog.at_level(logging.WARNING, logger="trt_bgswap.export.sources"), pytest.raises(ModelError):
-        sources.resolve_source("rmbg-1.4", cache_dir=tmp_path, endpoint=no_network)
+        sources.resolve("rmbg-1.4", cache_dir=tmp_path, endpoint=no_network).path
     assert "non-commercial" in caplog.text
 
 

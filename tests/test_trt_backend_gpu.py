@@ -17,7 +17,6 @@ they too are held to the float32 noise (computed only when they differ at all).
 from __future__ import annotations
 
 import functools
-import importlib.util
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -35,19 +34,6 @@ from trt_bgswap.specs import pipeline_dims
 pytestmark = [pytest.mark.gpu, pytest.mark.trt]
 
 SIZE = (64, 48)  # mini export: (width, height), multiples of its size multiple 16
-
-
-@pytest.fixture(scope="session")  # session scope: it must run before (and so skip) the session-scoped export
-def trt_gpu() -> None:
-    """Skip (with the reason) unless tensorrt, cuda-python and a CUDA device are all present."""
-    if importlib.util.find_spec("tensorrt") is None:
-        pytest.skip("needs TensorRT: the tensorrt package is not installed (pip install 'trt-bgswap[trt]' on a GPU machine)")
-    if importlib.util.find_spec("cuda") is None:
-        pytest.skip("needs cuda-python (pip install 'trt-bgswap[trt]')")
-    from trt_bgswap.runtime.cuda_device import device_count_via_driver
-
-    if device_count_via_driver() < 1:
-        pytest.skip("needs an NVIDIA GPU: no CUDA device visible to the driver")
 
 
 def assert_close(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], tolerances: Callable[[], Mapping[str, float]], label: str) -> None:

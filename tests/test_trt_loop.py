@@ -209,19 +209,6 @@ GPU_DIMS = {"h": 16, "w": 24}  # the tiny UNet's latents at 192x128
 
 
 @pytest.fixture(scope="module")
-def trt_gpu() -> None:
-    """Skip (with the reason) unless tensorrt, cuda-python and a CUDA device are all present."""
-    if importlib.util.find_spec("tensorrt") is None:
-        pytest.skip("needs TensorRT: the tensorrt package is not installed (pip install 'trt-bgswap[trt]' on a GPU machine)")
-    if importlib.util.find_spec("cuda") is None:
-        pytest.skip("needs cuda-python (pip install 'trt-bgswap[trt]')")
-    from trt_bgswap.runtime.cuda_device import device_count_via_driver
-
-    if device_count_via_driver() < 1:
-        pytest.skip("needs an NVIDIA GPU: no CUDA device visible to the driver")
-
-
-@pytest.fixture(scope="module")
 def step_onnx(trt_gpu: None, tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - (path, entry)
     from trt_bgswap.export.lora import lora_file
     from trt_bgswap.export.unet_step import export_unet_step

@@ -27,7 +27,7 @@ from PIL import Image
 
 from trt_bgswap.errors import UsageError
 from trt_bgswap.manifest import sha256_file
-from trt_bgswap.runtime.image_io import read_image
+from trt_bgswap.runtime.image_read import read_image
 from trt_bgswap.training.dataset import METADATA, SPLITS, TRAIN, VALIDATION
 
 

@@ -1,12 +1,6 @@
 """LoRA fine-tuning of a Stable Diffusion inpainting UNet for background completion.
 
-The objective is diffusers' inpainting training (``examples/research_projects/dreambooth_inpaint/
-train_dreambooth_inpaint_lora.py``, ``examples/research_projects/realfill/train_realfill.py``):
-the photo and the masked photo are encoded by the VAE (posterior samples, scaled by the VAE's
-``scaling_factor``), the mask is resized to the latent grid (nearest), a timestep and Gaussian
-noise are drawn per example, and the 9-channel UNet sees ``[noisy latents, mask, masked-image
-latents]`` and is trained with the MSE to the noise (or to the velocity for v-prediction models),
-the ``DDPMScheduler`` of the model's own scheduler config making the noisy latents. Only LoRA
+The objective (:mod:`~trt_bgswap.training.objective`) is diffusers' inpainting training. Only LoRA
 layers train (Hu et al. 2021), added with PEFT as ``examples/text_to_image/train_text_to_image_lora.py``
 does (``unet.add_adapter(LoraConfig(r, lora_alpha, init_lora_weights="gaussian", target_modules))``,
 LoRA weights kept in fp32 under mixed precision, AdamW with diffusers' defaults, gradient
@@ -43,6 +37,8 @@ from trt_bgswap.training import checkpoint as ckpt
 from trt_bgswap.training.data import Example, batch_indices, collate, counter_seed, dataset_hash, read_dataset
 from trt_bgswap.training.dataset import describe_differences
 from trt_bgswap.training.lora_file import LORA_FILE, save_unet_lora
+from trt_bgswap.training.objective import EVAL_TIMESTEP_FRACTIONS, Models, Objective, load_models
+from trt_bgswap.training.validation import write_validation_images
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +47,6 @@ TRAINING_FILE = "training.json"
 VALIDATION_DIR = "validation"
 PRECISIONS = ("auto", "no", "fp16", "bf16")
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections, as diffusers' LoRA scripts
-EVAL_TIMESTEP_FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)  # of num_train_timesteps: the evaluation loss spans the schedule
 # Fields that decide the loss trajectory: a resumed run must have the same ones.
 TRAJECTORY_FIELDS = (
     "rank", "alpha", "learning_rate", "batch_size", "resolution", "gradient_accumulation", "seed", "targets", "warmup_steps", "max_grad_norm", "eval_examples",
@@ -149,130 +144,6 @@ def pick_device(options: FinetuneOptions) -> tuple[Any, Any, str]:
     return device, {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mp], mp
 
 
-def _dtype_kwargs(dtype: Any) -> dict[str, Any]:
-    """from_pretrained's dtype argument for half precision; nothing for fp32 (the default, and no deprecation warning)."""
-    import torch
-
-    return {} if dtype == torch.float32 else {"torch_dtype": dtype}
-
-
-@dataclass
-class Models:
-    tokenizer: Any
-    text_encoder: Any
-    vae: Any
-    unet: Any
-    noise_scheduler: Any
-    default_size: int
-    size_multiple: int
-
-
-def load_models(base: Path, device: Any, dtype: Any) -> Models:
-    """The diffusers components of an SD inpainting folder, frozen, on ``device`` in ``dtype``."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    if not (base / "unet" / "config.json").is_file():
-        raise UsageError(f"--inpaint {base}: not a diffusers Stable Diffusion folder (no unet/config.json); give an SD inpainting folder or hub id")
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **_dtype_kwargs(dtype))
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **_dtype_kwargs(dtype))
-    vae_channels = int(vae.config.latent_channels)
-    if unet.config.in_channels != 2 * vae_channels + 1:
-        raise UsageError(
-            f"--inpaint {base}: its UNet takes {unet.config.in_channels} channels, an inpainting UNet {2 * vae_channels + 1} "
-            "(latents, mask, masked-image latents); give an inpainting model such as stable-diffusion-v1-5/stable-diffusion-inpainting"
-        )
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **_dtype_kwargs(dtype))
-    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
-    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
-    for m in (unet, vae, text_encoder):
-        m.requires_grad_(False)
-        m.to(device)
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    unet_factor = 2 ** (len(unet.config.block_out_channels) - 1)
-    return Models(tokenizer, text_encoder, vae, unet, noise_scheduler, int(unet.config.sample_size) * vae_factor, vae_factor * unet_factor)
-
-
-class Objective:
-    """The masked-latent loss on a set of models (trained or loaded), and its fixed-noise evaluation."""
-
-    def __init__(self, models: Models, resolution: int, device: Any, dtype: Any, seed: int, eval_examples: int) -> None:
-        self.m, self.resolution, self.device, self.dtype, self.seed, self.eval_examples = models, resolution, device, dtype, seed, eval_examples
-        self._text_cache: dict[str, Any] = {}
-
-    def encode_text(self, texts: list[str]) -> Any:
-        import torch
-
-        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
-        if missing:
-            tok = self.m.tokenizer(missing, padding="max_length", max_length=self.m.tokenizer.model_max_length, truncation=True, return_tensors="pt")
-            with torch.no_grad():
-                hidden = self.m.text_encoder(tok.input_ids.to(self.device))[0]
-            for t, h in zip(missing, hidden):
-                self._text_cache[t] = h
-        return torch.stack([self._text_cache[t] for t in texts])
-
-    def _latents(self, pixels: Any, generator: Any) -> Any:
-        return self.m.vae.encode(pixels).latent_dist.sample(generator=generator) * self.m.vae.config.scaling_factor
-
-    def encode(self, batch: dict[str, Any], generator: Any) -> tuple[Any, Any, Any, Any]:
-        """(latents, mask on the latent grid, masked-image latents, text states): the frozen models' part, no gradients."""
-        import torch
-        import torch.nn.functional as F
-
-        to = dict(device=self.device, dtype=self.dtype)
-        with torch.no_grad():
-            latents = self._latents(torch.from_numpy(batch["pixels"]).to(**to), generator)
-            masked_latents = self._latents(torch.from_numpy(batch["masked"]).to(**to), generator)
-            mask = F.interpolate(torch.from_numpy(batch["masks"]).to(**to), size=latents.shape[-2:])  # nearest, as the scripts
-            hidden = self.encode_text(batch["texts"])
-        return latents, mask, masked_latents, hidden
-
-    def denoising_loss(self, encoded: tuple[Any, Any, Any, Any], generator: Any, timesteps: Any | None = None, reduce: bool = True) -> Any:
-        """The MSE of the UNet's prediction on noised latents; ``timesteps`` None draws one per example from ``generator``."""
-        import torch
-        import torch.nn.functional as F
-
-        latents, mask, masked_latents, hidden = encoded
-        sched = self.m.noise_scheduler
-        if timesteps is None:
-            timesteps = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=self.device)
-        noise = torch.randn(latents.shape, generator=generator, device=self.device, dtype=latents.dtype)
-        noisy = sched.add_noise(latents, noise, timesteps)
-        target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, timesteps)
-        with torch.autocast(device_type=self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            pred = self.m.unet(torch.cat([noisy, mask, masked_latents], dim=1), timesteps, hidden).sample
-        err = F.mse_loss(pred.float(), target.float(), reduction="none")
-        return err.mean() if reduce else err.mean(dim=(1, 2, 3))
-
-    def loss(self, batch: dict[str, Any], generator: Any) -> Any:
-        """The masked-latent objective on one training batch (VAE samples, timesteps and noise from ``generator``)."""
-        return self.denoising_loss(self.encode(batch, generator), generator)
-
-    def generator(self, purpose: str, counter: int) -> Any:
-        import torch
-
-        return torch.Generator(device=self.device).manual_seed(counter_seed(self.seed, purpose, counter))
-
-    def evaluate(self, examples: list[Example]) -> list[float]:
-        """The fixed-noise evaluation loss of each (example, timestep): same crops, timesteps and noise every call."""
-        import torch
-
-        was_training = self.m.unet.training
-        self.m.unet.eval()
-        t_max = self.m.noise_scheduler.config.num_train_timesteps
-        ts = torch.tensor([int(f * t_max) for f in EVAL_TIMESTEP_FRACTIONS], device=self.device)
-        out: list[float] = []
-        with torch.no_grad():
-            for k, ex in enumerate(examples[: self.eval_examples]):
-                generator = self.generator("eval", k)
-                encoded = self.encode(collate([ex], self.resolution, [None]), generator)  # once per example, shared by its timesteps
-                repeated = tuple(t.expand(len(ts), *t.shape[1:]) for t in encoded)
-                out += [float(v) for v in self.denoising_loss(repeated, generator, timesteps=ts, reduce=False)]
-        self.m.unet.train(was_training)
-        return out
-
-
 class Trainer:
     """One fine-tuning run: the models with their LoRA, the optimizer, and the step function."""
 
@@ -340,39 +211,6 @@ class Trainer:
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise UsageError(f"the checkpoint's LoRA does not fit this model ({len(unexpected)} unknown keys, e.g. {unexpected[0]})")
-
-
-def write_validation_images(trainer: Trainer, base: Path, examples: list[Example], folder: Path, count: int, steps: int, seed: int) -> list[Path]:
-    """Inpaint the first ``count`` validation examples with the LoRA as it is now (diffusers' pipeline, seeded)."""
-    import torch
-    from diffusers import StableDiffusionInpaintPipeline
-    from PIL import Image
-
-    from trt_bgswap.runtime.image_io import write_image
-
-    m = trainer.m
-    pipe = StableDiffusionInpaintPipeline.from_pretrained(
-        base, unet=m.unet, vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, **_dtype_kwargs(trainer.dtype),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    m.unet.eval()
-    written = []
-    for i, ex in enumerate(examples[:count]):
-        batch = collate([ex], trainer.resolution, [None])
-        image = Image.fromarray(np.rint((batch["pixels"][0].transpose(1, 2, 0) + 1) * 127.5).clip(0, 255).astype(np.uint8), "RGB")
-        mask = Image.fromarray((batch["masks"][0, 0] * 255).astype(np.uint8), "L")
-        generator = torch.Generator(device=trainer.device).manual_seed(counter_seed(seed, "validation", i))
-        with torch.no_grad():
-            out = pipe(
-                prompt=ex.text, image=image, mask_image=mask, height=trainer.resolution, width=trainer.resolution,
-                num_inference_steps=steps, generator=generator, output_type="np",
-            ).images[0]
-        path = folder / f"{i:02d}_{ex.image.stem}.png"
-        write_image(path, np.rint(out * 255).clip(0, 255).astype(np.uint8), overwrite=True)
-        written.append(path)
-    m.unet.train()
-    return written
 
 
 def finetune(
@@ -485,7 +323,7 @@ def _finetune(
         evaluate(at)
         if options.validation_images:
             folder = out / VALIDATION_DIR / ckpt.checkpoint_name(at)
-            written = write_validation_images(trainer, base, held_out, folder, options.validation_images, options.validation_inference_steps, options.seed)
+            written = write_validation_images(trainer.objective, base, held_out, folder, options.validation_images, options.validation_inference_steps, options.seed)
             log.info("step %d: %d validation image(s) in %s", at, len(written), folder)
 
     def save_state(at: int) -> None:

@@ -33,7 +33,7 @@ from trt_bgswap.memory import parse_bytes
 from trt_bgswap.runtime.color_management import ColorSpace
 from trt_bgswap.runtime.compose import CompositeOptions
 from trt_bgswap.runtime.sizing import check_generation_size
-from trt_bgswap.runtime.image_io import DEFAULT_MAX_PIXELS, MIN_SIDE, from_pil, read_image
+from trt_bgswap.runtime.image_read import DEFAULT_MAX_PIXELS, MIN_SIDE, from_pil, read_image
 from trt_bgswap.runtime.mask_ops import MaskOptions
 from trt_bgswap.runtime.pipeline import STAGES, GenerationOptions, Noise, Pipeline, Result
 

@@ -88,7 +88,7 @@ def export_sources(
     ``tiny_vae``: a tiny autoencoder (TAESD: a folder or hub id) exported in place of the VAE (``--vae tiny``).
     """
     from trt_bgswap.export.exporter import export_models
-    from trt_bgswap.export.sources import resolve_source
+    from trt_bgswap.export.sources import resolve
 
     values = {slot.key: source_value(sources.get(slot.key)) for slot in SOURCE_SLOTS}
     if values["inpaint"] is None and values["lcm_lora"] is not None:  # checked before anything is downloaded
@@ -102,7 +102,7 @@ def export_sources(
         value = values[slot.key]
         if value == FAMILY_LCM_LORA and slot.key == "lcm_lora":
             value = family_lcm_lora(resolved["inpaint"])
-        resolved[slot.key] = None if value is None else resolve_source(value, family=slot.family, offline=offline, allow_pickle=allow_pickle)
+        resolved[slot.key] = None if value is None else resolve(value, family=slot.family, offline=offline, allow_pickle=allow_pickle).path
     return export_models(
         resolved["inpaint"],
         resolved["lcm_lora"],
@@ -117,7 +117,7 @@ def export_sources(
         allow_pickle=allow_pickle,
         masker=masker,
         vae_src=vae_src,
-        tiny_vae_src=None if tiny_vae is None else resolve_source(tiny_vae, offline=offline),
+        tiny_vae_src=None if tiny_vae is None else resolve(tiny_vae, offline=offline).path,
     )
 
 
@@ -270,6 +270,6 @@ def masker_source(src: str | None) -> Path:
         )
     if p.exists():
         raise UsageError(f"--rmbg {src}: not an ONNX file; give an .onnx file, an exported folder or a hub id")
-    from trt_bgswap.export.sources import resolve_source
+    from trt_bgswap.export.sources import resolve
 
-    return masker_source(str(resolve_source(src, family="rmbg")))
+    return masker_source(str(resolve(src, family="rmbg").path))

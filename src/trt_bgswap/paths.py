@@ -45,30 +45,27 @@ def _windows_local_appdata() -> Path:
     return Path(value) if value else Path.home() / "AppData" / "Local"
 
 
-def cache_dir(platform: str | None = None) -> Path:
-    """Where exported models and engines go unless the user says otherwise."""
+def _user_dir(kind: str, platform: str | None, macos_library: str, xdg_var: str, xdg_fallback: str) -> Path:
+    """``$TRT_BGSWAP_HOME/<kind>``, else the platform's per-user folder for ``kind`` ("cache" or "config")."""
     override = _home_override()
     if override is not None:
-        return override / "cache"
+        return override / kind
     platform = platform or sys.platform
     if platform == "darwin":
-        return Path.home() / "Library" / "Caches" / APP_NAME
+        return Path.home() / "Library" / macos_library / APP_NAME
     if platform.startswith("win"):
-        return _windows_local_appdata() / APP_NAME / "Cache"
-    return _xdg("XDG_CACHE_HOME", ".cache") / APP_NAME
+        return _windows_local_appdata() / APP_NAME / kind.capitalize()
+    return _xdg(xdg_var, xdg_fallback) / APP_NAME
+
+
+def cache_dir(platform: str | None = None) -> Path:
+    """Where exported models and engines go unless the user says otherwise."""
+    return _user_dir("cache", platform, "Caches", "XDG_CACHE_HOME", ".cache")
 
 
 def config_dir(platform: str | None = None) -> Path:
     """Small per-user state (e.g. which licence notices were already shown)."""
-    override = _home_override()
-    if override is not None:
-        return override / "config"
-    platform = platform or sys.platform
-    if platform == "darwin":
-        return Path.home() / "Library" / "Application Support" / APP_NAME
-    if platform.startswith("win"):
-        return _windows_local_appdata() / APP_NAME / "Config"
-    return _xdg("XDG_CONFIG_HOME", ".config") / APP_NAME
+    return _user_dir("config", platform, "Application Support", "XDG_CONFIG_HOME", ".config")
 
 
 def models_dir() -> Path:

@@ -176,4 +176,5 @@ def get_variant(name: str) -> Variant:
 
 
 def variants_of(family: str) -> list[Variant]:
+    """The registry's variants of one model family (the --masker choices are the rmbg ones)."""
     return [v for v in VARIANTS.values() if v.family == family]

@@ -31,13 +31,12 @@ from typing import Any
 import numpy as np
 
 from trt_bgswap.benchmarking.peak_memory import StagePeaks
-from trt_bgswap.benchmarking.stats import StageClock, Stats
+from trt_bgswap.benchmarking.stats import StageClock, Stats, non_model_stats, stage_stats, time_runs
 
 log = logging.getLogger(__name__)
 
 RMBG_MEAN = 0.5  # BRIA's utilities.py: normalize(image, [0.5, 0.5, 0.5], [1.0, 1.0, 1.0])
 RMBG_STD = 1.0
-MODEL_STAGES = ("rmbg", "text_encoder", "vae_encoder", "unet", "vae_decoder")
 # The diffusers pipeline of each model family (trt_bgswap.families) and its from_pretrained options.
 PIPELINES: dict[str, tuple[str, dict[str, Any]]] = {
     "sd1": ("StableDiffusionInpaintPipeline", {"safety_checker": None, "requires_safety_checker": False}),
@@ -173,27 +172,14 @@ def measure_baseline(job: Mapping[str, Any]) -> dict[str, Any]:
     rgb = load_photo(job["photo"])
     warmup, runs, steps = int(job["warmup"]), int(job["runs"]), int(job["steps"])
     size = tuple(job["size"])
-    samples, every = [], []
-    for i in range(warmup + runs):
-        clock.discard()
-        t = time.perf_counter()
+    def e2e(i: int) -> None:
         base.replace(rgb, f"{job['prompt']} {i}", steps, float(job["guidance"]), size, 0, clock)  # type: ignore[arg-type]
-        dt = time.perf_counter() - t
-        every.append(dt)
-        if i < warmup:
-            clock.discard()
-            continue
-        samples.append(dt)
-        clock.lap()
+
+    samples, every = time_runs(clock, e2e, warmup, runs)
     result["e2e"] = Stats.of(samples).to_json()
     result["requests_in_order"] = every
-    stages = {}
-    for name in MODEL_STAGES:
-        stages[name] = Stats.of([sum(r.get(name, [])) for r in clock.runs]).to_json()
-    result["stages"] = stages
-    result["unet_steps"] = [Stats.of([r["unet"][i] for r in clock.runs if len(r.get("unet", [])) > i]).to_json() for i in range(steps)]
-    model_sums = [sum(sum(v) for k, v in r.items() if k in MODEL_STAGES) for r in clock.runs]
-    result["non_model"] = Stats.of([e - m for e, m in zip(samples, model_sums)]).to_json()
+    result["stages"], result["unet_steps"] = stage_stats(clock.runs, steps)
+    result["non_model"] = non_model_stats(samples, clock.runs)
     prepost = {}
     for name in ("rmbg_preprocess", "rmbg_postprocess", "mask_prepare", "composite"):
         prepost[name] = Stats.of([sum(r.get(name, [])) for r in clock.runs]).to_json()

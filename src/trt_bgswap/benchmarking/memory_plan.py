@@ -49,14 +49,15 @@ def parameter_counts(family: str) -> dict[str, int]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from trt_bgswap.benchmarking import fullsize as f
+    from trt_bgswap.export.tiny_sd import SD15_INPAINT_UNET_CONFIG, SD15_TEXT_ENCODER_CONFIG, SD15_VAE_CONFIG
+    from trt_bgswap.export.tiny_sdxl import SDXL_INPAINT_UNET_CONFIG, SDXL_TEXT_ENCODER_2_CONFIG
 
-    unet, te2 = (f.SD15_INPAINT_UNET_CONFIG, None) if family == "sd15" else (f.SDXL_INPAINT_UNET_CONFIG, f.SDXL_TEXT_ENCODER_2_CONFIG)
+    unet, te2 = (SD15_INPAINT_UNET_CONFIG, None) if family == "sd15" else (SDXL_INPAINT_UNET_CONFIG, SDXL_TEXT_ENCODER_2_CONFIG)
     with torch.device("meta"):
         modules = {
             "unet": UNet2DConditionModel.from_config(unet),
-            "vae": AutoencoderKL.from_config(f.SD15_VAE_CONFIG),
-            "text_encoder": CLIPTextModel(CLIPTextConfig(**f.SD15_TEXT_ENCODER_CONFIG)),
+            "vae": AutoencoderKL.from_config(SD15_VAE_CONFIG),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER_CONFIG)),
         }
         if te2 is not None:
             modules["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**te2))

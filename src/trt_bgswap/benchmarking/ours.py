@@ -32,12 +32,11 @@ from trt_bgswap.specs import pipeline_dims
 from trt_bgswap.benchmarking.machine import current_rss_bytes, device_memory_used
 from trt_bgswap.benchmarking.peak_memory import StagePeaks
 from trt_bgswap.benchmarking.photos import load_photo
-from trt_bgswap.benchmarking.stats import StageClock, Stats, time_calls
+from trt_bgswap.benchmarking.stats import StageClock, Stats, non_model_stats, stage_stats, time_calls, time_runs
 from trt_bgswap.benchmarking.timed_engine import TimedEngine
 
 log = logging.getLogger(__name__)
 
-MODEL_STAGES = ("rmbg", "text_encoder", "vae_encoder", "unet", "vae_decoder")
 STAGE_OF = {"text_encoder_2": "text_encoder"}  # SDXL: both encoders are the text stage (as the baseline counts them)
 
 
@@ -52,19 +51,6 @@ def _engine(spec: Any, plan: Mapping[str, Any], provider: str, threads: int) -> 
         spec, path, provider=provider, intra_op_threads=threads, graph_optimization=plan.get("graph_optimization") or "all",
         provider_options=plan.get("provider_options") or None,
     )  # fmt: skip
-
-
-def _stage_stats(runs: list[dict[str, list[float]]], steps: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    stages = {}
-    for name in MODEL_STAGES:
-        per_run = [sum(r.get(name, [])) for r in runs]
-        stages[name] = Stats.of(per_run).to_json()
-    unet_steps = []
-    for i in range(steps):
-        samples = [r["unet"][i] for r in runs if len(r.get("unet", [])) > i]
-        if samples:
-            unet_steps.append(Stats.of(samples).to_json())
-    return stages, unet_steps
 
 
 def measure_ours(job: Mapping[str, Any]) -> dict[str, Any]:
@@ -106,18 +92,7 @@ def measure_ours(job: Mapping[str, Any]) -> dict[str, Any]:
         options = GenerationOptions(f"{job['prompt']} {i}", steps=steps, guidance=float(job["guidance"]), seed=0, size=(width, height))
         pipeline.replace(rgb, options, noise=noise)
 
-    samples, every = [], []
-    for i in range(warmup + runs):
-        clock.discard()
-        t = time.perf_counter()
-        e2e(i)
-        dt = time.perf_counter() - t
-        every.append(dt)  # the first request after load vs the next ones (start-up work left for the first call)
-        if i < warmup:
-            clock.discard()
-            continue
-        samples.append(dt)
-        clock.lap()
+    samples, every = time_runs(clock, e2e, warmup, runs)  # every: the first request after load vs the next ones
     result["e2e"] = Stats.of(samples).to_json()
     result["requests_in_order"] = every
     result["stage_memory"] = peaks.to_json()  # the end-to-end runs only
@@ -125,9 +100,8 @@ def measure_ours(job: Mapping[str, Any]) -> dict[str, Any]:
         result["session_opens"] = pipeline.stages.residency.loads
     for engine in engines.values():
         engine.peaks = None
-    result["stages"], result["unet_steps"] = _stage_stats(clock.runs, steps)
-    model_sums = [sum(sum(v) for k, v in r.items() if k in MODEL_STAGES) for r in clock.runs]
-    result["non_model"] = Stats.of([e - m for e, m in zip(samples, model_sums)]).to_json()
+    result["stages"], result["unet_steps"] = stage_stats(clock.runs, steps)
+    result["non_model"] = non_model_stats(samples, clock.runs)
     clock.enabled = False
 
     # the prompt cache: the same prompt again skips the text encoder
@@ -235,7 +209,7 @@ def _unfused(pipeline: Pipeline, manifest: Manifest, job: Mapping[str, Any], pro
 
     A speed-up claimed for the transformer fusions is measured here, not assumed.
     """
-    from trt_bgswap.engines.optimize import random_feeds
+    from trt_bgswap.engines.parity import random_feeds
 
     runs = max(1, min(int(job["runs"]), 2))
     out: dict[str, Any] = {}

@@ -18,7 +18,7 @@ def load_photo(name: str) -> np.ndarray:
     """A uint8 HxWx3 photo: a path, or the name of a scikit-image sample photo."""
     p = Path(name)
     if p.suffix and p.is_file():
-        from trt_bgswap.runtime.image_io import read_image
+        from trt_bgswap.runtime.image_read import read_image
 
         return read_image(p).rgb
     try:

@@ -19,6 +19,9 @@ import numpy as np
 
 from trt_bgswap.errors import UsageError
 
+# The stages that are model calls; everything else in an end-to-end run is overhead.
+MODEL_STAGES = ("rmbg", "text_encoder", "vae_encoder", "unet", "vae_decoder")
+
 
 @dataclass(frozen=True)
 class Stats:
@@ -85,3 +88,41 @@ class StageClock:
     def discard(self) -> None:
         """Forget the current (warm-up) run."""
         self.current = defaultdict(list)
+
+
+def time_runs(clock: StageClock, fn: Callable[[int], Any], warmup: int, runs: int) -> tuple[list[float], list[float]]:
+    """Seconds of ``fn(i)`` for ``runs`` timed calls after ``warmup`` untimed ones, and of every call in order.
+
+    ``clock`` keeps one lap per timed call. Every call's time shows the first request after load
+    against the next ones (start-up work left for the first call).
+    """
+    samples, every = [], []
+    for i in range(warmup + runs):
+        clock.discard()
+        t = time.perf_counter()
+        fn(i)
+        dt = time.perf_counter() - t
+        every.append(dt)
+        if i < warmup:
+            clock.discard()
+            continue
+        samples.append(dt)
+        clock.lap()
+    return samples, every
+
+
+def stage_stats(runs: list[dict[str, list[float]]], steps: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Per model stage, the stats of its total per run; per UNet step, the stats of that step."""
+    stages = {name: Stats.of([sum(r.get(name, [])) for r in runs]).to_json() for name in MODEL_STAGES}
+    unet_steps = []
+    for i in range(steps):
+        samples = [r["unet"][i] for r in runs if len(r.get("unet", [])) > i]
+        if samples:
+            unet_steps.append(Stats.of(samples).to_json())
+    return stages, unet_steps
+
+
+def non_model_stats(e2e: Sequence[float], runs: list[dict[str, list[float]]]) -> dict[str, float | int]:
+    """The stats of each run's end-to-end time minus its model calls: what the pipeline itself costs."""
+    model_sums = [sum(sum(v) for k, v in r.items() if k in MODEL_STAGES) for r in runs]
+    return Stats.of([e - m for e, m in zip(e2e, model_sums)]).to_json()

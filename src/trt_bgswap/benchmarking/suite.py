@@ -37,7 +37,7 @@ MODES = ("tiny", "full")
 FAMILY_SOURCES = {"sd15": ("sd-inpainting", "lcm-lora"), "sdxl": ("sdxl-inpainting", "lcm-lora-sdxl")}
 BACKENDS = ("cpu", "trt")
 WORKER_TIMEOUT_S = 3 * 3600
-FUSED_MODELS = ("unet", "text_encoder")  # engines/optimize.py's DEFAULT_FUSED, timed against their unfused export
+FUSED_MODELS = ("unet", "text_encoder")  # engines/fusion.py's DEFAULT_FUSED, timed against their unfused export
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,8 @@ def _engines(
         plans = {k: {"path": str(m.path), "backend": "trt"} for k, m in report.models.items()}
         return plans, {k: {"cache_hit": m.cache_hit, "kind": "trt"} for k, m in report.models.items()}, {"fuse": False, "int8_rmbg": False}
 
-    from trt_bgswap.engines.optimize import DEFAULT_FUSED, build_cpu_fast
+    from trt_bgswap.engines.cpu_fast import build_cpu_fast
+    from trt_bgswap.engines.fusion import DEFAULT_FUSED
 
     calibration = [load_photo(p) for p in CALIBRATION_PHOTOS] if settings.int8_rmbg else []
     attempts = [(settings.fuse, settings.int8_rmbg), (False, settings.int8_rmbg), (False, False)]
@@ -330,7 +331,7 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
     cold: dict[str, Any] = {}
     if settings.cold_start:
         from trt_bgswap.benchmarking.cold_start import cold_start_baseline, cold_start_ours
-        from trt_bgswap.runtime.image_io import write_image
+        from trt_bgswap.runtime.image_write import write_image
 
         photo = work / "photo.png"
         write_image(photo, load_photo(settings.photo), overwrite=True)

@@ -32,7 +32,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from trt_bgswap.errors import BackendUnavailable, BgSwapError, ModelError, OutputError, OutputExistsError, UsageError
-from trt_bgswap.runtime.image_io import ALPHA_SUFFIXES, IMAGE_SUFFIXES, OUTPUT_FORMATS, ImageInfo, probe_image
+from trt_bgswap.runtime.image_read import IMAGE_SUFFIXES, ImageInfo, probe_image
+from trt_bgswap.runtime.image_write import ALPHA_SUFFIXES, OUTPUT_FORMATS
 
 log = logging.getLogger("trt_bgswap")
 

@@ -47,25 +47,20 @@ NAME = "bench"
 HELP = "benchmark every stage against the PyTorch baseline (latency, memory, FLOPs, cold start)"
 
 
-def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
+def add_arguments(b: argparse.ArgumentParser) -> None:
     """The ``bench`` sub-command and its documented options."""
-    b = sub.add_parser(
-        NAME,
-        help=HELP,
-        parents=parents,
-        description=(
-            "Time every stage of the pipeline (RMBG, text encoder, VAE encode, each UNet step, VAE decode, "
-            "pre/post-processing and composite, pipeline overhead) and end to end, with warm-up then "
-            "min/median/p90; batch throughput; peak RSS; cold start of `trt-bgswap run`; engine build time; "
-            "FLOPs per stage from the ONNX graphs and the compute rate against the measured matmul peak; "
-            "the same work done by diffusers + PyTorch in the same run. Writes <mode>.json and <mode>.md. "
-            "Random weights give real timings (the models have their published sizes)."
-        ),
-        epilog=(
-            "Full-size run documented in benchmarks/README.md: "
-            "trt-bgswap bench --mode full --work /tmp/bench --out benchmarks/results --readme benchmarks/README.md. "
-            "On a GPU machine add --backend trt (TensorRT plans; needs the trt extra)."
-        ),
+    b.description = (
+        "Time every stage of the pipeline (RMBG, text encoder, VAE encode, each UNet step, VAE decode, "
+        "pre/post-processing and composite, pipeline overhead) and end to end, with warm-up then "
+        "min/median/p90; batch throughput; peak RSS; cold start of `trt-bgswap run`; engine build time; "
+        "FLOPs per stage from the ONNX graphs and the compute rate against the measured matmul peak; "
+        "the same work done by diffusers + PyTorch in the same run. Writes <mode>.json and <mode>.md. "
+        "Random weights give real timings (the models have their published sizes)."
+    )
+    b.epilog = (
+        "Full-size run documented in benchmarks/README.md: "
+        "trt-bgswap bench --mode full --work /tmp/bench --out benchmarks/results --readme benchmarks/README.md. "
+        "On a GPU machine add --backend trt (TensorRT plans; needs the trt extra)."
     )
     b.add_argument("--mode", choices=["tiny", "full"], default="tiny", help="tiny random models (seconds) or the published full sizes (~30 min on 2 cores)")
     b.add_argument("--family", choices=["sd15", "sdxl"], default="sd15", help="model family: SD1.5 inpainting (512 px) or SDXL inpainting (1024 px, two text encoders); results go to <mode>[-family].json")
@@ -90,7 +85,6 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     b.add_argument("--no-low-memory", action="store_true", help="skip the --low-memory rows (its own worker and cold run)")
     b.add_argument("--no-vae-tiny", action="store_true", help="skip the --vae tiny rows (ours and diffusers with the same tiny autoencoder)")
     b.add_argument("--note", default="", help="a remark recorded with the machine (e.g. 'other processes were running')")
-    b.set_defaults(func=run_bench)
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -116,7 +110,7 @@ def command_line(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
-def run_bench(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run the benchmark the options describe; the report goes to files and the log."""
     from trt_bgswap.benchmarking.suite import BenchSettings, run_suite
 

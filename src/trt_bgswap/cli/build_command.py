@@ -15,8 +15,7 @@ NAME = "build"
 HELP = "exported folder -> engines (TensorRT plans or pre-optimized ONNX Runtime graphs)"
 
 
-def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
-    b = sub.add_parser(NAME, help=HELP, parents=parents)
+def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("dir")
     b.add_argument("--backend", choices=["ort", "trt"], default="ort", help="ort: pre-optimized ONNX Runtime graphs (+ EP caches); trt: TensorRT plans")
     b.add_argument("--provider", choices=["auto", "cpu", "cuda", "tensorrt"], default="cpu", help="for --backend ort: the ONNX Runtime provider to build for")
@@ -29,7 +28,6 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     b.add_argument("--cpu-fast", action="store_true", help="CPU: also fuse attention/LayerNorm with ONNX Runtime's transformer optimizer (parity-checked)")
     b.add_argument("--rmbg-int8", action="store_true", help="CPU: static-int8 (QDQ) RMBG, about 2x faster; needs --calibration")
     b.add_argument("--calibration", help="folder of typical photos for --rmbg-int8 calibration")
-    b.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
 def _build_cpu_fast(args: argparse.Namespace) -> int:
     """The benchmark's CPU fast path: fused attention/LayerNorm graphs, optionally a static-int8 RMBG."""
     from trt_bgswap.cli.batch import collect_inputs
-    from trt_bgswap.engines.optimize import build_cpu_fast
-    from trt_bgswap.runtime.image_io import read_image
+    from trt_bgswap.engines.cpu_fast import build_cpu_fast
+    from trt_bgswap.runtime.image_read import read_image
 
     images = []
     if args.rmbg_int8:

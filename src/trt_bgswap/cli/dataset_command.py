@@ -22,7 +22,7 @@ from trt_bgswap.cli.batch import MASK, RESULT, Input, Job
 from trt_bgswap.cli.mask_command import PROVIDERS
 from trt_bgswap.cli.options import add_batch_options, float_range, int_range
 from trt_bgswap.errors import UsageError
-from trt_bgswap.runtime.image_io import IMAGE_SUFFIXES
+from trt_bgswap.runtime.image_read import IMAGE_SUFFIXES
 
 if TYPE_CHECKING:
     from trt_bgswap.training.dataset import DatasetOptions
@@ -33,8 +33,7 @@ NAME = "dataset"
 HELP = "photos -> a background-completion training set for `finetune` (imagefolder layout)"
 
 
-def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
-    d = sub.add_parser(NAME, help=HELP, parents=parents)
+def add_arguments(d: argparse.ArgumentParser) -> None:
     add_batch_options(d, PROVIDERS)
     d.add_argument("-o", "--output", required=True, help="the dataset folder (new, or one an earlier run of the same options made)")
     d.add_argument("--rmbg", help="the masker: an RMBG .onnx file, an exported folder, an RMBG model folder or a hub id (default: the per-user export)")
@@ -53,7 +52,6 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     d.add_argument("--max-side", type=int_range("--max-side", 0, 65535), default=1024, help="store photos at most this many pixels a side (0: as they are)")
     d.add_argument("--format", choices=["jpg", "png", "webp"], default="jpg", help="format of the stored photos (masks are PNG)")
     d.add_argument("--quality", type=int_range("--quality", 1, 100), default=95, help="JPEG/WebP quality of the stored photos")
-    d.set_defaults(func=run)
 
 
 def _options(args: argparse.Namespace) -> "DatasetOptions":
@@ -90,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from trt_bgswap.cli.run_command import mask_file_for
     from trt_bgswap.model_folders import masker_source
     from trt_bgswap.runtime.color_management import ColorSpace
-    from trt_bgswap.runtime.image_io import output_exif, write_image
+    from trt_bgswap.runtime.image_write import output_exif, write_image
     from trt_bgswap.training import dataset as ds
 
     options = _options(args)

@@ -16,8 +16,7 @@ TAESD_DEFAULT = "madebyollin/taesd"  # MIT; SD1.x/2.x latents
 HELP = "PyTorch models -> ONNX folder (needs the export extra)"
 
 
-def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
-    e = sub.add_parser(NAME, help=HELP, parents=parents)
+def add_arguments(e: argparse.ArgumentParser) -> None:
     add_source_options(e, defaults=True)
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
@@ -38,7 +37,6 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
         help="tiny: the tiny autoencoder (TAESD) encodes and decodes instead of the model's VAE: much faster, less detail",
     )  # fmt: skip
     e.add_argument("--taesd", default=TAESD_DEFAULT, help=f"with --vae tiny: the tiny autoencoder, a folder or hub id (default {TAESD_DEFAULT}; taesdxl for SDXL)")
-    e.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,10 +28,9 @@ def _targets(text: str) -> tuple[str, ...]:
     return names
 
 
-def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
+def add_arguments(f: argparse.ArgumentParser) -> None:
     from trt_bgswap.registry import DEFAULTS
 
-    f = sub.add_parser(NAME, help=HELP, parents=parents)
     f.add_argument("dataset", metavar="DATASET", help="a folder made by `trt-bgswap dataset`")
     f.add_argument("--inpaint", default=DEFAULTS["sd-inpainting"], help="the SD inpainting model: diffusers folder, hub id (org/name[@rev]) or registry name")
     f.add_argument("--out", required=True, help="folder for the LoRA (pytorch_lora_weights.safetensors), checkpoints/ and validation/")
@@ -60,7 +59,6 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     f.add_argument("--offline", action="store_true", help="use only the local hub cache (also HF_HUB_OFFLINE=1)")
     f.add_argument("--allow-pickle", action="store_true", help="accept pickled checkpoints (.bin/.ckpt) from a source you trust")
     f.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
-    f.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,9 +9,8 @@ NAME = "info"
 HELP = "versions, backends, GPU and cache contents"
 
 
-def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
-    i = sub.add_parser(NAME, help=HELP, parents=parents)
-    i.set_defaults(func=run)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """No options."""
 
 
 def run(args: argparse.Namespace) -> int:

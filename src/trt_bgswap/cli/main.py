@@ -30,7 +30,7 @@ from trt_bgswap.errors import BgSwapError
 
 log = logging.getLogger("trt_bgswap")
 
-# Each module has NAME, HELP, add_parser(sub, parents) and a run(args) set as the parser's func.
+# Each module has NAME, HELP, add_arguments(its sub-command's parser) and run(args) -> exit code.
 COMMANDS = (
     run_command,
     mask_command,
@@ -53,7 +53,9 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     parents = [verbosity_parent()]
     for command in COMMANDS:
-        command.add_parser(sub, parents)
+        parser = sub.add_parser(command.NAME, help=command.HELP, parents=parents)
+        command.add_arguments(parser)
+        parser.set_defaults(func=command.run)
     return p
 
 

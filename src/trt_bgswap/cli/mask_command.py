@@ -15,7 +15,7 @@ from trt_bgswap.cli.batch import CUTOUT, Job
 from trt_bgswap.cli.options import add_batch_options
 from trt_bgswap.errors import UsageError
 from trt_bgswap.registry import variants_of
-from trt_bgswap.runtime.image_io import IMAGE_SUFFIXES
+from trt_bgswap.runtime.image_read import IMAGE_SUFFIXES
 
 if TYPE_CHECKING:
     from trt_bgswap.api import BackgroundReplacer
@@ -27,15 +27,13 @@ HELP = "subject masks only (no diffusion)"
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt", "trt")
 
 
-def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
-    m = sub.add_parser(NAME, help=HELP, parents=parents)
+def add_arguments(m: argparse.ArgumentParser) -> None:
     add_batch_options(m, PROVIDERS)
     m.add_argument("--rmbg", help="an RMBG .onnx file, an exported folder, an RMBG model folder or a hub id (default: the per-user export)")
     m.add_argument("--masker", choices=[v.name for v in variants_of("rmbg")], help="which masker an .onnx --rmbg is where its repo's config.json cannot tell (e.g. rmbg-2.0)")
     m.add_argument("-o", "--output", required=True, help="output folder for <stem>.png masks")
     m.add_argument("--cutout", action="store_true", help="also write <stem>_cutout.png RGBA cut-outs")
     m.add_argument("--ignore-alpha", action="store_true", help="run the masker on cut-out inputs too (default: an input's own transparency is its mask)")
-    m.set_defaults(func=run)
 
 
 def open_masker(source: Path, provider: str, threads: int, max_pixels: int | None, masker_name: str | None = None) -> "BackgroundReplacer":
@@ -58,7 +56,7 @@ def open_masker(source: Path, provider: str, threads: int, max_pixels: int | Non
 def run(args: argparse.Namespace) -> int:
     from trt_bgswap.api import alpha_to_u8, load_photo
     from trt_bgswap.model_folders import masker_source
-    from trt_bgswap.runtime.image_io import output_exif, write_image
+    from trt_bgswap.runtime.image_write import output_exif, write_image
 
     out_dir = Path(args.output)
     if out_dir.suffix.lower() in IMAGE_SUFFIXES:

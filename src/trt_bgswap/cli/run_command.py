@@ -23,7 +23,7 @@ from trt_bgswap.errors import UsageError
 from trt_bgswap.model_folders import SOURCE_SLOTS, check_model_folder, folder_for_job
 from trt_bgswap.families import FAMILIES
 from trt_bgswap.registry import DEFAULTS, variants_of
-from trt_bgswap.runtime.image_io import IMAGE_SUFFIXES
+from trt_bgswap.runtime.image_read import IMAGE_SUFFIXES
 
 log = logging.getLogger("trt_bgswap")
 
@@ -56,8 +56,7 @@ def given_sources(args: argparse.Namespace) -> dict[str, str]:
     return {slot.key: getattr(args, slot.key) for slot in SOURCE_SLOTS if getattr(args, slot.key) is not None}
 
 
-def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
-    r = sub.add_parser(NAME, help=HELP, parents=parents)
+def add_arguments(r: argparse.ArgumentParser) -> None:
     add_batch_options(r, PROVIDERS)
     r.add_argument("--models", help="exported model folder (default: the per-user cache)")
     r.add_argument("--prompt", help="what the new background shows")
@@ -87,7 +86,6 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     r.add_argument("--band", type=int_range("--band", 0, 512), default=8, help="how far the repainted area reaches into the subject, pixels")
     add_composite_options(r)
     add_source_options(r, defaults=False)
-    r.set_defaults(func=run)
 
 
 def mask_file_for(mask_arg: str, src: Path, n_inputs: int) -> Path:
@@ -150,7 +148,7 @@ def _check_memory(folder: Path, args: argparse.Namespace, jobs: list[Job], stage
 def run(args: argparse.Namespace) -> int:
     from trt_bgswap.api import BackgroundReplacer, alpha_to_u8, load_photo
     from trt_bgswap.paths import default_export_dir
-    from trt_bgswap.runtime.image_io import output_exif, write_image
+    from trt_bgswap.runtime.image_write import output_exif, write_image
     from trt_bgswap.runtime.mask_ops import MaskOptions, refine_alpha
 
     mask_options = MaskOptions(threshold=args.threshold, grow=args.grow, feather=args.feather, band=args.band)

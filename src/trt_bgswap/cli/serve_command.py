@@ -25,11 +25,10 @@ PROVIDERS = ("auto", "cpu", "cuda", "tensorrt", "trt")
 INSTALL_HINT = "pip install 'trt-bgswap[serve]'"
 
 
-def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
-    from trt_bgswap.runtime.image_io import DEFAULT_MAX_PIXELS
+def add_arguments(s: argparse.ArgumentParser) -> None:
+    from trt_bgswap.runtime.image_read import DEFAULT_MAX_PIXELS
     from trt_bgswap.server.config import DEFAULT_MAX_BYTES
 
-    s = sub.add_parser(NAME, help=HELP, parents=parents)
     s.add_argument("--models", help="exported model folder (default: the per-user cache)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback exposes the server to the network (use --token-file)")
     s.add_argument("--port", type=int_range("--port", 0, 65535), default=8000, help="TCP port (0: any free port, logged)")
@@ -53,7 +52,6 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     ray.add_argument("--target-ongoing-requests", type=float_range("--target-ongoing-requests", 0.1, 10_000.0), default=2.0, help="autoscaling: requests per replica to aim for")
     ray.add_argument("--gpus-per-replica", type=float_range("--gpus-per-replica", 0.0, 64.0), default=0.0, help="GPUs each replica reserves (1: one replica per GPU)")
     ray.add_argument("--cpus-per-replica", type=float_range("--cpus-per-replica", 0.0, 1024.0), default=1.0, help="CPUs each replica reserves")
-    s.set_defaults(func=run)
 
 
 def _check_host(host: str, has_token: bool) -> None:

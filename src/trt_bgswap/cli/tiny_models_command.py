@@ -12,10 +12,8 @@ NAME = "tiny-models"
 HELP = "write tiny random-weight models in the real formats (offline smoke tests)"
 
 
-def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:  # type: ignore[type-arg]
-    t = sub.add_parser(NAME, help=HELP, parents=parents)
+def add_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("dir")
-    t.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,7 +3,8 @@
 FastAPI (on Starlette) rather than bare Starlette: it writes the OpenAPI document served at
 ``/docs`` from the routes themselves, and Ray Serve's ``serve.ingress`` takes its apps as they
 are. The request bodies are parsed by :mod:`.forms` (in memory) instead of FastAPI's form
-parameters, whose parser spools uploads to disk; their schemas are declared for the docs.
+parameters, whose parser spools uploads to disk; their schemas are declared for the docs in
+:mod:`.openapi`.
 
 Statuses: 400 bad input or option (the CLI's one-line message, as JSON ``{"error": ...}``),
 401 missing/wrong token, 413 too many bytes or pixels, 415 neither multipart nor JSON, 503 full
@@ -29,7 +30,6 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -39,13 +39,15 @@ from starlette.staticfiles import StaticFiles
 from trt_bgswap import __version__
 from trt_bgswap.api import BackgroundReplacer, Photo, alpha_to_u8
 from trt_bgswap.errors import BgSwapError, ImageTooLargeError
-from trt_bgswap.runtime.image_io import JPEG_MAX_SIDE, WEBP_MAX_SIDE, output_exif, probe_image, read_image, save_options, to_pil
+from trt_bgswap.runtime.image_read import probe_image, read_image
+from trt_bgswap.runtime.image_write import JPEG_MAX_SIDE, WEBP_MAX_SIDE, output_exif, save_options, to_pil
 from trt_bgswap.runtime.pipeline import GenerationOptions, Pipeline
 from trt_bgswap.server import forms
 from trt_bgswap.server.auth import BearerAuth
 from trt_bgswap.server.batching import MASK, REPLACE, Batcher, InternalError, Job, QueueFull, batching_is_exact
 from trt_bgswap.server.config import ServerConfig, read_token
 from trt_bgswap.server.metrics import Metrics
+from trt_bgswap.server.openapi import IMAGE_RESPONSES, MASK_DOC, REPLACE_DOC, add_docs
 
 log = logging.getLogger(__name__)
 
@@ -315,62 +317,6 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-def _form_schema(fields: dict[str, dict[str, Any]], required: list[str]) -> dict[str, Any]:
-    files = {k: v for k, v in fields.items() if v.get("format") == "binary"}
-    as_json = {k: ({"type": "string", "format": "byte", "description": v["description"] + " (base64)"} if k in files else v) for k, v in fields.items()}
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {"schema": {"type": "object", "properties": fields, "required": required}},
-                "application/json": {"schema": {"type": "object", "properties": as_json, "required": required}},
-            },
-        }
-    }
-
-
-FORMAT_FIELD = {"type": "string", "enum": ["png", "jpeg", "webp"], "default": "png", "description": "answer's image format"}
-REPLACE_DOC = _form_schema(
-    {
-        "image": {"type": "string", "format": "binary", "description": "the photo (PNG, JPEG, WebP, TIFF, BMP, GIF)"},
-        "prompt": {"type": "string", "description": "what the new background shows (or give bg_color)"},
-        "negative_prompt": {"type": "string", "description": "what it should not show (acts when guidance > 1)"},
-        "seed": {"type": "integer", "minimum": 0, "description": "same seed, same image; drawn when absent (answered in X-Seed)"},
-        "steps": {"type": "integer", "minimum": 1, "maximum": 50, "default": 4, "description": "LCM steps (2-8 are useful)"},
-        "guidance": {"type": "number", "minimum": 0, "maximum": 30, "default": 1.0, "description": "classifier-free guidance (1: off)"},
-        "bg_color": {"type": "string", "description": "a solid background instead: '#RRGGBB', '#RGB' or a colour name"},
-        "mask": {"type": "string", "format": "binary", "description": "your own subject mask (white = keep), the photo's size"},
-        "size": {"type": "string", "description": "generation size WxH, multiples of the model's (64 for SD1.5)"},
-        "format": FORMAT_FIELD,
-        "decontaminate": {"type": "boolean", "default": True, "description": "remove the old background's colour from soft edges"},
-        "refine_alpha": {"type": "boolean", "default": True, "description": "sharpen RMBG's alpha along the photo's edges (a given mask is used as it is)"},
-        "grain": {"type": "boolean", "default": False, "description": "give the background the subject's sensor noise"},
-        "harmonize": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.0, "description": "relight the subject toward the background's light (0.5 is a good start)"},
-        "shadow": {"type": "boolean", "default": False, "description": "a soft contact shadow under the subject"},
-        "shadow_offset": {"type": "string", "description": "DX,DY: shadow offset, fractions of the subject's height (with shadow=true)"},
-        "shadow_blur": {"type": "number", "minimum": 0, "maximum": 1, "description": "shadow blur, fraction of the subject's height (with shadow=true)"},
-        "shadow_opacity": {"type": "number", "minimum": 0, "maximum": 1, "description": "shadow darkness (with shadow=true)"},
-    },
-    ["image"],
-)
-MASK_DOC = _form_schema(
-    {
-        "image": {"type": "string", "format": "binary", "description": "the photo"},
-        "cutout": {"type": "boolean", "default": False, "description": "answer the RGBA cut-out instead of the alpha mask"},
-        "format": FORMAT_FIELD,
-    },
-    ["image"],
-)
-IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"content": {t: {} for t in ("image/png", "image/jpeg", "image/webp")}, "description": "the image; X-Seed, X-Generation-Size, X-Batch-Size, X-Replica headers"},
-    400: {"description": "unreadable image or bad option: {\"error\": one line}"},
-    401: {"description": "missing or wrong bearer token (with --token-file)"},
-    413: {"description": "too many bytes (--max-bytes) or pixels (--max-pixels)"},
-    503: {"description": "queue full or models loading; see Retry-After"},
-    504: {"description": "no answer within --timeout"},
-}
-
-
 def create_app(config: ServerConfig, load_in_background: bool = True, replica: str | None = None) -> Any:
     """The ASGI app for one process (uvicorn) or one Ray Serve replica (``replica``: its id); models load at startup."""
     service = Service(config, load_in_background, replica)
@@ -435,24 +381,4 @@ def _add_routes(app: FastAPI, service: Service) -> None:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    _add_docs(app)
-
-
-def _add_docs(app: FastAPI) -> None:
-    """Swagger UI from the swagger-ui-bundle package: /docs works on an appliance with no internet."""
-    try:
-        import swagger_ui_bundle
-    except ImportError:  # pragma: no cover - part of the serve extra
-        log.warning("swagger-ui-bundle is not installed; /docs is off (the OpenAPI document is at /openapi.json)")
-        return
-    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
-
-    @app.get("/docs", include_in_schema=False)
-    async def docs() -> Response:
-        return get_swagger_ui_html(
-            openapi_url="/openapi.json",
-            title="trt-bgswap API",
-            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
-            swagger_css_url="/docs-assets/swagger-ui.css",
-            swagger_favicon_url="/docs-assets/favicon-32x32.png",
-        )
+    add_docs(app)

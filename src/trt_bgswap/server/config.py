@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trt_bgswap.errors import UsageError
-from trt_bgswap.runtime.image_io import DEFAULT_MAX_PIXELS
+from trt_bgswap.runtime.image_read import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Reading and writing user images robustly: every bad input is one clear `InputImageError`.
+"""Reading user images robustly: every bad input is one clear `InputImageError`.
 
 Reading follows Pillow's documented behaviour (``Image.open`` reads the header
 only, ``load`` decodes) so the pixel cap is enforced *before* any decoding: a
@@ -9,12 +9,8 @@ mode ends as 8-bit RGB plus, when the file carries transparency, a separate floa
 alpha. Decoders raise many exception types on malformed data (ValueError,
 SyntaxError, struct.error, EOFError, OSError...), so decoding is wrapped and
 each becomes an `InputImageError` naming the file, the problem and the fix.
-
-Writing picks the format from the extension (PNG, JPEG, WebP), goes through
-`trt_bgswap.atomic` (temp file + rename, so no partial file is ever left), and
-refuses to overwrite an input or, unless asked, an existing output.
+Writing is :mod:`~trt_bgswap.runtime.image_write`.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -23,15 +19,14 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from trt_bgswap.atomic import atomic_path
-from trt_bgswap.errors import ImageTooLargeError, InputImageError, OutputError, OutputExistsError, UsageError
+from trt_bgswap.errors import ImageTooLargeError, InputImageError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +35,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_PIXELS = 1 << 26
 # RMBG and the inpainting UNet downsample 32x/8x; below this a mask is meaningless.
 MIN_SIDE = 16
-# WebP's format limit (the VP8/VP8L header has 14-bit dimensions).
-WEBP_MAX_SIDE = 16383
-JPEG_MAX_SIDE = 65535
 
 # Magic numbers of the formats users bring, to tell "damaged PNG" from "not an image at all".
 SIGNATURES = (
@@ -54,18 +46,10 @@ SIGNATURES = (
     (b"MM\x00*", "TIFF"),
     (b"BM", "BMP"),
 )
-# Files of 90+% JPEG quality keep full chroma resolution (4:4:4): composites have sharp colour edges.
-FULL_CHROMA_QUALITY = 90
 
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
-OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-ALPHA_SUFFIXES = frozenset({".png", ".webp"})  # output formats that keep an alpha channel (cut-outs)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})  # what batch inputs are
-# EXIF tags an output must not carry over: the orientation (already applied to the pixels) and, unless
-# asked, the GPS position (a privacy leak when results are shared).
-EXIF_ORIENTATION = 0x0112
-EXIF_GPS_IFD = 0x8825
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview
 
 
@@ -96,7 +80,7 @@ class ImageInfo:
     has_alpha: bool  # a transparency channel or colour key; it may still be fully opaque
 
 
-def _one_line(text: object) -> str:
+def one_line(text: object) -> str:
     return " ".join(str(text).split()) or "no detail"
 
 
@@ -126,7 +110,7 @@ def _open_bytes(src: ImageSource, name: str | None) -> tuple[io.BytesIO, str, Pa
         except IsADirectoryError:
             raise InputImageError(f"{label}: is a folder, not an image file; give the path of an image file") from None
         except OSError as e:
-            raise InputImageError(f"{label}: cannot read the file ({_one_line(e.strerror or e)}); check the path and the disk") from None
+            raise InputImageError(f"{label}: cannot read the file ({one_line(e.strerror or e)}); check the path and the disk") from None
     if not data:
         raise InputImageError(f"{label}: the file is empty (0 bytes); re-copy or re-download it")
     return io.BytesIO(data), label, path
@@ -145,7 +129,7 @@ def _check_size(label: str, size: tuple[int, int], max_pixels: int, min_side: in
 
 def _corrupt(label: str, fmt: str | None, e: BaseException) -> InputImageError:
     kind = f"{fmt} image" if fmt else "image"
-    return InputImageError(f"{label}: corrupt or truncated {kind} ({type(e).__name__}: {_one_line(e)}); re-export or re-download it")
+    return InputImageError(f"{label}: corrupt or truncated {kind} ({type(e).__name__}: {one_line(e)}); re-export or re-download it")
 
 
 def _scale16(arr: np.ndarray) -> np.ndarray:
@@ -194,7 +178,7 @@ def _cmyk_to_rgb(label: str, im: Image.Image) -> tuple[Image.Image, bytes | None
             if out is not None:
                 return out, None  # now sRGB
         except Exception as e:  # noqa: BLE001 - a bad or mismatched profile must not lose the image
-            log.warning("%s: embedded CMYK ICC profile unusable (%s); converting without colour management", label, _one_line(e))
+            log.warning("%s: embedded CMYK ICC profile unusable (%s); converting without colour management", label, one_line(e))
     return im.convert("RGB"), None
 
 
@@ -218,7 +202,7 @@ def _to_rgb_alpha(label: str, im: Image.Image) -> tuple[np.ndarray, np.ndarray |
     try:
         converted = im.convert("RGBA" if has_alpha else "RGB")
     except (ValueError, OSError) as e:
-        raise InputImageError(f"{label}: colour mode {mode!r} is not supported ({_one_line(e)}); convert it to RGB first") from None
+        raise InputImageError(f"{label}: colour mode {mode!r} is not supported ({one_line(e)}); convert it to RGB first") from None
     arr = np.array(converted, dtype=np.uint8)
     if not has_alpha:
         return arr, None, icc
@@ -241,7 +225,7 @@ def _upright(label: str, im: Image.Image) -> Image.Image:
     try:
         return ImageOps.exif_transpose(im)
     except Exception as e:  # noqa: BLE001 - malformed EXIF must not lose an otherwise good image
-        log.warning("%s: EXIF orientation unreadable (%s); using the image as stored", label, _one_line(e))
+        log.warning("%s: EXIF orientation unreadable (%s); using the image as stored", label, one_line(e))
         return im
 
 
@@ -257,7 +241,7 @@ def _open_header(buf: io.BytesIO, label: str, max_pixels: int, min_side: int) ->
                 f"(decompression-bomb guard); downscale the image or raise the limit (--max-pixels / max_pixels=)"
             ) from None
         raise ImageTooLargeError(
-            f"{label}: too many pixels for Pillow's decompression-bomb limit ({_one_line(e)}); "
+            f"{label}: too many pixels for Pillow's decompression-bomb limit ({one_line(e)}); "
             f"downscale the image (or raise PIL.Image.MAX_IMAGE_PIXELS as well as max_pixels)"
         ) from None
     except UnidentifiedImageError:
@@ -326,7 +310,7 @@ def _pillow_warnings(label: str) -> Iterator[None]:
         yield
     for w in caught:
         if not issubclass(w.category, Image.DecompressionBombWarning):
-            log.debug("%s: %s", label, _one_line(w.message))
+            log.debug("%s: %s", label, one_line(w.message))
 
 
 def _max_pixels(max_pixels: int | None) -> int:
@@ -389,113 +373,3 @@ def from_pil(image: Image.Image, max_pixels: int | None = DEFAULT_MAX_PIXELS, *,
         except Exception as e:  # noqa: BLE001
             raise _corrupt(label, image.format, e) from None
         return _finish(label, image, None, image.format, _frames(image))
-
-
-def _check_array(arr: np.ndarray, label: str) -> str:
-    """The Pillow mode for a uint8 HxW / HxWx1 / HxWx3 / HxWx4 array."""
-    if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8:
-        dtype = getattr(arr, "dtype", type(arr).__name__)
-        raise UsageError(f"{label}: image data has dtype {dtype}; give a uint8 array (HxW, HxWx3 or HxWx4)")
-    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1):
-        return "L"
-    if arr.ndim == 3 and arr.shape[2] in (3, 4):
-        return "RGB" if arr.shape[2] == 3 else "RGBA"
-    raise UsageError(f"{label}: image data has shape {arr.shape}; give HxW, HxWx3 or HxWx4")
-
-
-def to_pil(arr: np.ndarray) -> Image.Image:
-    """uint8 HxW / HxWx3 / HxWx4 -> an L / RGB / RGBA PIL image."""
-    mode = _check_array(arr, "to_pil")
-    return Image.fromarray(np.ascontiguousarray(arr.reshape(arr.shape[:2]) if mode == "L" else arr), mode)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        if a.resolve() == b.resolve():
-            return True
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def output_exif(exif: bytes | None, keep_gps: bool = False) -> bytes | None:
-    """The input's EXIF for an output: camera, date and the rest kept; orientation dropped (the pixels are
-    upright), GPS dropped unless asked. Unreadable EXIF is dropped with a log line, never an error."""
-    if not exif:
-        return None
-    try:
-        data = Image.Exif()
-        data.load(exif)
-        data.pop(EXIF_ORIENTATION, None)
-        if not keep_gps:
-            data.pop(EXIF_GPS_IFD, None)
-        return data.tobytes() if len(data) else None
-    except Exception as e:  # noqa: BLE001 - metadata must never cost the image
-        log.warning("EXIF metadata unreadable (%s); the output is written without it", _one_line(e))
-        return None
-
-
-def save_options(fmt: str, quality: int, icc: bytes | None = None, exif: bytes | None = None) -> dict[str, object]:
-    """Pillow ``save`` options for a format name ("PNG", "JPEG", "WEBP"): quality, full chroma at 90+, metadata."""
-    options: dict[str, object] = {}
-    if fmt in ("JPEG", "WEBP"):
-        options["quality"] = quality
-    if fmt == "JPEG" and quality >= FULL_CHROMA_QUALITY:
-        options["subsampling"] = 0
-    if icc:
-        options["icc_profile"] = icc
-    if exif:
-        options["exif"] = exif
-    return options
-
-
-def write_image(
-    path: str | os.PathLike,
-    image: np.ndarray,
-    quality: int = 95,
-    overwrite: bool = False,
-    protected: Iterable[str | os.PathLike] = (),
-    icc: bytes | None = None,
-    exif: bytes | None = None,
-) -> Path:
-    """Encode by extension and write atomically; refuses inputs (``protected``) and, unless asked, existing files.
-
-    RGBA to JPEG is refused rather than silently flattened: JPEG has no alpha, and
-    choosing a matte colour for the caller would hide a mistake. Raises
-    `OutputExistsError` (a batch skips the image) or `OutputError`.
-    """
-    target = Path(path)
-    suffix = target.suffix.lower()
-    fmt = OUTPUT_FORMATS.get(suffix)
-    if fmt is None:
-        raise UsageError(f"{target}: unsupported output extension {suffix or '(none)'!r}; use .png, .jpg, .jpeg or .webp")
-    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
-        raise UsageError(f"quality={quality!r}: give an integer from 1 to 100")
-    mode = _check_array(image, str(target))
-    h, w = image.shape[:2]
-    if h < 1 or w < 1:
-        raise UsageError(f"{target}: image data is empty ({w}x{h})")
-    if fmt == "JPEG" and mode == "RGBA":
-        raise UsageError(f"{target}: JPEG has no alpha channel; write .png or .webp to keep transparency, or pass RGB")
-    limit = WEBP_MAX_SIDE if fmt == "WEBP" else JPEG_MAX_SIDE if fmt == "JPEG" else None
-    if limit is not None and max(w, h) > limit:
-        raise UsageError(f"{target}: {w}x{h} exceeds the {fmt} limit of {limit} px a side; write .png instead")
-    for src in protected:
-        if _same_file(target, Path(src)):
-            raise OutputError(f"{target}: is an input file ({src}); inputs are never overwritten, choose another output path")
-    if target.is_dir():
-        raise OutputError(f"{target}: is a folder; give an output file name ending in {suffix}")
-    if target.exists() and not overwrite:
-        raise OutputExistsError(f"{target}: already exists; pass --overwrite (overwrite=True) to replace it")
-    options = save_options(fmt, quality, icc, exif)
-    pil = to_pil(image)
-    try:
-        with atomic_path(target) as tmp:
-            pil.save(tmp, format=fmt, **options)
-    except PermissionError:
-        raise OutputError(f"{target}: the folder {target.parent} is not writable; fix its permissions or choose another output folder") from None
-    except (FileExistsError, NotADirectoryError):
-        raise OutputError(f"{target}: {target.parent} is not a folder; choose another output path") from None
-    except OSError as e:
-        raise OutputError(f"{target}: cannot write ({_one_line(e.strerror or e)}); check free space and the output folder") from None
-    return target

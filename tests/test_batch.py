@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_cli_run import photo, trt_bgswap
+from test_run_command import photo, trt_bgswap
 from trt_bgswap.cli.batch import BYTES_PER_PIXEL, RESULT, Input, Job, Target, check_free_space
 from trt_bgswap.errors import OutputError
-from trt_bgswap.runtime.image_io import ImageInfo
+from trt_bgswap.runtime.image_read import ImageInfo
 
 
 def save(path: Path, name: str = "chelsea") -> Path:

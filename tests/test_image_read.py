@@ -1,5 +1,5 @@
-"""read_image / write_image: every bad input is a one-line InputImageError, every mode converts as specified,
-EXIF orientation is applied, and no failure leaves a partial output file.
+"""read_image (runtime/image_read.py): every bad input is a one-line InputImageError, every mode converts as
+specified, EXIF orientation is applied, and a failed read leaves no output behind.
 
 Expected conversions are computed independently from the source data (palette look-ups,
 v * 255 / 65535, the EXIF orientation table, Pillow 13's documented CMYK formula), never by
@@ -9,57 +9,19 @@ running the code under test a second way.
 from __future__ import annotations
 
 import io
-import json
 import logging
-import os
-import struct
-import subprocess
-import sys
-import textwrap
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from skimage import data
 from tolerance import EIGHT_BIT_STEP, rounding_bound
 
-from trt_bgswap.errors import InputImageError, OutputError, OutputExistsError, UsageError
-from trt_bgswap.runtime import image_io
-from trt_bgswap.runtime.image_io import DEFAULT_MAX_PIXELS, MIN_SIDE, read_image, write_image
-
-PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "camera"]
-
-
-def photo(name: str, step: int = 2) -> np.ndarray:
-    return np.ascontiguousarray(getattr(data, name)()[::step, ::step])
-
-
-def encode(im: Image.Image, fmt: str, **options: object) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **options)
-    return buf.getvalue()
-
-
-def png_chunk(tag: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", zlib.crc32(tag + payload) & 0xFFFFFFFF)
-
-
-def raw_png(width: int, height: int, bit_depth: int, color_type: int, pixels: bytes | None) -> bytes:
-    """A PNG written by hand (Pillow cannot write 16-bit colour PNGs); pixels are big-endian rows, filter 0."""
-    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    if pixels is None:
-        idat = zlib.compress(b"")
-    else:
-        row = len(pixels) // height
-        idat = zlib.compress(b"".join(b"\x00" + pixels[i * row : (i + 1) * row] for i in range(height)))
-    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
-
-
-def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+from image_files import encode, leftovers, photo, raw_png, rng, run_unprivileged
+from trt_bgswap.errors import InputImageError, UsageError
+from trt_bgswap.runtime.image_read import DEFAULT_MAX_PIXELS, MIN_SIDE, from_pil, read_image
+from trt_bgswap.runtime.image_write import write_image
 
 
 def read_then_write(src: object, out: Path) -> None:
@@ -170,37 +132,6 @@ def test_none_max_pixels_means_the_default() -> None:
     assert DEFAULT_MAX_PIXELS >= 50_000_000
 
 
-_DROP_DAC = textwrap.dedent(
-    """
-    import ctypes, json, os, sys
-    if os.geteuid() == 0:  # root reads anything: drop CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH for this process
-        libc = ctypes.CDLL(None, use_errno=True)
-        class Hdr(ctypes.Structure):
-            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-        class Caps(ctypes.Structure):
-            _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
-        hdr, caps = Hdr(0x20080522, 0), (Caps * 2)()
-        if libc.capget(ctypes.byref(hdr), caps) != 0:
-            print(json.dumps({"skip": "capget failed"})); sys.exit(0)
-        mask = ~((1 << 1) | (1 << 2)) & 0xFFFFFFFF
-        caps[0].effective &= mask; caps[0].permitted &= mask
-        if libc.capset(ctypes.byref(hdr), caps) != 0:
-            print(json.dumps({"skip": "capset failed"})); sys.exit(0)
-    """
-)
-
-
-def run_unprivileged(body: str) -> dict:
-    """Run ``body`` (which sets ``result``) where file permissions apply even to root; returns its JSON."""
-    code = _DROP_DAC + textwrap.dedent(body) + "\nprint(json.dumps(result))\n"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    if "skip" in out:
-        pytest.skip(f"cannot drop root's file-permission override here: {out['skip']}")
-    return out
-
-
 def test_unreadable_file(tmp_path: Path) -> None:
     src = tmp_path / "secret.png"
     src.write_bytes(encode(Image.fromarray(photo("astronaut", 4)), "PNG"))
@@ -208,7 +139,7 @@ def test_unreadable_file(tmp_path: Path) -> None:
     out = run_unprivileged(
         f"""
         from trt_bgswap.errors import InputImageError
-        from trt_bgswap.runtime.image_io import read_image
+        from trt_bgswap.runtime.image_read import read_image
         try:
             read_image({str(src)!r}); result = {{"error": None}}
         except InputImageError as e:
@@ -218,27 +149,6 @@ def test_unreadable_file(tmp_path: Path) -> None:
     assert out["error"] == "InputImageError"
     for part in ("secret.png", "permission denied", "readable"):
         assert part in out["message"]
-
-
-def test_unwritable_output_folder(tmp_path: Path) -> None:
-    folder = tmp_path / "locked"
-    folder.mkdir()
-    folder.chmod(0o555)
-    out = run_unprivileged(
-        f"""
-        import numpy as np, os
-        from trt_bgswap.errors import OutputError
-        from trt_bgswap.runtime.image_io import write_image
-        try:
-            write_image({str(folder / "out.png")!r}, np.zeros((32, 32, 3), np.uint8)); result = {{"error": None}}
-        except OutputError as e:
-            result = {{"error": "OutputError", "message": str(e)}}
-        result["left"] = sorted(os.listdir({str(folder)!r}))
-        """
-    )
-    assert out["error"] == "OutputError"
-    assert "not writable" in out["message"] and str(folder) in out["message"]
-    assert out["left"] == []
 
 
 # ---------------------------------------------------------------- EXIF orientation
@@ -279,11 +189,6 @@ def _exif_tags(raw: bytes) -> dict:
 
 
 # ---------------------------------------------------------------- mode conversions
-
-
-def _rng(seed: int = 0) -> np.random.Generator:
-    return np.random.default_rng(seed)
-
 
 def test_mode_L() -> None:
     grey = photo("camera")
@@ -348,7 +253,7 @@ def test_mode_RGB_with_transparent_colour() -> None:
 
 
 def test_mode_I16_png_scaled_not_clipped() -> None:
-    v = _rng().integers(0, 65536, (40, 60), dtype=np.uint16)
+    v = rng().integers(0, 65536, (40, 60), dtype=np.uint16)
     raw = encode(Image.fromarray(v), "PNG")
     got = read_image(raw)
     assert got.mode.startswith("I;16"), got.mode
@@ -358,7 +263,7 @@ def test_mode_I16_png_scaled_not_clipped() -> None:
 
 def test_mode_I16_big_endian_pgm_like_tiff() -> None:
     tifffile = pytest.importorskip("tifffile")
-    v = _rng(1).integers(0, 65536, (32, 48), dtype=np.uint16)
+    v = rng(1).integers(0, 65536, (32, 48), dtype=np.uint16)
     buf = io.BytesIO()
     tifffile.imwrite(buf, v.astype(">u2"), byteorder=">")
     got = read_image(buf.getvalue())
@@ -368,8 +273,8 @@ def test_mode_I16_big_endian_pgm_like_tiff() -> None:
 @pytest.mark.parametrize(
     "name,values",
     [
-        ("int32_16bit_range", _rng(2).integers(0, 65536, (24, 32)).astype(np.int32)),
-        ("int32_signed", _rng(3).integers(-70000, 90000, (24, 32)).astype(np.int32)),
+        ("int32_16bit_range", rng(2).integers(0, 65536, (24, 32)).astype(np.int32)),
+        ("int32_signed", rng(3).integers(-70000, 90000, (24, 32)).astype(np.int32)),
     ],
 )
 def test_mode_I(name: str, values: np.ndarray) -> None:
@@ -389,8 +294,8 @@ def test_mode_I(name: str, values: np.ndarray) -> None:
 @pytest.mark.parametrize(
     "name,values",
     [
-        ("unit_range", _rng(4).random((24, 32)).astype(np.float32)),
-        ("hdr_range", (_rng(5).random((24, 32)) * 25 - 5).astype(np.float32)),
+        ("unit_range", rng(4).random((24, 32)).astype(np.float32)),
+        ("hdr_range", (rng(5).random((24, 32)) * 25 - 5).astype(np.float32)),
     ],
 )
 def test_mode_F(name: str, values: np.ndarray) -> None:
@@ -407,7 +312,7 @@ def test_mode_F(name: str, values: np.ndarray) -> None:
 
 def test_mode_F_with_nan_is_not_a_crash() -> None:
     tifffile = pytest.importorskip("tifffile")
-    v = (_rng(6).random((24, 32)) * 3).astype(np.float32)
+    v = (rng(6).random((24, 32)) * 3).astype(np.float32)
     v[0, :5] = np.nan
     buf = io.BytesIO()
     tifffile.imwrite(buf, v)
@@ -422,7 +327,7 @@ def test_mode_LAB_tiff_through_littlecms() -> None:
     """CIELab TIFFs: compare with littleCMS's Lab -> sRGB transform (and no alpha: 'LAB' has an A band name)."""
     from PIL import ImageCms
 
-    lab = np.dstack([_rng(13).integers(0, 256, (24, 32), dtype=np.uint8) for _ in range(3)])
+    lab = np.dstack([rng(13).integers(0, 256, (24, 32), dtype=np.uint8) for _ in range(3)])
     im = Image.fromarray(lab, "LAB")
     transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
     want = np.asarray(ImageCms.applyTransform(im, transform)).astype(int)
@@ -439,7 +344,7 @@ def _cmyk_expected(cmyk: np.ndarray) -> np.ndarray:
 
 
 def test_mode_CMYK_tiff() -> None:
-    cmyk = _rng(7).integers(0, 256, (32, 48, 4), dtype=np.uint8)
+    cmyk = rng(7).integers(0, 256, (32, 48, 4), dtype=np.uint8)
     got = read_image(encode(Image.fromarray(cmyk, "CMYK"), "TIFF"))
     assert got.mode == "CMYK"
     err = int(np.abs(got.rgb.astype(np.int64) - _cmyk_expected(cmyk)).max())
@@ -458,7 +363,7 @@ def test_mode_CMYK_with_an_unusable_profile_falls_back(caplog: pytest.LogCapture
     from PIL import ImageCms
 
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()  # an RGB profile on CMYK data
-    cmyk = _rng(8).integers(0, 256, (32, 48, 4), dtype=np.uint8)
+    cmyk = rng(8).integers(0, 256, (32, 48, 4), dtype=np.uint8)
     with caplog.at_level(logging.WARNING):
         got = read_image(encode(Image.fromarray(cmyk, "CMYK"), "TIFF", icc_profile=srgb))
     assert "ICC profile unusable" in caplog.text
@@ -468,7 +373,7 @@ def test_mode_CMYK_with_an_unusable_profile_falls_back(caplog: pytest.LogCapture
 
 @pytest.mark.parametrize("channels,color_type", [(3, 2), (4, 6)])
 def test_16bit_colour_png(channels: int, color_type: int) -> None:
-    v = _rng(9).integers(0, 65536, (20, 30, channels), dtype=np.uint16)
+    v = rng(9).integers(0, 65536, (20, 30, channels), dtype=np.uint16)
     got = read_image(raw_png(30, 20, 16, color_type, v.astype(">u2").tobytes()))
     want = v * 255.0 / 65535.0
     err = float(np.abs(got.rgb - want[..., :3]).max())
@@ -481,7 +386,7 @@ def test_16bit_colour_png(channels: int, color_type: int) -> None:
 
 def test_16bit_rgb_tiff() -> None:
     tifffile = pytest.importorskip("tifffile")
-    v = _rng(10).integers(0, 65536, (20, 30, 3), dtype=np.uint16)
+    v = rng(10).integers(0, 65536, (20, 30, 3), dtype=np.uint16)
     buf = io.BytesIO()
     tifffile.imwrite(buf, v, photometric="rgb")
     got = read_image(buf.getvalue())
@@ -529,163 +434,9 @@ def test_animated_webp_first_frame(caplog: pytest.LogCaptureFixture) -> None:
     assert np.array_equal(got.rgb, a)
 
 
-# ---------------------------------------------------------------- round trips and writing
-
-
-@pytest.mark.parametrize("name", PHOTOS)
-@pytest.mark.parametrize("ext,min_psnr", [(".png", None), (".jpg", 36.0), (".webp", 30.0)])
-def test_photo_round_trip(tmp_path: Path, name: str, ext: str, min_psnr: float | None) -> None:
-    img = photo(name)
-    rgb = img if img.ndim == 3 else np.stack([img] * 3, axis=2)
-    out = write_image(tmp_path / f"{name}{ext}", rgb, quality=95)
-    got = read_image(out)
-    assert got.rgb.shape == rgb.shape and got.path == out
-    diff = got.rgb.astype(np.float64) - rgb
-    if min_psnr is None:
-        assert np.abs(diff).max() == 0, f"{name}{ext}: PNG must be lossless"
-    else:  # a lossy codec's quality at quality=95 (libjpeg's and libwebp's integer transforms), not float rounding
-        psnr = 10 * np.log10(255.0**2 / max(np.mean(diff**2), 1e-12))
-        assert psnr >= min_psnr, f"{name}{ext}: PSNR {psnr:.1f} dB < {min_psnr} (max abs error {np.abs(diff).max():.0f})"
-    assert leftovers(tmp_path) == [out.name]
-
-
-@pytest.mark.parametrize("ext", [".png", ".webp"])
-def test_rgba_round_trip(tmp_path: Path, ext: str) -> None:
-    rgb = photo("astronaut")
-    a = np.tile(np.linspace(0, 255, rgb.shape[1]).astype(np.uint8), (rgb.shape[0], 1))
-    out = write_image(tmp_path / f"cut{ext}", np.dstack([rgb, a]), quality=100)
-    got = read_image(out)
-    assert got.alpha is not None
-    err = float(np.abs(got.alpha - a / 255.0).max())
-    # PNG keeps the 8-bit alpha (one float32 division); WebP may re-quantise it by one step
-    assert err <= (0.0 if ext == ".png" else EIGHT_BIT_STEP) + rounding_bound(1.0, 1), f"{ext}: alpha max abs error {err}"
-
-
-def test_greyscale_mask_is_written_as_L(tmp_path: Path) -> None:
-    mask = photo("camera")
-    out = write_image(tmp_path / "m.png", mask)
-    assert Image.open(out).mode == "L"
-    assert np.array_equal(np.asarray(Image.open(out)), mask)
-
-
-def test_rgba_to_jpeg_is_refused(tmp_path: Path) -> None:
-    rgba = np.dstack([photo("astronaut"), np.full(photo("astronaut").shape[:2], 128, np.uint8)])
-    with pytest.raises(UsageError, match="JPEG has no alpha channel; write .png or .webp"):
-        write_image(tmp_path / "cut.jpg", rgba)
-    assert leftovers(tmp_path) == []
-
-
-def _inputs(tmp_path: Path) -> tuple[Path, bytes]:
-    src = tmp_path / "in" / "photo.png"
-    src.parent.mkdir()
-    raw = encode(Image.fromarray(photo("astronaut", 4)), "PNG")
-    src.write_bytes(raw)
-    return src, raw
-
-
-@pytest.mark.parametrize("alias", ["same", "relative", "symlink", "hardlink"])
-def test_never_overwrites_an_input(tmp_path: Path, alias: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    src, raw = _inputs(tmp_path)
-    if alias == "same":
-        target = src
-    elif alias == "relative":
-        monkeypatch.chdir(tmp_path / "in")
-        target = Path("..") / "in" / "photo.png"
-    elif alias == "symlink":
-        target = tmp_path / "link.png"
-        target.symlink_to(src)
-    else:
-        target = tmp_path / "hard.png"
-        os.link(src, target)
-    with pytest.raises(OutputError, match="is an input file.*never overwritten"):
-        write_image(target, np.zeros((32, 32, 3), np.uint8), overwrite=True, protected={src})
-    assert src.read_bytes() == raw
-    assert leftovers(tmp_path / "in") == ["photo.png"]
-
-
-def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
-    target = tmp_path / "out.png"
-    target.write_bytes(b"old")
-    with pytest.raises(OutputExistsError, match="already exists; pass --overwrite"):
-        write_image(target, photo("astronaut", 4))
-    assert target.read_bytes() == b"old"
-    write_image(target, photo("astronaut", 4), overwrite=True)
-    assert np.array_equal(read_image(target).rgb, photo("astronaut", 4))
-    assert leftovers(tmp_path) == ["out.png"]
-
-
-def test_output_parent_is_a_file(tmp_path: Path) -> None:
-    (tmp_path / "afile").write_bytes(b"x")
-    with pytest.raises(OutputError, match="is not a folder"):
-        write_image(tmp_path / "afile" / "out.png", photo("astronaut", 4))
-    assert leftovers(tmp_path) == ["afile"]
-
-
-def test_missing_output_folders_are_created(tmp_path: Path) -> None:
-    out = write_image(tmp_path / "a" / "b" / "out.webp", photo("astronaut", 4))
-    assert out.is_file() and leftovers(out.parent) == ["out.webp"]
-
-
-class _DiskFull(OSError):
-    pass
-
-
-def test_failure_mid_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Simulate ENOSPC halfway through encoding: the old output survives and no temp file is left."""
-    target = tmp_path / "out.png"
-    target.write_bytes(b"previous result")
-    real_save = Image.Image.save
-
-    def save_then_fail(self: Image.Image, fp: object, format: str | None = None, **params: object) -> None:  # noqa: A002
-        real_save(self, fp, format=format, **params)
-        with open(fp, "ab") as f:  # type: ignore[arg-type]
-            f.write(b"partial")
-        raise _DiskFull(28, "No space left on device")
-
-    monkeypatch.setattr(Image.Image, "save", save_then_fail)
-    with pytest.raises(OutputError, match=r"cannot write \(No space left on device\); check free space"):
-        write_image(target, photo("astronaut", 4), overwrite=True)
-    assert target.read_bytes() == b"previous result"
-    assert leftovers(tmp_path) == ["out.png"]
-
-
-@pytest.mark.parametrize(
-    "path,array,quality,message",
-    [
-        ("o.gif", np.zeros((32, 32, 3), np.uint8), 95, "unsupported output extension '.gif'"),
-        ("o", np.zeros((32, 32, 3), np.uint8), 95, "unsupported output extension '(none)'"),
-        ("o.jpg", np.zeros((32, 32, 3), np.uint8), 0, "quality=0: give an integer from 1 to 100"),
-        ("o.jpg", np.zeros((32, 32, 3), np.uint8), 101, "quality=101"),
-        ("o.png", np.zeros((32, 32, 3), np.float32), 95, "dtype float32; give a uint8 array"),
-        ("o.png", np.zeros((32, 32, 2), np.uint8), 95, "shape (32, 32, 2)"),
-        ("o.webp", np.zeros((8, 16384, 3), np.uint8), 95, "exceeds the WEBP limit of 16383 px"),
-    ],
-)
-def test_bad_write_arguments(tmp_path: Path, path: str, array: np.ndarray, quality: int, message: str) -> None:
-    with pytest.raises(UsageError) as info:
-        write_image(tmp_path / path, array, quality=quality)
-    assert message in str(info.value)
-    assert leftovers(tmp_path) == []
-
-
-def test_jpeg_quality_is_used(tmp_path: Path) -> None:
-    rgb = photo("coffee")
-    low = write_image(tmp_path / "low.jpg", rgb, quality=20).stat().st_size
-    high = write_image(tmp_path / "high.jpg", rgb, quality=95).stat().st_size
-    assert low < high / 2, f"quality 20 gave {low} bytes, quality 95 gave {high}"
-
-
 def test_from_pil_matches_read_image() -> None:
-    v = _rng(11).integers(0, 65536, (40, 60), dtype=np.uint16)
+    v = rng(11).integers(0, 65536, (40, 60), dtype=np.uint16)
     raw = encode(Image.fromarray(v), "PNG")
-    assert np.array_equal(image_io.from_pil(Image.open(io.BytesIO(raw))).rgb, read_image(raw).rgb)
+    assert np.array_equal(from_pil(Image.open(io.BytesIO(raw))).rgb, read_image(raw).rgb)
     with pytest.raises(InputImageError, match="too small"):
-        image_io.from_pil(Image.new("RGB", (4, 4)))
-
-
-@pytest.mark.parametrize("shape,mode", [((20, 30), "L"), ((20, 30, 1), "L"), ((20, 30, 3), "RGB"), ((20, 30, 4), "RGBA")])
-def test_to_pil(shape: tuple[int, ...], mode: str) -> None:
-    arr = _rng(12).integers(0, 256, shape, dtype=np.uint8)
-    im = image_io.to_pil(arr)
-    assert im.mode == mode and im.size == (30, 20)
-    assert np.array_equal(np.asarray(im).reshape(shape), arr)
+        from_pil(Image.new("RGB", (4, 4)))
