@@ -30,6 +30,9 @@ from typing import TYPE_CHECKING, Any
 from trt_bgswap.atomic import make_staging_dir
 from trt_bgswap.errors import ModelError, UsageError
 from trt_bgswap.export.onnx_export import DATA_FILE, DEFAULT_OPSET, check_precision, require_export_stack
+from trt_bgswap.export.vae import vae_source_config
+from trt_bgswap.families import SDXL, family_of
+from trt_bgswap.specs import TEXT_ENCODER_2
 from trt_bgswap.manifest import InpaintConfig, Manifest, ModelEntry, RmbgConfig, sha256_file
 
 if TYPE_CHECKING:
@@ -38,15 +41,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_COMPONENTS = ("text_encoder_2", "tokenizer_2")  # on top of SD_COMPONENTS
 SD_WEIGHTS = {
     "unet": "diffusion_pytorch_model.safetensors",
     "vae": "diffusion_pytorch_model.safetensors",
     "text_encoder": "model.safetensors",
+    "text_encoder_2": "model.safetensors",
 }
 PICKLED = {
     "unet": "diffusion_pytorch_model.bin",
     "vae": "diffusion_pytorch_model.bin",
     "text_encoder": "pytorch_model.bin",
+    "text_encoder_2": "pytorch_model.bin",
 }
 RMBG_WEIGHT_PATTERNS = ("*.safetensors", "*.onnx", "*.pth")  # whatever RMBG weights the source folder holds
 VERSION_PACKAGES = ("trt-bgswap", "torch", "diffusers", "transformers", "peft", "onnx", "onnxruntime", "safetensors")
@@ -89,17 +95,25 @@ def validate_inpaint_source(src: str | Path) -> dict[str, Any]:
             "stable-diffusion-v1-5/stable-diffusion-inpainting, or give its local snapshot folder)"
         )
     index = _read_json(src / "model_index.json")
-    missing = [c for c in SD_COMPONENTS if not index.get(c) or index[c][0] is None or not (src / c).is_dir()]
-    if missing:
-        raise ModelError(f"{src}: the pipeline lacks {missing}; download the complete model (unet, vae, text_encoder, tokenizer, scheduler)")
+    unet_config = _read_json(src / "unet" / "config.json") if (src / "unet" / "config.json").is_file() else {}
+    te_config = _read_json(src / "text_encoder" / "config.json") if (src / "text_encoder" / "config.json").is_file() else None
+    family = family_of(index, unet_config, te_config, str(src)) if unet_config else None
+    wanted = SD_COMPONENTS + (SDXL_COMPONENTS if family is not None and family.name == SDXL else ())
+    missing = [c for c in wanted if not index.get(c) or index[c][0] is None or not (src / c).is_dir()]
+    if missing or family is None:
+        raise ModelError(f"{src}: the pipeline lacks {missing or ['unet']}; download the complete model ({', '.join(wanted)})")
     configs = {
         "model_index": index,
-        "unet": _read_json(src / "unet" / "config.json"),
+        "family": family,
+        "unet": unet_config,
         "vae": _read_json(src / "vae" / "config.json"),
-        "text_encoder": _read_json(src / "text_encoder" / "config.json"),
+        "text_encoder": te_config,
         "scheduler": _read_json(src / "scheduler" / "scheduler_config.json"),
         "tokenizer": _read_json(src / "tokenizer" / "tokenizer_config.json"),
     }
+    if family.name == SDXL:
+        configs["text_encoder_2"] = _read_json(src / "text_encoder_2" / "config.json")
+        configs["tokenizer_2"] = _read_json(src / "tokenizer_2" / "tokenizer_config.json")
     latent = int(configs["vae"].get("latent_channels", 4))
     want = 2 * latent + 1
     got = configs["unet"].get("in_channels")
@@ -108,9 +122,20 @@ def validate_inpaint_source(src: str | Path) -> dict[str, Any]:
             f"{src}: unet in_channels={got}, an inpainting UNet takes {want} (latents + mask + masked-image latents); "
             "this looks like a text-to-image model, use stable-diffusion-v1-5/stable-diffusion-inpainting"
         )
-    for component in SD_WEIGHTS:
+    for component in weight_components(configs):
         _weight_files(src, component)
     return configs
+
+
+def weight_components(configs: dict[str, Any]) -> tuple[str, ...]:
+    """The components whose weights the family's export reads."""
+    return tuple(c for c in SD_WEIGHTS if c != "text_encoder_2" or configs["family"].name == SDXL)
+
+
+def _max_length(te: dict[str, Any], tok: dict[str, Any]) -> int:
+    positions = int(te["max_position_embeddings"])
+    max_length = int(tok.get("model_max_length", positions))
+    return min(max_length, positions)  # some tokenizer configs carry a huge placeholder
 
 
 def inpaint_config(configs: dict[str, Any]) -> InpaintConfig:
@@ -118,11 +143,23 @@ def inpaint_config(configs: dict[str, Any]) -> InpaintConfig:
     vae, unet, te, tok = configs["vae"], configs["unet"], configs["text_encoder"], configs["tokenizer"]
     vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
     unet_factor = 2 ** (len(unet["down_block_types"]) - 1)  # diffusers: every down block but the last halves
-    positions = int(te["max_position_embeddings"])
-    max_length = int(tok.get("model_max_length", positions))
-    if max_length > positions:  # some tokenizer configs carry a huge placeholder
-        max_length = positions
+    if vae.get("latents_mean") is not None or vae.get("latents_std") is not None:
+        raise ModelError("the VAE config has latents_mean/latents_std (a per-channel latent normalisation); SD1/SD2/SDXL VAEs have none")
+    max_length = _max_length(te, tok)
+    family, index = configs["family"], configs["model_index"]
+    sdxl: dict[str, Any] = {}
+    if family.name == SDXL:
+        if _max_length(configs["text_encoder_2"], configs["tokenizer_2"]) != max_length:
+            raise ModelError("the two text encoders' sequence lengths differ; diffusers concatenates them per token, so they must agree")
+        sdxl = {
+            "tokenizer_2_dir": "tokenizer_2",
+            # StableDiffusionXLInpaintPipeline.__init__ defaults, overridden by the pipeline's model_index.json
+            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
+            "requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False)),
+        }
     return InpaintConfig(
+        family=family.name,
+        **sdxl,
         vae_scaling_factor=float(vae["scaling_factor"]),
         vae_shift_factor=None if vae.get("shift_factor") is None else float(vae["shift_factor"]),
         vae_scale_factor=vae_factor,
@@ -184,6 +221,8 @@ def export_models(
     device_graphs: bool = False,
     loras: Sequence["LoraSource"] = (),
     allow_pickle: bool = False,
+    vae_src: Path | None = None,
+    masker: str | None = None,
     tiny_vae_src: Path | None = None,
 ) -> Manifest:
     """Export everything given into ``out_dir`` and return its manifest.
@@ -197,15 +236,23 @@ def export_models(
     LCM step inside one graph, which the TensorRT device loop runs without host round trips.
     ``device_graphs`` also writes ``vae_encoder_sample/``, ``vae_decoder_image/`` and ``rmbg_full/``:
     the VAE and RMBG graphs with the pipeline's host arithmetic inside (:mod:`.device_graphs`).
+    ``masker`` names the masker variant (``--masker``: rmbg-1.4, birefnet, rmbg-2.0) where the files cannot tell.
     ``tiny_vae_src`` (``--vae tiny``): a tiny autoencoder (TAESD) folder exported as the VAE graphs
     instead of the model's own VAE, its scaling from its own config (:mod:`.taesd`).
-    ``vae_precision=None`` keeps the VAE in fp32 (fp16 VAEs overflow); ``external_data=None``
-    puts weights in ``model.onnx_data`` only for graphs near protobuf's 2 GB limit.
+    ``vae_precision=None`` keeps the VAE in fp32 (SD's and SDXL's VAEs overflow float16; their configs
+    say ``force_upcast``) unless the VAE's own config says ``force_upcast: false`` (an fp16-safe VAE such as
+    madebyollin/sdxl-vae-fp16-fix, given as ``vae_src`` (``--vae-src``): a diffusers ``AutoencoderKL`` folder that replaces
+    the pipeline's VAE), in which case it follows ``precision``. ``external_data=None`` puts weights in
+    ``model.onnx_data`` only for graphs near protobuf's 2 GB limit.
+
+    The model family (SD1, SD2, SDXL: :mod:`trt_bgswap.families`) is read from the source's configs;
+    SDXL adds ``text_encoder_2/`` and ``tokenizer_2/`` and the UNet's added-condition inputs. The fused
+    step and device graphs implement the SD1/SD2 UNet signature only and are refused for SDXL.
     """
     require_export_stack()
     check_precision(precision)
-    vae_precision = vae_precision or "fp32"
-    check_precision(vae_precision)
+    if vae_precision is not None:
+        check_precision(vae_precision)
     if inpaint_src is None and rmbg_src is None:
         raise UsageError("nothing to export: give an SD-inpainting source, an RMBG source, or both")
     if lcm_lora_src is not None and inpaint_src is None:
@@ -218,6 +265,22 @@ def export_models(
     if out_dir.exists() and not (out_dir / "manifest.json").is_file():
         raise UsageError(f"{out_dir} exists and is not an exported folder (no manifest.json); refusing to replace it")
     configs = validate_inpaint_source(inpaint_src) if inpaint_src is not None else None
+    sdxl = configs is not None and configs["family"].name == SDXL
+    if sdxl and (fused_step or device_graphs):
+        raise UsageError(
+            "--fused-step/--device-graphs implement the SD1/SD2 UNet (no added conditions); an SDXL export runs the UNet graph "
+            "with its text_embeds/time_ids inputs on every backend: leave those flags out"
+        )
+    if vae_src is not None and tiny_vae_src is not None:
+        raise UsageError("--vae-src DIR and --vae tiny both replace the VAE: give one of them")
+    if vae_src is not None and inpaint_src is None:
+        raise UsageError("--vae-src replaces the inpainting model's VAE: give --inpaint SRC too")
+    vae_config = vae_source_config(vae_src) if vae_src is not None else (configs or {}).get("vae", {})
+    if vae_src is not None and configs is not None:
+        if int(vae_config.get("latent_channels", 4)) != int(configs["vae"].get("latent_channels", 4)):
+            raise ModelError(f"--vae-src {vae_src}: latent_channels {vae_config.get('latent_channels')} differs from the model's VAE's; give a VAE of this model's family")
+        configs = {**configs, "vae": vae_config}  # the runtime's VAE constants (scaling factor, downsampling) are the replacement's
+    vae_precision = vae_precision or (precision if vae_config.get("force_upcast", True) is False else "fp32")
     if tiny_vae_src is not None:
         from trt_bgswap.export.taesd import check_matches_vae, latent_api, read_taesd_config
 
@@ -232,7 +295,7 @@ def export_models(
             lora_sources.append(LoraSource(lora_file(lcm_lora_src, allow_pickle), lora_scale))
         lora_sources += loras
         for lora in lora_sources:  # a file in a layout we cannot fuse fails now, before any heavy work
-            inspect_lora(lora.path, allow_pickle)
+            inspect_lora(lora.path, allow_pickle, sdxl)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     stage = make_staging_dir(out_dir.parent, f".{out_dir.name}.")
@@ -254,21 +317,34 @@ def export_models(
 
                 inpaint, sources["taesd"] = tiny_vae_inpaint(tiny_vae_src, inpaint)
             log.info("exporting %s (%s, opset %d)", inpaint_src, precision, opset)
-            weights = [f for c in SD_WEIGHTS for f in _weight_files(inpaint_src, c)]
-            sources["sd-inpainting"] = {"path": str(inpaint_src.resolve()), "sha256": _hash_files(inpaint_src, weights)}
+            weights = [f for c in weight_components(configs) for f in _weight_files(inpaint_src, c)]
+            sources["sd-inpainting"] = {"path": str(inpaint_src.resolve()), "sha256": _hash_files(inpaint_src, weights), "family": inpaint.family}
             text_encoder, unet = load_text_encoder(inpaint_src), load_unet(inpaint_src)
-            log.info("fusing %d LoRA(s): LCM-LoRA first, then --lora in the order given", len(lora_sources))
-            fused = fuse_loras(unet, text_encoder, lora_sources, allow_pickle)
+            text_encoder_2 = None
+            if sdxl:
+                from trt_bgswap.export.text_encoder_2 import load_text_encoder_2
+
+                text_encoder_2 = load_text_encoder_2(inpaint_src)
+            log.info("%s: fusing %d LoRA(s): LCM-LoRA first, then --lora in the order given", inpaint.family, len(lora_sources))
+            fused = fuse_loras(unet, text_encoder, lora_sources, allow_pickle, text_encoder_2=text_encoder_2)
             if lcm_lora_src is not None:
                 lcm, fused = fused[0], fused[1:]
                 sources["lcm-lora"] = {**lcm.to_json(), "sha256": {lcm.file.path.name: lcm.sha256}}
             if fused:
                 sources["loras"] = [f.to_json() for f in fused]
             log.info("[1/4] text encoder")
-            models["text_encoder"] = export_text_encoder_module(text_encoder, stage / "text_encoder", precision, opset)
+            models["text_encoder"] = export_text_encoder_module(text_encoder, stage / "text_encoder", precision, opset, penultimate=sdxl)
             del text_encoder
+            text_embeds_dim = None
+            if text_encoder_2 is not None:
+                from trt_bgswap.export.text_encoder_2 import export_text_encoder_2_module
+
+                log.info("[1b/4] text encoder 2 (SDXL)")
+                models[TEXT_ENCODER_2] = export_text_encoder_2_module(text_encoder_2, stage / TEXT_ENCODER_2, precision, opset)
+                text_embeds_dim = int(text_encoder_2.config.projection_dim)
+                del text_encoder_2
             log.info("[2/4] unet")
-            models["unet"] = export_unet_module(unet, stage / "unet", inpaint.max_length, precision, opset, external_data)
+            models["unet"] = export_unet_module(unet, stage / "unet", inpaint.max_length, precision, opset, external_data, text_embeds_dim)
             if fused_step:
                 from trt_bgswap.export.unet_step import export_unet_step_module
                 from trt_bgswap.runtime.scheduler import LCMConfig
@@ -285,15 +361,19 @@ def export_models(
                 models["vae_encoder"], models["vae_decoder"] = export_taesd(tiny_vae_src, stage / "vae_encoder", stage / "vae_decoder", vae_precision, opset)
             else:
                 log.info("[3/4] vae encoder + [4/4] vae decoder (%s)", vae_precision)
+                if vae_src is not None:
+                    sources["vae"] = {"path": str(Path(vae_src).resolve()), "sha256": _hash_files(Path(vae_src), sorted(Path(vae_src).rglob("*.safetensors")))}
                 models["vae_encoder"], models["vae_decoder"] = export_vae(
-                    inpaint_src, stage / "vae_encoder", stage / "vae_decoder", vae_precision, opset
+                    vae_src if vae_src is not None else inpaint_src, stage / "vae_encoder", stage / "vae_decoder", vae_precision, opset
                 )
             _copy_tokenizer(inpaint_src / "tokenizer", stage / inpaint.tokenizer_dir)
+            if inpaint.tokenizer_2_dir is not None:
+                _copy_tokenizer(inpaint_src / "tokenizer_2", stage / inpaint.tokenizer_2_dir)
         if rmbg_src is not None:
             from trt_bgswap.export.rmbg import export_rmbg
 
             log.info("rmbg: exporting %s", rmbg_src)
-            models["rmbg"], rmbg_config = export_rmbg(Path(rmbg_src), stage, precision, opset)  # writes stage/rmbg/
+            models["rmbg"], rmbg_config = export_rmbg(Path(rmbg_src), stage, precision, opset, masker)  # writes stage/rmbg/
             rmbg_src = Path(rmbg_src)
             rmbg_files = (
                 sorted(f for pattern in RMBG_WEIGHT_PATTERNS for f in rmbg_src.rglob(pattern)) if rmbg_src.is_dir() else [rmbg_src]

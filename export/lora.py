@@ -29,6 +29,12 @@ Layouts accepted (what ``load_lora_weights`` of diffusers 0.42 accepts for SD1.5
   attention-processor keys ``unet.<block>.attn1.processor.to_q_lora.down.weight`` (diffusers <= 0.20)
   and ``text_encoder.<module>.lora_linear_layer.down.weight``; no alphas (alpha = rank).
 
+SDXL (issue 12): with ``text_encoder_2`` given, the host is ``StableDiffusionXLInpaintPipeline`` and its
+``StableDiffusionXLLoraLoaderMixin`` (kohya ``lora_te1_``/``lora_te2_``, peft ``text_encoder_2.``), so
+latent-consistency/lcm-lora-sdxl (kohya keys with alphas over the SDXL UNet, the same layout as the
+SD1.5 one) and SDXL user LoRAs go through the same checks; a file with ``text_encoder_2`` weights is
+refused for SD1/SD2 models, and a LoRA of another architecture fails the every-module-found check.
+
 Fusion order: the LCM-LoRA first, then the user's LoRAs in the order given; each is loaded, fused at
 its own scale and unloaded before the next (diffusers' ``fuse_lora(lora_scale=s)``), so a LoRA's
 update is added to the weights its predecessors left.
@@ -53,7 +59,7 @@ log = logging.getLogger(__name__)
 LORA_FILE = "pytorch_lora_weights.safetensors"
 LORA_FILE_PICKLED = "pytorch_lora_weights.bin"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-COMPONENTS = ("unet", "text_encoder")  # what SD1.5's loader fuses into (diffusers' _lora_loadable_modules)
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # what the SD/SDXL loaders fuse into (diffusers' _lora_loadable_modules)
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
@@ -222,7 +228,7 @@ def _classify(key: str) -> tuple[str, str, str, str]:
     return "", "", "", f"an unrecognised key {key!r}"
 
 
-def inspect_lora(src: str | Path, allow_pickle: bool = False) -> LoraFile:
+def inspect_lora(src: str | Path, allow_pickle: bool = False, sdxl: bool = False) -> LoraFile:
     """Recognise a LoRA file's layout per component and count its modules; refuse what diffusers cannot fuse exactly."""
     path = lora_file(src, allow_pickle)
     keys, metadata = _read_keys(path)
@@ -246,9 +252,9 @@ def inspect_lora(src: str | Path, allow_pickle: bool = False) -> LoraFile:
     if mixed:
         component, names = next(iter(mixed.items()))
         raise _refuse(path, f"found {component} keys in several layouts ({' and '.join(names)}), which diffusers loads only partly")
-    if "text_encoder_2" in layouts:
+    if "text_encoder_2" in layouts and not sdxl:
         raise ModelError(
-            f"{path}: the LoRA has text_encoder_2 weights, so it was made for SDXL; use a LoRA trained for this SD1.5 model"
+            f"{path}: the LoRA has text_encoder_2 weights, so it was made for SDXL; use a LoRA trained for this model's family"
         )
     counts = {c: 0 for c in layouts}
     for (component, module), have in roles.items():
@@ -289,10 +295,21 @@ def _adapter_layers(model: Any, adapter: str) -> int:
     return sum(1 for m in model.modules() if isinstance(m, BaseTunerLayer) and adapter in getattr(m, "lora_A", {}))
 
 
-def _host(unet: Any, text_encoder: Any) -> Any:
-    """A diffusers SD inpainting pipeline around just the two LoRA-loadable components, for its LoRA API."""
-    from diffusers import StableDiffusionInpaintPipeline
+def _host(unet: Any, text_encoder: Any, text_encoder_2: Any | None = None) -> Any:
+    """A diffusers inpainting pipeline around just the LoRA-loadable components, for its LoRA API (SDXL's with ``text_encoder_2``)."""
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
+    if text_encoder_2 is not None:
+        return StableDiffusionXLInpaintPipeline(
+            vae=None,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=None,
+            tokenizer_2=None,
+            unet=unet,
+            scheduler=None,
+            add_watermarker=False,
+        )
     return StableDiffusionInpaintPipeline(
         vae=None,
         text_encoder=text_encoder,
@@ -309,19 +326,22 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:300]
 
 
-def fuse_loras(unet: Any, text_encoder: Any | None, loras: Sequence[LoraSource], allow_pickle: bool = False) -> list[FusedLora]:
+def fuse_loras(
+    unet: Any, text_encoder: Any | None, loras: Sequence[LoraSource], allow_pickle: bool = False, text_encoder_2: Any | None = None
+) -> list[FusedLora]:
     """Fuse each LoRA, in order, into ``unet`` (and ``text_encoder``) in place with diffusers; returns what each touched.
 
     Every LoRA module of a file must land on a layer of the same shape: a LoRA made for another
     architecture is an error, not a silent partial merge. ``text_encoder=None`` accepts only
     UNet-only LoRAs.
     """
-    files = [inspect_lora(src.path, allow_pickle) for src in loras]  # all refused up front, before any fusion
+    sdxl = text_encoder_2 is not None
+    files = [inspect_lora(src.path, allow_pickle, sdxl) for src in loras]  # all refused up front, before any fusion
     for file in files:
         if "text_encoder" in file.modules and text_encoder is None:
             raise ModelError(f"{file.path}: the LoRA also changes the text encoder; fuse it with the text encoder loaded too")
-    models = {"unet": unet, "text_encoder": text_encoder}
-    host = _host(unet, text_encoder)
+    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    host = _host(unet, text_encoder, text_encoder_2)
     fused = []
     for i, (src, file) in enumerate(zip(loras, files)):
         adapter = f"lora_{i}"
@@ -332,7 +352,7 @@ def fuse_loras(unet: Any, text_encoder: Any | None, loras: Sequence[LoraSource],
                 host.unload_lora_weights()
                 raise ModelError(
                     f"{file.path}: diffusers could not load this {file.format} LoRA into the model ({_one_line(e)}); "
-                    "it was made for another architecture (use a LoRA trained for this SD1.5 model)"
+                    "it was made for another architecture (use a LoRA trained for this model's family)"
                 ) from e
         touched = {c: _adapter_layers(models[c], adapter) for c in file.modules}
         for component, want in file.modules.items():
@@ -341,7 +361,7 @@ def fuse_loras(unet: Any, text_encoder: Any | None, loras: Sequence[LoraSource],
                 host.unload_lora_weights()
                 raise ModelError(
                     f"{file.path}: {want - got} of the LoRA's {want} {component} modules have no counterpart in this model "
-                    "(it was made for another architecture; use a LoRA trained for this SD1.5 model)"
+                    "(it was made for another architecture; use a LoRA trained for this model's family)"
                 )
             if got > want:
                 host.unload_lora_weights()

@@ -52,6 +52,7 @@ from trt_bgswap.runtime.masker import (
     PREPROCESSOR_CONFIG,
     find_main_output,
     find_preprocessor_config,
+    masker_variant,
     rmbg_config_for,
     spec_for_graph,
     static_input_size,
@@ -100,7 +101,7 @@ def _load_onnx(path: Path) -> Any:
         raise ModelError(f"{path}: not a readable ONNX file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); give an RMBG .onnx model") from e
 
 
-def export_published_onnx(path: Path, out_dir: Path, precision: str) -> tuple[ModelEntry, RmbgConfig]:
+def export_published_onnx(path: Path, out_dir: Path, precision: str, masker: str | None = None) -> tuple[ModelEntry, RmbgConfig]:
     """Source (a): prune a published RMBG graph to its main mask and write ``out_dir/rmbg/model.onnx``.
 
     An fp32 graph is converted when ``precision`` is fp16; any other graph keeps its own precision.
@@ -130,7 +131,7 @@ def export_published_onnx(path: Path, out_dir: Path, precision: str) -> tuple[Mo
     spec = spec_for_graph(inp.name, main, in_dims, size)
     set_dims(next(v for v in pruned.graph.input if v.name == inp.name), spec.inputs[0].shape)
     set_dims(pruned.graph.output[0], spec.outputs[0].shape)
-    cfg = rmbg_config_for(path, inp.name, main, size, find_preprocessor_config(path))
+    cfg = rmbg_config_for(path, inp.name, main, size, find_preprocessor_config(path), masker)
     if precision == "fp16" and actual == "fp32":
         precision_out = "fp16"
     else:
@@ -255,10 +256,14 @@ def _refuse_pickle(path: Path) -> None:
     )
 
 
-def export_rmbg(src: str | Path, out_dir: str | Path, precision: str = "fp32", opset: int = DEFAULT_OPSET) -> tuple[ModelEntry, RmbgConfig]:
-    """Export an RMBG model to ``out_dir/rmbg/model.onnx``; returns its manifest entry and preprocessing config.
+def export_rmbg(
+    src: str | Path, out_dir: str | Path, precision: str = "fp32", opset: int = DEFAULT_OPSET, masker: str | None = None
+) -> tuple[ModelEntry, RmbgConfig]:
+    """Export a masker (RMBG-1.4, BiRefNet, RMBG-2.0) to ``out_dir/rmbg/model.onnx``; returns its manifest entry and processing config.
 
-    ``opset`` applies to exports from weights; published graphs keep their own.
+    ``opset`` applies to exports from weights; published graphs keep their own. BiRefNet-architecture
+    repos (their ``config.json`` says so) are exported from their published ONNX file; ``masker``
+    names the variant where the files cannot tell (``--masker rmbg-2.0``).
     """
     src = Path(src)
     if precision not in RMBG_PRECISIONS:
@@ -277,19 +282,20 @@ def export_rmbg(src: str | Path, out_dir: str | Path, precision: str = "fp32", o
         if suffix in PICKLE_SUFFIXES:
             _refuse_pickle(src)
         if suffix == ".onnx":
-            return export_published_onnx(src, Path(out_dir), precision)
+            return export_published_onnx(src, Path(out_dir), precision, masker)
         if suffix == ".safetensors":
             if src.name != WEIGHTS_FILE or not (src.parent / CONFIG_FILE).is_file():
                 raise ModelError(f"{src}: safetensors weights need RMBG-1.4's layout: {WEIGHTS_FILE} with {CONFIG_FILE} beside it")
             return export_from_weights(src.parent, Path(out_dir), precision, opset)
         raise ModelError(f"{src}: unknown model file type {src.suffix!r}; give an .onnx file or an RMBG-1.4 model folder")
 
-    has_weights = (src / WEIGHTS_FILE).is_file() and (src / CONFIG_FILE).is_file()
     has_onnx = any((f / PUBLISHED_FILES["fp32"]).is_file() or (f / PUBLISHED_FILES[precision]).is_file() for f in (src / "onnx", src))
+    birefnet = masker_variant(src / "onnx" / PUBLISHED_FILES["fp32"], masker).postprocess != "minmax"
+    has_weights = (src / WEIGHTS_FILE).is_file() and (src / CONFIG_FILE).is_file() and not birefnet  # weights: RMBG-1.4's IS-Net only
     if has_weights and (precision != "int8" or not has_onnx):
         return export_from_weights(src, Path(out_dir), precision, opset)
     if has_onnx:
-        return export_published_onnx(_published_file(src, precision), Path(out_dir), precision)
+        return export_published_onnx(_published_file(src, precision), Path(out_dir), precision, masker)
     pickles = sorted(p.name for p in src.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         _refuse_pickle(src / pickles[0])

@@ -188,11 +188,18 @@ def save_safetensors(state: dict[str, Any], path: Path, metadata: dict[str, str]
 
 
 def write_sd_inpainting(
-    folder: str | Path, text_encoder: dict[str, Any], unet_config: dict[str, Any], vae_config: dict[str, Any], seed: int, perturb: bool
+    folder: str | Path,
+    text_encoder: dict[str, Any],
+    unet_config: dict[str, Any],
+    vae_config: dict[str, Any],
+    seed: int,
+    perturb: bool,
+    pad_token: str | None = None,
 ) -> Path:
-    """A diffusers SD1.5-inpainting folder with random seeded weights, at any size; returns the folder.
+    """A diffusers SD-inpainting folder (SD1.5's layout, SD2's too) with random seeded weights, at any size; returns the folder.
 
-    The tokenizer is the project's small CLIP tokenizer; the text encoder is ``CLIPTextConfig(**text_encoder)``
+    The tokenizer is the project's small CLIP tokenizer (padding with ``pad_token``, eos unless given:
+    SD2's OpenCLIP tokenizer pads with ``!``); the text encoder is ``CLIPTextConfig(**text_encoder)``
     with the tokenizer's special ids (and its vocabulary size and length unless ``text_encoder`` gives them).
     ``perturb`` gives constant tensors (norm scales, zero biases) random values, so every layer of a tiny
     model matters to the parity tests.
@@ -205,7 +212,7 @@ def write_sd_inpainting(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tok_dir = Path(write_tiny_clip_tokenizer(folder / "tokenizer"))
+    tok_dir = Path(write_tiny_clip_tokenizer(folder / "tokenizer", **({"pad_token": pad_token} if pad_token is not None else {})))
     vocab_size, bos, eos, pad, max_length = _tokenizer_ids(tok_dir)
     gen = torch.Generator().manual_seed(seed)
     te_config = CLIPTextConfig(
@@ -244,12 +251,35 @@ TINY_TEXT_ENCODER: dict[str, Any] = {
     "hidden_act": "quick_gelu",
 }
 
+# SD2's text encoder is OpenCLIP ViT-H (gelu, not quick_gelu); its tokenizer pads with "!".
+TINY_SD2_TEXT_ENCODER: dict[str, Any] = {**TINY_TEXT_ENCODER, "hidden_act": "gelu"}
+SD2_PAD_TOKEN = "!"
 
-def write_tiny_sd_inpainting(folder: str | Path, seed: int = 0) -> Path:
-    """Write a tiny SD1.5-inpainting diffusers folder (random seeded weights); returns the folder."""
-    unet_config = tiny_unet_config(cross_attention_dim=TINY_TEXT_ENCODER["hidden_size"])
-    write_sd_inpainting(folder, TINY_TEXT_ENCODER, unet_config, tiny_vae_config(), seed, perturb=True)
-    log.info("tiny SD-1.5 inpainting written to %s", folder)
+
+def sd2_variant(unet_config: dict[str, Any], vae_config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The UNet and VAE configs of SD2 inpainting's tiny twin (``stabilityai/stable-diffusion-2-inpainting``).
+
+    SD2's UNet declares a head size per block and uses linear projections in its transformers
+    (``use_linear_projection``); its VAE is SD1's. The twin's VAE has 3 blocks (factor 4, not 8)
+    so the SD2 parity does not pass by coincidence with SD1's sizes.
+    """
+    unet = {**unet_config, "attention_head_dim": [2, 4, 4, 4], "use_linear_projection": True}
+    vae = {**vae_config, "block_out_channels": [16, 32, 32], "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3}
+    return unet, vae
+
+
+def write_tiny_sd_inpainting(folder: str | Path, seed: int = 0, sd2: bool = False) -> Path:
+    """Write a tiny SD1.5-inpainting diffusers folder (random seeded weights); returns the folder.
+
+    ``sd2``: SD2 inpainting's instead: the OpenCLIP text encoder (``hidden_act`` gelu) whose
+    tokenizer pads with ``!``, and :func:`sd2_variant`'s UNet and VAE.
+    """
+    text_encoder = TINY_SD2_TEXT_ENCODER if sd2 else TINY_TEXT_ENCODER
+    unet_config, vae_config = tiny_unet_config(cross_attention_dim=text_encoder["hidden_size"]), tiny_vae_config()
+    if sd2:
+        unet_config, vae_config = sd2_variant(unet_config, vae_config)
+    write_sd_inpainting(folder, text_encoder, unet_config, vae_config, seed, perturb=True, pad_token=SD2_PAD_TOKEN if sd2 else None)
+    log.info("tiny %s inpainting written to %s", "SD2" if sd2 else "SD-1.5", folder)
     return Path(folder)
 
 

@@ -198,8 +198,10 @@ def _special(content: str) -> dict[str, object]:
     return {"content": content, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
 
 
-def write_tiny_clip_tokenizer(folder: str | Path, vocab_size: int = 1000) -> Path:
+def write_tiny_clip_tokenizer(folder: str | Path, vocab_size: int = 1000, pad_token: str = EOS_TOKEN) -> Path:
     """Write vocab.json, merges.txt, special_tokens_map.json and tokenizer_config.json; returns the folder.
+
+    ``pad_token``: eos for SD1.5's (and SDXL's first) tokenizer, ``!`` for OpenCLIP's (SD2, SDXL's ``tokenizer_2``).
 
     ``vocab_size`` counts every entry (bytes, bytes with </w>, merges, two special tokens), so a
     text encoder built for the folder uses ``len(vocab.json)`` as its vocabulary size.
@@ -223,7 +225,7 @@ def write_tiny_clip_tokenizer(folder: str | Path, vocab_size: int = 1000) -> Pat
     special_map = {
         "bos_token": _special(BOS_TOKEN),
         "eos_token": _special(EOS_TOKEN),
-        "pad_token": EOS_TOKEN,  # SD1.5 pads with eos
+        "pad_token": pad_token,  # SD1.5 pads with eos, OpenCLIP tokenizers with "!"
         "unk_token": _special(EOS_TOKEN),
     }
     write_text_atomic(folder / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
@@ -234,7 +236,7 @@ def write_tiny_clip_tokenizer(folder: str | Path, vocab_size: int = 1000) -> Pat
         "eos_token": {"__type": "AddedToken", **_special(EOS_TOKEN)},
         "errors": "replace",
         "model_max_length": MODEL_MAX_LENGTH,
-        "pad_token": EOS_TOKEN,
+        "pad_token": pad_token,
         "tokenizer_class": "CLIPTokenizer",
         "unk_token": {"__type": "AddedToken", **_special(EOS_TOKEN)},
     }

@@ -10,10 +10,12 @@ graphs, in the pipeline, as in diffusers.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from trt_bgswap.errors import ModelError
 from trt_bgswap.export.onnx_export import DEFAULT_OPSET, export_onnx
 from trt_bgswap.manifest import ModelEntry
 from trt_bgswap.specs import ModelSpec, vae_decoder_spec, vae_encoder_spec
@@ -21,13 +23,37 @@ from trt_bgswap.specs import ModelSpec, vae_decoder_spec, vae_encoder_spec
 log = logging.getLogger(__name__)
 
 SUBFOLDER = "vae"
+CONFIG = "config.json"
 EXPORT_BATCH = 2
+
+
+def vae_subfolder(src: str | Path) -> str | None:
+    """``vae`` for a pipeline folder, None for a standalone ``AutoencoderKL`` folder (e.g. madebyollin/sdxl-vae-fp16-fix)."""
+    src = Path(src)
+    if (src / SUBFOLDER / CONFIG).is_file():
+        return SUBFOLDER
+    if (src / CONFIG).is_file():
+        return None
+    raise ModelError(f"{src}: no {SUBFOLDER}/{CONFIG} nor {CONFIG}; give a diffusers pipeline folder or an AutoencoderKL folder")
+
+
+def vae_source_config(src: str | Path) -> dict[str, Any]:
+    """The VAE's config.json (of a pipeline or a standalone VAE folder), checked to be an AutoencoderKL's."""
+    sub = vae_subfolder(src)
+    path = Path(src) / sub / CONFIG if sub else Path(src) / CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: unreadable VAE config ({e}); download the VAE again") from e
+    if config.get("_class_name") != "AutoencoderKL":
+        raise ModelError(f"{path}: _class_name={config.get('_class_name')!r}; --vae takes a diffusers AutoencoderKL folder")
+    return config
 
 
 def load_vae(src: str | Path) -> Any:
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(str(src), subfolder=SUBFOLDER, use_safetensors=True).eval()
+    return AutoencoderKL.from_pretrained(str(src), subfolder=vae_subfolder(src), use_safetensors=True).eval()
 
 
 def scale_factor(vae: Any) -> int:

@@ -7,7 +7,8 @@ one object per stage:
 ========== ==================================================================================
 masker     :class:`~.masker.Masker` (RMBG + host pre/post) or :class:`~.masker.DeviceMasker`
            (``rmbg_full``); opened on first use when the caller did not ask for masks
-text       :class:`~.text_encoder.TextEncoder` (tokenizer + CLIP text encoder + prompt cache)
+text       a :class:`~.conditioning.Conditioner` by the manifest's model family (:data:`CONDITIONERS`):
+           SD1/SD2 one CLIP text encoder; SDXL two, plus the UNet's added conditions
 generator  :class:`~.device_chain.DeviceChain` when TensorRT runs all three device graphs;
            else a :class:`~.generator.StageGenerator` of a VAE encoder (host or device graph),
            a denoiser (TensorRT device loop > fused step graph > host UNet loop) and a VAE
@@ -28,7 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trt_bgswap.errors import ModelError, UsageError
+from trt_bgswap.families import SD1, SD2, SDXL, get_family
 from trt_bgswap.manifest import InpaintConfig, Manifest
+from trt_bgswap.runtime.conditioning import ClipConditioner, Conditioner, SdxlConditioner
 from trt_bgswap.runtime.denoise import Denoiser, FusedStepDenoiser, HostDenoiser
 from trt_bgswap.runtime.engine import Engine
 from trt_bgswap.runtime.generator import Generator, StageGenerator
@@ -46,6 +49,7 @@ from trt_bgswap.specs import (
     RMBG,
     RMBG_FULL,
     TEXT_ENCODER,
+    TEXT_ENCODER_2,
     UNET,
     UNET_STEP,
     VAE_DECODER,
@@ -131,7 +135,8 @@ class Stages:
     """One object per stage, and the engines they run on (for the backend report and the benchmarks)."""
 
     masker: MaskStage | None = None
-    text_encoder: TextEncoder | None = None
+    text_encoder: TextEncoder | None = None  # the (first) text encoder, also inside the conditioner
+    conditioner: Conditioner | None = None
     generator: Generator | None = None
     engines: dict[str, Engine] = field(default_factory=dict)
     missing: tuple[str, ...] = ()  # inpainting graphs the export lacks, for the error a prompt gets
@@ -145,7 +150,7 @@ class Stages:
         the graph, pre-packing GEMM weights) runs in C++ with the GIL released. Under
         ``--low-memory`` they open when their stage runs instead.
         """
-        for stage in (self.masker, self.text_encoder, self.generator):
+        for stage in (self.masker, self.conditioner, self.generator):
             if stage is not None and hasattr(stage, "load"):
                 stage.load()
         parallel = [e for e in self.engines.values() if isinstance(e, OrtEngine)]
@@ -168,7 +173,7 @@ class Stages:
         return names
 
     def close(self) -> None:
-        for stage in (self.masker, self.text_encoder, self.generator):
+        for stage in (self.masker, self.conditioner, self.generator):
             if stage is not None:
                 stage.close()
         for engine in self.engines.values():
@@ -176,7 +181,7 @@ class Stages:
         for close in self.on_close:
             close()
         self.on_close.clear()
-        self.masker = self.text_encoder = self.generator = None
+        self.masker = self.text_encoder = self.conditioner = self.generator = None
 
 
 def _masker(manifest: Manifest, engines: Mapping[str, Engine]) -> MaskStage | None:
@@ -214,17 +219,37 @@ def _denoiser(engines: Mapping[str, Engine], use_cuda_graph: bool) -> Denoiser |
     return None
 
 
+def _clip_conditioner(encoders: Mapping[str, TextEncoder], cfg: InpaintConfig) -> Conditioner | None:
+    return ClipConditioner(encoders[TEXT_ENCODER]) if TEXT_ENCODER in encoders else None
+
+
+def _sdxl_conditioner(encoders: Mapping[str, TextEncoder], cfg: InpaintConfig) -> Conditioner | None:
+    if TEXT_ENCODER not in encoders or TEXT_ENCODER_2 not in encoders:
+        return None
+    return SdxlConditioner(encoders[TEXT_ENCODER], encoders[TEXT_ENCODER_2], cfg)
+
+
+# The text stage of each model family (trt_bgswap.families): a new family adds a row here, not an `if` in the pipeline.
+CONDITIONERS: dict[str, Callable[[Mapping[str, TextEncoder], InpaintConfig], Conditioner | None]] = {
+    SD1: _clip_conditioner,
+    SD2: _clip_conditioner,
+    SDXL: _sdxl_conditioner,
+}
+
+
 def assemble(
     manifest: Manifest,
     engines: Mapping[str, Engine],
     tokenizer: ClipTokenizer | None,
     *,
+    tokenizer_2: ClipTokenizer | None = None,
     lazy_masker: Callable[[], MaskStage] | None = None,
     use_cuda_graph: bool = True,
     residency: Residency | None = None,
 ) -> Stages:
     """The stages for the opened ``engines`` (unloaded); each engine goes to exactly one stage.
 
+    ``tokenizer_2``: the second text encoder's tokenizer (SDXL exports).
     ``residency`` (``--low-memory``): host engines open while their stage runs; TensorRT engines
     keep theirs (the device loop and chain hold their own engines and CUDA graphs).
     """
@@ -233,10 +258,16 @@ def assemble(
         engines.update(residency.manage({n: e for n, e in engines.items() if not isinstance(e, TrtEngine)}))
     stages = Stages(masker=_masker(manifest, engines) or (LazyMasker(lazy_masker) if lazy_masker is not None else None), residency=residency)
     direct = {n: e for n, e in engines.items() if n in MASK_GRAPHS}
-    if TEXT_ENCODER in engines and tokenizer is not None:
-        stages.text_encoder = TextEncoder(engines[TEXT_ENCODER], tokenizer)
-        direct[TEXT_ENCODER] = engines[TEXT_ENCODER]
+    encoders: dict[str, TextEncoder] = {}
+    for name, tok in ((TEXT_ENCODER, tokenizer), (TEXT_ENCODER_2, tokenizer_2)):
+        if name in engines and tok is not None:
+            encoders[name] = TextEncoder(engines[name], tok)
+            direct[name] = engines[name]
+    stages.text_encoder = encoders.get(TEXT_ENCODER)
     cfg = manifest.inpaint
+    if cfg is not None:
+        family = get_family(cfg.family)
+        stages.conditioner = CONDITIONERS[family.name](encoders, cfg)
     if cfg is None:
         stages.engines = direct
         return stages
@@ -252,11 +283,11 @@ def assemble(
         denoiser = _denoiser(engines, use_cuda_graph)
         if encoder is not None and denoiser is not None and decoder is not None:
             stages.generator = StageGenerator(encoder, denoiser, decoder)
-            direct.update({n: e for n, e in engines.items() if n not in MASK_GRAPHS and n != TEXT_ENCODER and not (n == UNET_STEP and isinstance(e, TrtEngine))})
+            direct.update({n: e for n, e in engines.items() if n not in MASK_GRAPHS and n not in encoders and not (n == UNET_STEP and isinstance(e, TrtEngine))})
         else:
             want = {"VAE encoder": encoder, "denoising UNet": denoiser, "VAE decoder": decoder}
             stages.missing = tuple(k for k, v in want.items() if v is None)
-    if stages.text_encoder is None:
+    if stages.conditioner is None:
         stages.missing = (*stages.missing, "text encoder")
     stages.engines = direct
     return stages

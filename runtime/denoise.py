@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -71,6 +71,7 @@ class DenoiseInputs:
     masked_image_latents: np.ndarray  # (N, C, h, w) scaled VAE latents of the masked images
     embeddings: np.ndarray  # (N, S, D) [cond], or (2N, S, D) [uncond_1..N, cond_1..N] for guidance
     guidance: float  # classifier-free guidance scale; has no effect without the uncond rows
+    added: Mapping[str, np.ndarray] = field(default_factory=dict)  # the UNet's added conditions (SDXL), rows as embeddings
 
     @property
     def rows(self) -> int:
@@ -103,6 +104,9 @@ class DenoiseInputs:
             )
         if not math.isfinite(self.guidance):
             raise UsageError(f"guidance={self.guidance}: must be a finite number")
+        for name, arr in self.added.items():
+            if arr.ndim < 1 or arr.shape[0] != self.embeddings.shape[0]:
+                raise UsageError(f"added condition {name} has shape {arr.shape}; it needs one row per embeddings row ({self.embeddings.shape[0]})")
 
 
 class Denoiser(Protocol):
@@ -132,12 +136,14 @@ class HostDenoiser(EngineStage):
 
     max_rows = None
 
-    def unet(self, sample: np.ndarray, timestep: float, embeddings: np.ndarray) -> np.ndarray:
+    def unet(self, sample: np.ndarray, timestep: float, embeddings: np.ndarray, added: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """One UNet call; ``added`` are the added conditions (SDXL's text_embeds, time_ids) by input name."""
         e = self.engine
         feeds = {
             UnetIO.SAMPLE: cast_for(e, UnetIO.SAMPLE, sample),
             UnetIO.TIMESTEP: cast_for(e, UnetIO.TIMESTEP, np.full((sample.shape[0],), timestep, dtype=np.float32)),
             UnetIO.ENCODER_HIDDEN_STATES: cast_for(e, UnetIO.ENCODER_HIDDEN_STATES, embeddings),
+            **{name: cast_for(e, name, arr) for name, arr in (added or {}).items()},
         }
         return e(**feeds)[UnetIO.OUT_SAMPLE].astype(np.float32)
 
@@ -151,7 +157,7 @@ class HostDenoiser(EngineStage):
             masked = np.concatenate([masked] * GUIDED_BATCH, axis=0)
         for i, t in enumerate(timesteps):
             x = np.concatenate([latents] * GUIDED_BATCH, axis=0) if inputs.guided else latents
-            eps = self.unet(np.concatenate([x, mask, masked], axis=1), float(t), inputs.embeddings)
+            eps = self.unet(np.concatenate([x, mask, masked], axis=1), float(t), inputs.embeddings, inputs.added)
             if inputs.guided:
                 uncond, text = eps[:n], eps[n:]
                 eps = uncond + np.float32(inputs.guidance) * (text - uncond)
@@ -195,6 +201,8 @@ def fused_denoise(engine: Engine, coefficients: LCMCoefficients, inputs: Denoise
         raise ModelError(f"the fused loop needs the {UNET_STEP!r} graph, got {engine.spec.name!r}; export with --fused-step")
     steps = len(coefficients)
     inputs.check(steps, max_rows=1)  # the graph's latents are batch 1; only the embeddings carry B
+    if inputs.added:
+        raise ModelError(f"the fused step graph takes no added conditions ({sorted(inputs.added)}); run the UNet graph for this model")
     latents = np.ascontiguousarray(inputs.latents, dtype=np.float32)
     for i in range(steps):
         latents = engine(**step_feeds(inputs, coefficients, i, latents))[StepIO.PREV_LATENTS]

@@ -8,7 +8,8 @@ which it is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -29,9 +30,10 @@ class GenerationInputs:
     latent_mask: np.ndarray  # (N, 1, h, w)
     embeddings: np.ndarray  # (N, S, D), or (2N, S, D) [uncond_1..N, cond_1..N] for guidance
     guidance: float
+    added: Mapping[str, np.ndarray] = field(default_factory=dict)  # the UNet's added conditions (SDXL), rows as embeddings
 
     def denoise_inputs(self, masked_image_latents: np.ndarray) -> DenoiseInputs:
-        return DenoiseInputs(self.latents, self.step_noise, self.latent_mask, masked_image_latents, self.embeddings, self.guidance)
+        return DenoiseInputs(self.latents, self.step_noise, self.latent_mask, masked_image_latents, self.embeddings, self.guidance, self.added)
 
 
 class Generator(Protocol):

@@ -1,4 +1,17 @@
-"""Subject masks with RMBG-1.4: BRIA's reference pre/post-processing around an engine, numpy only.
+"""Subject masks with RMBG-1.4, BiRefNet or RMBG-2.0: each model's reference pre/post-processing around an engine, numpy only.
+
+Which masker a graph is comes from its repo's configs (``config.json``: BiRefNet's and RMBG-2.0's
+declare the BiRefNet architecture; ``preprocessor_config.json``: size, mean, std), or from
+``--masker NAME`` where the file cannot tell (RMBG-2.0 is BiRefNet's architecture under another
+licence); the registry holds each variant's defaults and post-processing. BiRefNet / RMBG-2.0
+(Zheng et al. 2024, "Bilateral Reference for High-Resolution Dichotomous Image Segmentation";
+the model cards' reference)::
+
+    x = normalize(resize(image, (1024, 1024)) / 255, ImageNet mean, ImageNet std)
+    alpha = resize(net(x)[-1].sigmoid(), (h, w))
+
+with the sigmoid skipped where the graph already ends in one (:func:`output_is_sigmoid`).
+RMBG-1.4 (below) min-max normalises instead.
 
 Reference (``utilities.py`` and the model card of briaai/RMBG-1.4)::
 
@@ -31,9 +44,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from trt_bgswap.errors import InputImageError, ModelError
+from trt_bgswap.errors import InputImageError, ModelError, UsageError
 from trt_bgswap.manifest import Manifest, RmbgConfig
-from trt_bgswap.registry import DEFAULTS, get_variant
+from trt_bgswap.registry import DEFAULTS, Variant, get_variant, variants_of
 from trt_bgswap.runtime.engine import Engine
 from trt_bgswap.runtime.ort_backend import OrtEngine
 from trt_bgswap.runtime.resize import resize_bilinear
@@ -44,6 +57,10 @@ log = logging.getLogger(__name__)
 
 MAIN_OUTPUT_NAME = "output"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+MODEL_CONFIG = "config.json"
+BIREFNET, BIREFNET_TYPE, BIREFNET_CLASS = "birefnet", "birefnet", "BiRefNet"  # registry variant; config model_type / architectures
+MINMAX, SIGMOID, CLIP = "minmax", "sigmoid", "clip"  # RmbgConfig.postprocess kinds
+PASS_THROUGH_OPS = ("Cast", "Identity")
 PIXEL_SCALE = 255.0  # the reference divides by 255.0; a preprocessor asking for another rescale factor is refused
 RESCALE = 1.0 / PIXEL_SCALE
 
@@ -127,22 +144,83 @@ def read_preprocessor_config(path: Path) -> tuple[tuple[int, int], tuple[float, 
     return hw, mean, std  # type: ignore[return-value]
 
 
+def find_model_config(model_path: Path) -> Path | None:
+    """``config.json`` beside an ONNX file or one folder up (the hub layout keeps ONNX in ``onnx/``)."""
+    for folder in (model_path.parent, model_path.parent.parent):
+        if (folder / MODEL_CONFIG).is_file():
+            return folder / MODEL_CONFIG
+    return None
+
+
+def is_birefnet_config(config: Path | None) -> bool:
+    """Whether a repo's ``config.json`` declares the BiRefNet architecture (BiRefNet's and RMBG-2.0's do; RMBG-1.4's says BriaRMBG)."""
+    if config is None:
+        return False
+    try:
+        d = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{config}: unreadable model config ({e}); restore the file from the model repo") from e
+    return str(d.get("model_type", "")).lower() == BIREFNET_TYPE or any(BIREFNET_CLASS in str(a) for a in d.get("architectures") or ())
+
+
+def masker_variant(model_path: Path, name: str | None = None) -> Variant:
+    """Which masker's pre/post-processing applies: ``name`` (``--masker``) when given, else the repo's ``config.json``.
+
+    A BiRefNet-architecture config is BiRefNet (MIT) unless ``--masker rmbg-2.0`` says it is BRIA's
+    RMBG-2.0 (the same architecture and processing, another licence: the file cannot tell them apart).
+    Anything else is RMBG-1.4, as before issue 12.
+    """
+    if name is not None:
+        v = get_variant(name)
+        if v.family != "rmbg":
+            raise UsageError(f"--masker {name}: not a masker; choose one of {', '.join(m.name for m in variants_of('rmbg'))}")
+        return v
+    return get_variant(BIREFNET if is_birefnet_config(find_model_config(model_path)) else DEFAULTS["rmbg"])
+
+
+def output_is_sigmoid(path: Path, output_name: str) -> bool | None:
+    """Whether the graph computes ``output_name`` with a Sigmoid (through Cast/Identity nodes); None without the onnx package.
+
+    BiRefNet's reference applies the sigmoid after the net; an export that folded it into the graph
+    must not get a second one.
+    """
+    try:
+        import onnx
+    except ImportError:
+        return None
+    producers = {o: n for n in onnx.load(str(path), load_external_data=False).graph.node for o in n.output}
+    node = producers.get(output_name)
+    while node is not None and node.op_type in PASS_THROUGH_OPS:
+        node = producers.get(node.input[0])
+    return node is not None and node.op_type == "Sigmoid"
+
+
+def postprocess_kind(variant: Variant, sigmoid_in_graph: bool | None) -> str:
+    """The variant's post-processing, with a sigmoid already in the graph turned into a clip (probabilities in, not logits)."""
+    if variant.postprocess == SIGMOID and sigmoid_in_graph:
+        return CLIP
+    return variant.postprocess
+
+
 def rmbg_config_for(
     model_path: Path,
     input_name: str,
     output_name: str,
     graph_size: int | None,
     preprocessor: Path | None,
+    masker: str | None = None,
 ) -> RmbgConfig:
-    """RmbgConfig from the preprocessor config when there is one, else the registry's RMBG-1.4 defaults.
+    """RmbgConfig from the preprocessor config when there is one, else the masker variant's registry defaults.
 
-    A size the graph fixes wins over the config's (with a warning if they disagree).
+    The variant (:func:`masker_variant`) decides the post-processing and the licence; a size the
+    graph fixes wins over the config's (with a warning if they disagree).
     """
+    variant = masker_variant(model_path, masker)
     if preprocessor is not None:
         size, mean, std = read_preprocessor_config(preprocessor)
         source = str(preprocessor)
     else:
-        v = get_variant(DEFAULTS["rmbg"])
+        v = variant
         assert v.input_size is not None and v.mean is not None and v.std is not None
         size, mean, std = v.input_size, v.mean, v.std
         source = f"registry defaults of {v.name}"
@@ -152,8 +230,9 @@ def rmbg_config_for(
         size = (graph_size, graph_size)
     if size[0] != size[1]:
         raise ModelError(f"{source}: size {size[1]}x{size[0]} is not square; RMBG graphs take square inputs")
-    log.debug("%s: RMBG preprocessing from %s: size %s, mean %s, std %s", model_path, source, size, mean, std)
-    return RmbgConfig(input_size=size, mean=mean, std=std, input_name=input_name, output_name=output_name)
+    post = postprocess_kind(variant, output_is_sigmoid(model_path, output_name) if variant.postprocess == SIGMOID else False)
+    log.info("%s: masker %s, preprocessing from %s (size %s, mean %s, std %s), post-processing %s", model_path, variant.name, source, size, mean, std, post)
+    return RmbgConfig(input_size=size, mean=mean, std=std, input_name=input_name, output_name=output_name, masker=variant.name, postprocess=post)
 
 
 def _graph_io(path: Path) -> tuple[str, list[GraphDim], list[tuple[str, list[GraphDim]]]]:
@@ -183,6 +262,8 @@ class Masker:
                 f"{engine.path}: RMBG config names input {cfg.input_name!r} / output {cfg.output_name!r} but the "
                 f"engine has {engine.spec.input_names} / {engine.spec.output_names}; re-run `trt-bgswap export`"
             )
+        if cfg.postprocess not in POSTPROCESS:
+            raise ModelError(f"{engine.path}: masker post-processing {cfg.postprocess!r} is unknown (this trt-bgswap knows {sorted(POSTPROCESS)}); re-run `trt-bgswap export`")
         self.engine = engine
         self.cfg = cfg
         self._mean = np.asarray(cfg.mean, np.float32).reshape(3, 1, 1)
@@ -193,15 +274,15 @@ class Masker:
     # --- construction ---
 
     @classmethod
-    def from_onnx(cls, path: str | Path, provider: str = "auto", intra_op_threads: int = 0) -> "Masker":
-        """A raw RMBG ONNX file (published or exported); side outputs are left uncomputed by name."""
+    def from_onnx(cls, path: str | Path, provider: str = "auto", intra_op_threads: int = 0, masker: str | None = None) -> "Masker":
+        """A raw masker ONNX file (published or exported); side outputs are left uncomputed by name; ``masker`` as ``--masker``."""
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path}: no such ONNX file; give the path of an RMBG .onnx model")
         input_name, input_shape, outputs = _graph_io(path)
         size = static_input_size(path, input_shape)
         output_name = find_main_output(input_shape, outputs)
-        cfg = rmbg_config_for(path, input_name, output_name, size, find_preprocessor_config(path))
+        cfg = rmbg_config_for(path, input_name, output_name, size, find_preprocessor_config(path), masker)
         spec = spec_for_graph(input_name, output_name, input_shape, size)
         engine = OrtEngine(spec, path, provider=provider, intra_op_threads=intra_op_threads)
         engine.load()
@@ -237,7 +318,12 @@ class Masker:
         return x
 
     def postprocess(self, mask: np.ndarray, height: int, width: int) -> np.ndarray:
-        """Net mask (S x S) -> float32 HxW alpha: bilinear resize back, then min-max normalisation."""
+        """Net mask (S x S) -> float32 HxW alpha in [0, 1], by the masker's own reference (``cfg.postprocess``)."""
+        return POSTPROCESS[self.cfg.postprocess](mask, height, width)
+
+    @staticmethod
+    def _minmax(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+        """RMBG-1.4: bilinear resize back, then min-max normalisation."""
         y = resize_bilinear(mask, (height, width))
         lo, hi = float(y.min()), float(y.max())
         if hi > lo:
@@ -246,6 +332,21 @@ class Masker:
             return y
         log.warning("RMBG returned a constant mask (%.4g); min-max normalisation skipped", lo)
         return np.full((height, width), np.clip(lo, 0.0, 1.0), np.float32)
+
+    @staticmethod
+    def _sigmoid(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+        """BiRefNet / RMBG-2.0 (their model cards: ``model(x)[-1].sigmoid()``, then resized to the photo): sigmoid, then bilinear resize."""
+        p = np.empty_like(mask, dtype=np.float32)
+        np.negative(mask, out=p)
+        np.exp(p, out=p)
+        p += np.float32(1.0)
+        np.reciprocal(p, out=p)
+        return resize_bilinear(p, (height, width))
+
+    @staticmethod
+    def _clip(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+        """A graph that ends in its own sigmoid: probabilities already; bilinear resize (convex: stays in [0, 1])."""
+        return resize_bilinear(np.clip(mask, 0.0, 1.0).astype(np.float32), (height, width))
 
     def close(self) -> None:
         self.engine.close()
@@ -269,6 +370,9 @@ class Masker:
         step = self._max_batch or len(images)
         masks = np.concatenate([self.run(x[i : i + step]) for i in range(0, len(images), step)])
         return [self.postprocess(m[0], im.shape[0], im.shape[1]) for m, im in zip(masks, images)]
+
+
+POSTPROCESS = {MINMAX: Masker._minmax, SIGMOID: Masker._sigmoid, CLIP: Masker._clip}
 
 
 def _check_rgb(rgb: Any) -> None:

@@ -38,6 +38,7 @@ from trt_bgswap.runtime.backends import Availability
 from trt_bgswap.runtime.color_management import ColorSpace
 from trt_bgswap.runtime.compose import CompositeOptions, compose, refine_masker_alpha
 from trt_bgswap.runtime.composite import solid_background, upscale_background
+from trt_bgswap.runtime.conditioning import Conditioning
 from trt_bgswap.runtime.engine import Engine
 from trt_bgswap.runtime.generator import GenerationInputs
 from trt_bgswap.runtime.jobs import GenerationJob, GenerationKey, GenerationOptions, Noise, Result
@@ -66,8 +67,8 @@ class _Prepared:
     masked: np.ndarray  # (1, 3, H, W) in [-1, 1], the subject blanked
     latent_mask: np.ndarray  # (1, 1, h, w)
     noise: Noise
-    cond: np.ndarray  # (1, S, D)
-    uncond: np.ndarray | None  # (1, S, D) with guidance
+    cond: Conditioning  # one row: hidden states (1, S, D) and the family's added conditions
+    uncond: Conditioning | None  # with guidance
     photo_pixels: int = 0  # the photo's own arrays stay alive while it generates (memory_guard)
 
 
@@ -136,9 +137,11 @@ class Pipeline:
         for k in replaced:
             opened.engines[k].close()
         opened.engines.update(engines or {})
-        tokenizer = None
+        tokenizer = tokenizer_2 = None
         if manifest.inpaint is not None and GENERATE_STAGE in stages:
             tokenizer = ClipTokenizer.from_dir(folder / manifest.inpaint.tokenizer_dir)
+            if manifest.inpaint.tokenizer_2_dir is not None:
+                tokenizer_2 = ClipTokenizer.from_dir(folder / manifest.inpaint.tokenizer_2_dir)
 
         def open_masker() -> MaskStage | None:
             return cls.load(
@@ -147,7 +150,7 @@ class Pipeline:
             ).stages.masker
 
         lazy = open_masker if MASK_STAGE not in stages and any(n in manifest.models for n in models_to_open(manifest, device_graphs, (MASK_STAGE,))) else None
-        assembled = assemble(manifest, opened.engines, tokenizer, lazy_masker=lazy, residency=residency)
+        assembled = assemble(manifest, opened.engines, tokenizer, tokenizer_2=tokenizer_2, lazy_masker=lazy, residency=residency)
         assembled.on_close.append(lambda: [r.close() for r in opened.shared])
         try:
             assembled.load()
@@ -159,10 +162,15 @@ class Pipeline:
 
     @classmethod
     def from_engines(
-        cls, manifest: Manifest, engines: Mapping[str, Engine], tokenizer: ClipTokenizer | None, low_memory: bool | int = False
+        cls,
+        manifest: Manifest,
+        engines: Mapping[str, Engine],
+        tokenizer: ClipTokenizer | None,
+        low_memory: bool | int = False,
+        tokenizer_2: ClipTokenizer | None = None,
     ) -> "Pipeline":
         """A pipeline over engines the caller opened (the benchmark's timed engines), assembled by the same rules."""
-        stages = assemble(manifest, engines, tokenizer, residency=residency_for(low_memory))
+        stages = assemble(manifest, engines, tokenizer, tokenizer_2=tokenizer_2, residency=residency_for(low_memory))
         stages.load()
         return cls(manifest, stages)
 
@@ -208,7 +216,7 @@ class Pipeline:
 
     def _inpaint_config(self) -> InpaintConfig:
         self._check_open()
-        if self.config is None or self.stages.generator is None or self.stages.text_encoder is None:
+        if self.config is None or self.stages.generator is None or self.stages.conditioner is None:
             what = list(self.stages.missing) or ["the inpainting config"]
             raise ModelError(f"this model folder has no inpainting models ({', '.join(what)} missing); re-run `trt-bgswap export --inpaint ...`")
         return self.config
@@ -222,11 +230,16 @@ class Pipeline:
             return self.stages.masker.predict(rgb)
 
     def text_embeddings(self, prompt: str) -> np.ndarray:
-        """(1, S, D) CLIP hidden states for a prompt, cached (the same prompt is encoded once)."""
+        """(1, S, D) encoder hidden states for a prompt, cached (the same prompt is encoded once)."""
+        return self.conditioning(prompt, (self._inpaint_config().default_size,) * 2).hidden  # type: ignore[arg-type]
+
+    def conditioning(self, prompt: str, size: tuple[int, int], negative: bool = False) -> Conditioning:
+        """One row of what the UNet is conditioned on for a prompt (or a negative prompt) at a (width, height)."""
         self._inpaint_config()
-        assert self.stages.text_encoder is not None
+        assert self.stages.conditioner is not None
         with self._lock:
-            return self.stages.text_encoder.embeddings(prompt)
+            conditioner = self.stages.conditioner
+            return conditioner.negative(prompt, size) if negative else conditioner.prompt(prompt, size)
 
     def generation_size_for(self, width: int, height: int, options: GenerationOptions) -> tuple[int, int]:
         """The size to generate a ``width`` x ``height`` photo at; an explicit size that does not fit in memory is refused,
@@ -259,8 +272,8 @@ class Pipeline:
         noise.check(shape, options.steps)
         masked, latent_mask = inpaint_inputs(rgb, repaint, width, height, (dims["h"], dims["w"]))
         guided = options.guidance > 1.0  # classifier-free guidance: diffusers' batch order [uncond, cond]
-        uncond = self.text_embeddings(options.negative_prompt) if guided else None
-        return _Prepared(key, masked, latent_mask, noise, self.text_embeddings(options.prompt), uncond, rgb.shape[0] * rgb.shape[1])
+        uncond = self.conditioning(options.negative_prompt, (width, height), negative=True) if guided else None
+        return _Prepared(key, masked, latent_mask, noise, self.conditioning(options.prompt, (width, height)), uncond, rgb.shape[0] * rgb.shape[1])
 
     def _generate(self, preps: Sequence[_Prepared]) -> list[np.ndarray]:
         """The generated images of prepared jobs that share one key: stacked as far as the generator allows."""
@@ -277,16 +290,17 @@ class Pipeline:
         images: list[np.ndarray] = []
         for start in range(0, len(preps), step):
             part = preps[start : start + step]
-            cond = np.concatenate([p.cond for p in part])
             uncond = [p.uncond for p in part if p.uncond is not None]
+            rows = Conditioning.stack([*uncond, *(p.cond for p in part)])  # [uncond_1..N, cond_1..N] with guidance
             inputs = GenerationInputs(
                 masked_image=np.concatenate([p.masked for p in part]),
                 eps=np.concatenate([p.noise.posterior for p in part]),
                 latents=np.concatenate([p.noise.latents for p in part]).astype(np.float32) * sigma,
                 step_noise=tuple(np.concatenate([p.noise.steps[i] for p in part]) for i in range(steps - 1)),
                 latent_mask=np.concatenate([p.latent_mask for p in part]),
-                embeddings=np.concatenate([*uncond, cond]) if uncond else cond,
+                embeddings=rows.hidden,
                 guidance=guidance,
+                added=rows.added,
             )
             images.extend(generator.generate(self.scheduler, inputs))
         return images

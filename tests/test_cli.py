@@ -612,9 +612,9 @@ def test_run_exports_from_a_hub_id_offline(tiny_models_dir: Path, photos: Path, 
     "given,bg_color,mask,expected",
     [
         ({"rmbg": "r"}, True, False, {"inpaint": "none", "lcm_lora": "none", "rmbg": "r"}),
-        ({"inpaint": "i"}, False, True, {"inpaint": "i", "lcm_lora": "lcm-lora-sdv1-5", "rmbg": "none"}),
+        ({"inpaint": "i"}, False, True, {"inpaint": "i", "lcm_lora": "family", "rmbg": "none"}),
         ({"inpaint": "none"}, False, False, {"inpaint": "none", "lcm_lora": "none", "rmbg": "rmbg-1.4"}),
-        ({}, False, False, {"inpaint": "sd15-inpainting", "lcm_lora": "lcm-lora-sdv1-5", "rmbg": "rmbg-1.4"}),
+        ({}, False, False, {"inpaint": "sd15-inpainting", "lcm_lora": "family", "rmbg": "rmbg-1.4"}),
         ({"lcm_lora": "none"}, False, False, {"inpaint": "sd15-inpainting", "lcm_lora": "none", "rmbg": "rmbg-1.4"}),
     ],
 )

@@ -252,7 +252,7 @@ def test_invalid_hub_id(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "name,family,listed,not_listed",
     [
-        ("rmbg-2.0", "rmbg", ["rmbg-1.4"], ["sd15-inpainting"]),
+        ("rmbg-3.0", "rmbg", ["rmbg-1.4", "rmbg-2.0", "birefnet"], ["sd15-inpainting"]),
         ("sdxl", None, ["rmbg-1.4", "sd15-inpainting", "lcm-lora-sdv1-5"], []),
     ],
 )
@@ -265,7 +265,7 @@ def test_unknown_names_list_the_valid_ones(name: str, family: str | None, listed
 
 
 def test_variant_of_the_wrong_family() -> None:
-    with pytest.raises(UsageError, match="--rmbg sd15-inpainting: sd15-inpainting is a sd-inpainting model; give one of rmbg-1.4"):
+    with pytest.raises(UsageError, match="--rmbg sd15-inpainting: sd15-inpainting is a sd-inpainting model; give one of birefnet, rmbg-1.4, rmbg-2.0"):
         sources.resolve("sd15-inpainting", "rmbg").path
 
 

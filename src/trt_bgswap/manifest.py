@@ -50,6 +50,11 @@ class InpaintConfig:
     max_length: int  # tokenizer model_max_length / text encoder positions (77)
     scheduler: dict[str, Any]  # the pipeline's scheduler_config.json, for the LCM scheduler
     tokenizer_dir: str = "tokenizer"
+    # --- the model family (trt_bgswap.families) and what only some families have; defaults are SD1's ---
+    family: str = "sd1"  # decided from the model's configs at export (families.family_of)
+    tokenizer_2_dir: str | None = None  # SDXL: the second text encoder's tokenizer (pads with "!")
+    force_zeros_for_empty_prompt: bool = False  # SDXL model_index.json: no negative prompt -> zero uncond rows
+    requires_aesthetics_score: bool = False  # SDXL model_index.json: time ids carry an aesthetic score, not the target size
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -68,6 +73,8 @@ class RmbgConfig:
     std: tuple[float, float, float]
     input_name: str
     output_name: str  # the main mask output; published ONNX files may carry side outputs too
+    masker: str = "rmbg-1.4"  # the registry variant whose pre/post-processing and licence apply (runtime/masker.py)
+    postprocess: str = "minmax"  # "minmax" (RMBG-1.4), "sigmoid" (logits: BiRefNet), "clip" (a graph that ends in its sigmoid)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +83,8 @@ class RmbgConfig:
             "std": list(self.std),
             "input_name": self.input_name,
             "output_name": self.output_name,
+            "masker": self.masker,
+            "postprocess": self.postprocess,
         }
 
     @classmethod
@@ -86,6 +95,8 @@ class RmbgConfig:
             std=tuple(d["std"]),
             input_name=d["input_name"],
             output_name=d["output_name"],
+            masker=d.get("masker", "rmbg-1.4"),  # exports before issue 12 are RMBG-1.4's
+            postprocess=d.get("postprocess", "minmax"),
         )
 
 

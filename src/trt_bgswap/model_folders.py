@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NONE = "none"  # a source value that leaves that model out
+FAMILY_LCM_LORA = "family"  # the LCM-LoRA default: the registry's LCM-LoRA for the inpainting model's family, read from its configs
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def with_defaults(given: dict[str, str], need_inpaint: bool, need_rmbg: bool) ->
     """A model not named is the registry default, unless the job has no use for it (the LCM-LoRA goes with inpainting)."""
     sources = dict(given)
     sources.setdefault("inpaint", DEFAULTS["sd-inpainting"] if need_inpaint else NONE)
-    sources.setdefault("lcm_lora", NONE if source_value(sources["inpaint"]) is None else DEFAULTS["lcm-lora"])
+    sources.setdefault("lcm_lora", NONE if source_value(sources["inpaint"]) is None else FAMILY_LCM_LORA)
     sources.setdefault("rmbg", DEFAULTS["rmbg"] if need_rmbg else NONE)
     return sources
 
@@ -77,6 +78,8 @@ def export_sources(
     fused_step: bool = False,
     device_graphs: bool = False,
     loras: Sequence["LoraSource"] = (),
+    masker: str | None = None,
+    vae_src: Path | None = None,
     tiny_vae: str | None = None,
 ) -> Manifest:
     """Resolve the sources (local paths, hub ids, registry names; 'none' leaves one out) and export them to ``out``.
@@ -97,6 +100,8 @@ def export_sources(
     resolved: dict[str, Path | None] = {}
     for slot in SOURCE_SLOTS:
         value = values[slot.key]
+        if value == FAMILY_LCM_LORA and slot.key == "lcm_lora":
+            value = family_lcm_lora(resolved["inpaint"])
         resolved[slot.key] = None if value is None else resolve(value, family=slot.family, offline=offline, allow_pickle=allow_pickle).path
     return export_models(
         resolved["inpaint"],
@@ -110,8 +115,26 @@ def export_sources(
         device_graphs=device_graphs,
         loras=loras,
         allow_pickle=allow_pickle,
+        masker=masker,
+        vae_src=vae_src,
         tiny_vae_src=None if tiny_vae is None else resolve(tiny_vae, offline=offline).path,
     )
+
+
+def family_lcm_lora(inpaint: Path | None) -> str:
+    """The registry's LCM-LoRA for the family of a resolved inpainting source (SD1.5's, SDXL's); refused where none is published."""
+    from trt_bgswap.export.exporter import validate_inpaint_source
+
+    if inpaint is None:
+        raise UsageError("--lcm-lora family: the LCM-LoRA follows the inpainting model; give --inpaint SRC too")
+    family = validate_inpaint_source(inpaint)["family"]
+    if family.lcm_lora is None:
+        raise UsageError(
+            f"{inpaint} is {family.description}, for which no LCM-LoRA is published; give --lcm-lora FILE (one trained for it) "
+            "or --lcm-lora none (then use more --steps: the model is not distilled)"
+        )
+    log.info("%s: %s, so the LCM-LoRA is %s", inpaint, family.description, family.lcm_lora)
+    return family.lcm_lora
 
 
 def recorded_matches(value: str, recorded: dict[str, object] | None) -> bool:
@@ -188,6 +211,7 @@ def folder_for_job(
     offline: bool = False,
     allow_pickle: bool = False,
     loras: Sequence["LoraSource"] = (),
+    masker: str | None = None,
 ) -> Path:
     """The exported folder a job loads: ``folder`` as it is, or exported there now from ``given`` sources (and ``loras``)."""
     check_model_folder(folder, given, loras)
@@ -198,7 +222,7 @@ def folder_for_job(
     log.info("no exported models in %s yet: exporting them once (later runs reuse them)", folder)
     if folder.exists():
         folder.rmdir()  # empty: the exporter moves its finished folder into place
-    export_sources(sources, folder, opset=opset, offline=offline, allow_pickle=allow_pickle, loras=loras)
+    export_sources(sources, folder, opset=opset, offline=offline, allow_pickle=allow_pickle, loras=loras, masker=masker)
     return folder
 
 

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from trt_bgswap.errors import UsageError
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet statistics, BiRefNet's normalisation
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -25,6 +29,7 @@ class Variant:
     std: tuple[float, float, float] | None = None
     note: str = ""
     gated: bool = False  # the hub asks users to accept the licence before downloading
+    postprocess: str = "minmax"  # maskers: "minmax" (RMBG-1.4's reference) or "sigmoid" (BiRefNet's logits); see runtime/masker.py
 
 
 VARIANTS: dict[str, Variant] = {
@@ -43,6 +48,35 @@ VARIANTS: dict[str, Variant] = {
             std=(1.0, 1.0, 1.0),
             note="Gated on the hub: accept the licence on the model page and log in (huggingface-cli login).",
             gated=True,
+        ),
+        Variant(
+            name="birefnet",
+            family="rmbg",
+            repo_id="onnx-community/BiRefNet-ONNX",
+            revision="main",
+            files=("config.json", "preprocessor_config.json", "onnx/model.onnx"),
+            license="MIT (ZhengPeng7/BiRefNet)",
+            commercial_use=True,
+            input_size=(1024, 1024),
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            note="BiRefNet (Zheng et al. 2024): input_image -> output_image logits; the mask is their sigmoid.",
+            postprocess="sigmoid",
+        ),
+        Variant(
+            name="rmbg-2.0",
+            family="rmbg",
+            repo_id="briaai/RMBG-2.0",
+            revision="main",
+            files=("config.json", "onnx/model.onnx"),
+            license="CC BY-NC 4.0 (non-commercial; a commercial licence is sold by BRIA AI)",
+            commercial_use=False,
+            input_size=(1024, 1024),
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            note="BiRefNet architecture trained by BRIA. Gated on the hub: accept the licence on the model page and log in.",
+            gated=True,
+            postprocess="sigmoid",
         ),
         Variant(
             name="sd15-inpainting",
@@ -64,6 +98,58 @@ VARIANTS: dict[str, Variant] = {
             commercial_use=True,
         ),
         Variant(
+            name="sdxl-inpainting",
+            family="sd-inpainting",
+            repo_id="diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
+            revision="main",
+            files=(
+                "model_index.json",
+                "scheduler/*.json",
+                "tokenizer/*",
+                "tokenizer_2/*",
+                "text_encoder/config.json",
+                "text_encoder/model.safetensors",
+                "text_encoder_2/config.json",
+                "text_encoder_2/model.safetensors",
+                "unet/config.json",
+                "unet/diffusion_pytorch_model.safetensors",
+                "vae/config.json",
+                "vae/diffusion_pytorch_model.safetensors",
+            ),
+            license="openrail++",
+            commercial_use=True,
+            note="SDXL family: 1024x1024 native area, two text encoders; pair it with lcm-lora-sdxl. The VAE stays fp32 (force_upcast).",
+        ),
+        Variant(
+            name="sd2-inpainting",
+            family="sd-inpainting",
+            repo_id="stabilityai/stable-diffusion-2-inpainting",
+            revision="main",
+            files=(
+                "model_index.json",
+                "scheduler/*.json",
+                "tokenizer/*",
+                "text_encoder/config.json",
+                "text_encoder/model.safetensors",
+                "unet/config.json",
+                "unet/diffusion_pytorch_model.safetensors",
+                "vae/config.json",
+                "vae/diffusion_pytorch_model.safetensors",
+            ),
+            license="openrail++",
+            commercial_use=True,
+            note="SD2 family: 512x512, OpenCLIP ViT-H text encoder; no LCM-LoRA is published for it (give --lcm-lora FILE or none).",
+        ),
+        Variant(
+            name="lcm-lora-sdxl",
+            family="lcm-lora",
+            repo_id="latent-consistency/lcm-lora-sdxl",
+            revision="main",
+            files=("pytorch_lora_weights.safetensors",),
+            license="openrail++",
+            commercial_use=True,
+        ),
+        Variant(
             name="lcm-lora-sdv1-5",
             family="lcm-lora",
             repo_id="latent-consistency/lcm-lora-sdv1-5",
@@ -76,6 +162,7 @@ VARIANTS: dict[str, Variant] = {
 }
 
 DEFAULTS = {"rmbg": "rmbg-1.4", "sd-inpainting": "sd15-inpainting", "lcm-lora": "lcm-lora-sdv1-5"}
+# The LCM-LoRA default follows the inpainting model's family (trt_bgswap.families.Family.lcm_lora), read from its configs.
 
 
 def get_variant(name: str) -> Variant:
@@ -86,3 +173,8 @@ def get_variant(name: str) -> Variant:
         if v.repo_id == name:
             return v
     raise UsageError(f"unknown model {name!r}; choose one of {', '.join(sorted(VARIANTS))} or give a local path")
+
+
+def variants_of(family: str) -> list[Variant]:
+    """The registry's variants of one model family (the --masker choices are the rmbg ones)."""
+    return [v for v in VARIANTS.values() if v.family == family]

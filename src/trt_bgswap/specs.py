@@ -41,6 +41,7 @@ ONNX_TYPES: dict[str, str] = {"float32": "FLOAT", "float16": "FLOAT16", "int32":
 # --- Graph names: the manifest's model keys, the export's sub-folders and the build index's keys. ---
 
 TEXT_ENCODER = "text_encoder"
+TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's second text encoder (OpenCLIP ViT-bigG with its projection)
 UNET = "unet"
 UNET_STEP = "unet_step"  # UNet + guidance + LCM step in one graph (export --fused-step)
 VAE_ENCODER = "vae_encoder"
@@ -50,8 +51,8 @@ VAE_ENCODER_SAMPLE = "vae_encoder_sample"  # device graphs (export --device-grap
 VAE_DECODER_IMAGE = "vae_decoder_image"
 RMBG_FULL = "rmbg_full"
 
-HOST_GRAPHS = (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER, RMBG)
-INPAINT_GRAPHS = (TEXT_ENCODER, UNET, VAE_ENCODER, VAE_DECODER)
+HOST_GRAPHS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_ENCODER, VAE_DECODER, RMBG)
+INPAINT_GRAPHS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_ENCODER, VAE_DECODER)  # TEXT_ENCODER_2: SDXL only
 DEVICE_GRAPHS = (VAE_ENCODER_SAMPLE, VAE_DECODER_IMAGE, RMBG_FULL)
 # the host-path graph each device graph stands in for (not opened when its device graph runs)
 DEVICE_GRAPH_REPLACES = {VAE_ENCODER_SAMPLE: VAE_ENCODER, VAE_DECODER_IMAGE: VAE_DECODER, RMBG_FULL: RMBG}
@@ -64,6 +65,8 @@ MASK_GRAPHS = (RMBG, RMBG_FULL)
 class TextEncoderIO:
     INPUT_IDS = "input_ids"
     HIDDEN_STATES = "last_hidden_state"
+    PENULTIMATE = "penultimate_hidden_state"  # SDXL conditions on the layer before the last (diffusers' hidden_states[-2])
+    TEXT_EMBEDS = "text_embeds"  # the projected pooled output (CLIPTextModelWithProjection): SDXL's text_encoder_2
 
 
 class UnetIO:
@@ -71,6 +74,9 @@ class UnetIO:
     TIMESTEP = "timestep"
     ENCODER_HIDDEN_STATES = "encoder_hidden_states"
     OUT_SAMPLE = "out_sample"
+    # SDXL's added conditions (unet config addition_embed_type "text_time"): the pooled prompt and the size ids
+    TEXT_EMBEDS = "text_embeds"
+    TIME_IDS = "time_ids"
 
 
 class StepIO:
@@ -262,26 +268,45 @@ class ModelSpec:
 # --- The built-in models. Channel counts and sizes come from the model configs. ---
 
 
-def text_encoder_spec(max_length: int, hidden_size: int) -> ModelSpec:
-    """CLIP text encoder: token ids in (int32, friendlier to TensorRT), last hidden state out."""
-    return ModelSpec(
-        TEXT_ENCODER,
-        inputs=(TensorSpec(TextEncoderIO.INPUT_IDS, "int32", ("B", max_length)),),
-        outputs=(TensorSpec(TextEncoderIO.HIDDEN_STATES, "float32", ("B", max_length, hidden_size)),),
-    )
+def text_encoder_spec(
+    max_length: int,
+    hidden_size: int,
+    hidden_output: str = TextEncoderIO.HIDDEN_STATES,
+    projection_dim: int | None = None,
+    name: str = TEXT_ENCODER,
+) -> ModelSpec:
+    """CLIP text encoder: token ids in (int32, friendlier to TensorRT), the hidden states out.
+
+    ``hidden_output`` names which hidden states (the last, or SDXL's penultimate); ``projection_dim``
+    adds the projected pooled output ``text_embeds`` (SDXL's ``text_encoder_2``).
+    """
+    outputs = [TensorSpec(hidden_output, "float32", ("B", max_length, hidden_size))]
+    if projection_dim is not None:
+        outputs.append(TensorSpec(TextEncoderIO.TEXT_EMBEDS, "float32", ("B", projection_dim)))
+    return ModelSpec(name, inputs=(TensorSpec(TextEncoderIO.INPUT_IDS, "int32", ("B", max_length)),), outputs=tuple(outputs))
 
 
-def unet_spec(in_channels: int, out_channels: int, max_length: int, hidden_size: int, dtype: str = "float32") -> ModelSpec:
-    """Inpainting UNet: 9 input channels = latents + mask + masked-image latents."""
-    return ModelSpec(
-        UNET,
-        inputs=(
-            TensorSpec(UnetIO.SAMPLE, dtype, ("B", in_channels, "h", "w")),
-            TensorSpec(UnetIO.TIMESTEP, dtype, ("B",)),
-            TensorSpec(UnetIO.ENCODER_HIDDEN_STATES, dtype, ("B", max_length, hidden_size)),
-        ),
-        outputs=(TensorSpec(UnetIO.OUT_SAMPLE, dtype, ("B", out_channels, "h", "w")),),
-    )
+def unet_spec(
+    in_channels: int,
+    out_channels: int,
+    max_length: int,
+    hidden_size: int,
+    dtype: str = "float32",
+    added: tuple[int, int] | None = None,
+) -> ModelSpec:
+    """Inpainting UNet: 9 input channels = latents + mask + masked-image latents.
+
+    ``added`` = (text_embeds width, number of time ids) for SDXL's added conditions
+    (``addition_embed_type`` "text_time"), one row per batch row like the hidden states.
+    """
+    inputs = [
+        TensorSpec(UnetIO.SAMPLE, dtype, ("B", in_channels, "h", "w")),
+        TensorSpec(UnetIO.TIMESTEP, dtype, ("B",)),
+        TensorSpec(UnetIO.ENCODER_HIDDEN_STATES, dtype, ("B", max_length, hidden_size)),
+    ]
+    if added is not None:
+        inputs += [TensorSpec(UnetIO.TEXT_EMBEDS, dtype, ("B", added[0])), TensorSpec(UnetIO.TIME_IDS, dtype, ("B", added[1]))]
+    return ModelSpec(UNET, inputs=tuple(inputs), outputs=(TensorSpec(UnetIO.OUT_SAMPLE, dtype, ("B", out_channels, "h", "w")),))
 
 
 def unet_step_spec(latent_channels: int, max_length: int, hidden_size: int, num_coefficients: int) -> ModelSpec:

@@ -37,23 +37,31 @@ log = logging.getLogger(__name__)
 
 RMBG_MEAN = 0.5  # BRIA's utilities.py: normalize(image, [0.5, 0.5, 0.5], [1.0, 1.0, 1.0])
 RMBG_STD = 1.0
+# The diffusers pipeline of each model family (trt_bgswap.families) and its from_pretrained options.
+PIPELINES: dict[str, tuple[str, dict[str, Any]]] = {
+    "sd1": ("StableDiffusionInpaintPipeline", {"safety_checker": None, "requires_safety_checker": False}),
+    "sd2": ("StableDiffusionInpaintPipeline", {"safety_checker": None, "requires_safety_checker": False}),
+    "sdxl": ("StableDiffusionXLInpaintPipeline", {"add_watermarker": False}),
+}
 
 
 class Baseline:
     """The loaded baseline: diffusers pipeline + RMBG module, with optional stage hooks."""
 
     def __init__(self, sd: Path, lora: Path | None, rmbg: Path, threads: int, rmbg_size: int, taesd: Path | None = None) -> None:
+        import diffusers
         import torch
-        from diffusers import LCMScheduler, StableDiffusionInpaintPipeline
+        from diffusers import LCMScheduler
 
+        from trt_bgswap.export.exporter import validate_inpaint_source
         from trt_bgswap.export.rmbg import load_rmbg_weights
 
         if threads:
             torch.set_num_threads(threads)
         torch.set_grad_enabled(False)
-        pipe = StableDiffusionInpaintPipeline.from_pretrained(
-            str(sd), safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32
-        )
+        family = validate_inpaint_source(sd)["family"].name  # from the model's configs, as the export decides it
+        cls_name, kwargs = PIPELINES[family]
+        pipe = getattr(diffusers, cls_name).from_pretrained(str(sd), torch_dtype=torch.float32, **kwargs)
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
         if lora is not None:
             lora_path = Path(lora)
@@ -74,14 +82,17 @@ class Baseline:
 
     def attach(self, clock: StageClock, peaks: StagePeaks | None = None) -> None:
         """Time the model modules' forward calls into ``clock`` (and their peak memory into ``peaks``)."""
-        modules = {
-            "text_encoder": self.pipe.text_encoder,
-            "vae_encoder": self.pipe.vae.encoder,
-            "unet": self.pipe.unet,
-            "vae_decoder": self.pipe.vae.decoder,
-        }
+        modules = [
+            ("text_encoder", self.pipe.text_encoder),
+            ("text_encoder", getattr(self.pipe, "text_encoder_2", None)),  # SDXL: both encoders are the text stage
+            ("vae_encoder", self.pipe.vae.encoder),
+            ("unet", self.pipe.unet),
+            ("vae_decoder", self.pipe.vae.decoder),
+        ]
         self.peaks = peaks
-        for name, module in modules.items():
+        for name, module in modules:
+            if module is None:
+                continue
             start: list[tuple[float, Any]] = []
 
             def before(m: Any, args: Any, s: list[tuple[float, Any]] = start, n: str = name) -> None:
@@ -128,8 +139,8 @@ class Baseline:
         with clock.measure("diffusers_call"):
             generated = self.pipe(
                 prompt=prompt, image=image, mask_image=repaint, height=height, width=width, num_inference_steps=steps,
-                guidance_scale=guidance, generator=self.torch.Generator().manual_seed(seed),
-            ).images[0]  # fmt: skip
+                guidance_scale=guidance, generator=self.torch.Generator().manual_seed(seed), strength=1.0,
+            ).images[0]  # fmt: skip  (strength 1: SDXL's default is 0.9999; ours always starts from noise)
         with clock.measure("composite"):
             background = generated.resize(image.size, Image.LANCZOS)
             out = Image.composite(image, background, Image.fromarray(mask, "L"))

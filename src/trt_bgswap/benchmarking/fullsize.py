@@ -1,7 +1,8 @@
 """Full-size models with random weights, built from their published configurations (no downloads).
 
 Random weights give real timings: latency, memory and FLOPs depend on the architecture
-and the tensor sizes, not on the weight values. The configurations are the published ones (declared in :mod:`trt_bgswap.export.tiny_sd`, whose
+and the tensor sizes, not on the weight values. The configurations are the published ones
+(declared in :mod:`trt_bgswap.export.tiny_sd` and :mod:`trt_bgswap.export.tiny_sdxl`, whose
 tiny models shrink them):
 
 - SD1.5 inpainting UNet: ``unet/config.json`` of ``runwayml/stable-diffusion-inpainting``
@@ -31,14 +32,25 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from trt_bgswap.atomic import write_text_atomic
 from trt_bgswap.export.tiny_sd import SD15_INPAINT_UNET_CONFIG, SD15_TEXT_ENCODER_CONFIG, SD15_VAE_CONFIG
+from trt_bgswap.export.tiny_sdxl import SDXL_INPAINT_UNET_CONFIG, SDXL_TEXT_ENCODER_2_CONFIG, SDXL_VAE_CONFIG
 
 log = logging.getLogger(__name__)
 
 RMBG_INPUT_SIZE = 1024
 FULL_NAMES = ("sd-inpainting", "lcm-lora", "rmbg", "taesd")
+
+
+def _write_diffusers_module(folder: Path, cls: Any, config: dict[str, Any]) -> None:
+    """A diffusers model folder (config.json + diffusion_pytorch_model.safetensors) with random weights; freed on return."""
+    from trt_bgswap.export.tiny_sd import save_safetensors, write_json
+
+    module = cls.from_config(config).eval()
+    write_json(folder / "config.json", dict(module.config))
+    save_safetensors(module.state_dict(), folder / "diffusion_pytorch_model.safetensors")
 
 
 def write_full_sd_inpainting(folder: str | Path, seed: int = 0) -> Path:
@@ -71,23 +83,74 @@ def write_full_taesd(folder: Path, seed: int) -> Path:
     return folder
 
 
-def write_full_models(folder: str | Path, seed: int = 0) -> dict[str, Path]:
-    """``sd-inpainting/``, ``lcm-lora/``, ``rmbg/`` and ``taesd/`` at full size under ``folder`` (reused when complete)."""
+def write_full_sdxl_inpainting(folder: str | Path, seed: int = 0) -> Path:
+    """A diffusers SDXL-inpainting folder at the published sizes (:data:`SDXL_INPAINT_UNET_CONFIG` ...) with random weights.
+
+    One module at a time is built, saved and freed: the UNet alone is 2.6e9 parameters (10.3 GB in fp32).
+    """
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from trt_bgswap.export.tiny_sd import _tokenizer_ids, save_safetensors, write_json
+    from trt_bgswap.export.tiny_sdxl import SDXL_INPAINT_MODEL_INDEX, SDXL_SCHEDULER_CONFIG
+    from trt_bgswap.export.tiny_tokenizer import write_tiny_clip_tokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    for sub, pad, cls, config in (
+        ("text_encoder", None, CLIPTextModel, SD15_TEXT_ENCODER_CONFIG),
+        ("text_encoder_2", "!", CLIPTextModelWithProjection, SDXL_TEXT_ENCODER_2_CONFIG),
+    ):
+        tok = Path(write_tiny_clip_tokenizer(folder / sub.replace("text_encoder", "tokenizer"), **({"pad_token": pad} if pad else {})))
+        _, bos, eos, pad_id, _ = _tokenizer_ids(tok)
+        te_config = CLIPTextConfig(**config, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad_id)
+        log.info("%s (%s, random weights)", sub, cls.__name__)
+        te = cls(te_config).eval()
+        d = te_config.to_dict()
+        d["architectures"] = [cls.__name__]
+        write_json(folder / sub / "config.json", d)
+        save_safetensors(te.state_dict(), folder / sub / "model.safetensors", {"format": "pt"})
+        del te
+    log.info("UNet (SDXL inpainting, 9 channels, 2.6e9 parameters, random weights)")
+    _write_diffusers_module(folder / "unet", UNet2DConditionModel, SDXL_INPAINT_UNET_CONFIG)
+    log.info("VAE (SDXL, random weights)")
+    _write_diffusers_module(folder / "vae", AutoencoderKL, SDXL_VAE_CONFIG)
+    write_json(folder / "scheduler" / "scheduler_config.json", dict(SDXL_SCHEDULER_CONFIG))
+    write_json(folder / "model_index.json", dict(SDXL_INPAINT_MODEL_INDEX))
+    return folder
+
+
+def write_full_models(folder: str | Path, seed: int = 0, family: str = "sd15") -> dict[str, Path]:
+    """The family's inpainting model and LCM-LoRA, and ``rmbg/``, at full size under ``folder`` (reused when complete).
+
+    ``sd15``: ``sd-inpainting/`` + ``lcm-lora/``; ``sdxl``: ``sdxl-inpainting/`` + ``lcm-lora-sdxl/``
+    (the LCM-LoRA format, rank 64, over SDXL's UNet: latent-consistency/lcm-lora-sdxl's layout).
+    """
     from trt_bgswap.export.tiny_sd import write_tiny_lcm_lora
 
     folder = Path(folder)
-    done = folder / ".complete"
-    paths = {name: folder / name for name in FULL_NAMES}
-    if done.is_file():
-        log.info("full-size random models already in %s", folder)
-        if not (paths["taesd"] / "config.json").is_file():  # a work folder from before --vae tiny
-            write_full_taesd(paths["taesd"], seed + 3)
-        return paths
-    write_full_sd_inpainting(paths["sd-inpainting"], seed)
-    log.info("LCM-LoRA (rank 64, alpha 8) over the full UNet")
-    write_tiny_lcm_lora(paths["lcm-lora"], SD15_INPAINT_UNET_CONFIG, seed=seed + 1)
-    log.info("RMBG-1.4 IS-Net at full width")
-    write_full_rmbg(paths["rmbg"], seed + 2)
-    write_full_taesd(paths["taesd"], seed + 3)
-    write_text_atomic(done, "ok\n")
+    inpaint, lora = ("sd-inpainting", "lcm-lora") if family == "sd15" else ("sdxl-inpainting", "lcm-lora-sdxl")
+    writer, unet_config = (write_full_sd_inpainting, SD15_INPAINT_UNET_CONFIG) if family == "sd15" else (write_full_sdxl_inpainting, SDXL_INPAINT_UNET_CONFIG)
+    paths = {inpaint: folder / inpaint, lora: folder / lora, "rmbg": folder / "rmbg"}
+    if family == "sd15":
+        paths["taesd"] = folder / "taesd"  # the --vae tiny rows (TAESD decodes SD1/SD2 latents; SDXL's would be taesdxl)
+    done = {name: folder / f".complete-{name}" for name in paths}
+    if family == "sd15" and (folder / ".complete").is_file():  # written by earlier versions for the SD1.5 set
+        for name in ("sd-inpainting", "lcm-lora", "rmbg"):
+            write_text_atomic(done[name], "ok\n")
+    for name, write in (
+        (inpaint, lambda: writer(paths[inpaint], seed)),
+        (lora, lambda: write_tiny_lcm_lora(paths[lora], unet_config, seed=seed + 1)),
+        ("rmbg", lambda: write_full_rmbg(paths["rmbg"], seed + 2)),
+        ("taesd", lambda: write_full_taesd(paths["taesd"], seed + 3)),
+    ):
+        if name not in paths:
+            continue
+        if done[name].is_file():
+            log.info("full-size random %s already in %s", name, paths[name])
+            continue
+        log.info("writing full-size random %s", name)
+        write()
+        write_text_atomic(done[name], "ok\n")
     return paths

@@ -37,6 +37,7 @@ from trt_bgswap.benchmarking.timed_engine import TimedEngine
 
 log = logging.getLogger(__name__)
 
+STAGE_OF = {"text_encoder_2": "text_encoder"}  # SDXL: both encoders are the text stage (as the baseline counts them)
 
 
 def _engine(spec: Any, plan: Mapping[str, Any], provider: str, threads: int) -> Engine:
@@ -69,11 +70,12 @@ def measure_ours(job: Mapping[str, Any]) -> dict[str, Any]:
     engines: dict[str, TimedEngine] = {}
     low_memory = bool(job.get("low_memory"))
     for name, entry in manifest.models.items():
-        engines[name] = TimedEngine(_engine(entry.spec, job["engines"][name], provider, threads), name, clock, peaks)
+        engines[name] = TimedEngine(_engine(entry.spec, job["engines"][name], provider, threads), STAGE_OF.get(name, name), clock, peaks)
         if not low_memory:  # --low-memory opens each session when its stage runs (the stage's time and peak include it)
             engines[name].load()
     tokenizer = ClipTokenizer.from_dir(export_dir / cfg.tokenizer_dir)
-    pipeline = Pipeline.from_engines(manifest, engines, tokenizer, low_memory=low_memory)
+    tokenizer_2 = ClipTokenizer.from_dir(export_dir / cfg.tokenizer_2_dir) if cfg.tokenizer_2_dir else None  # SDXL
+    pipeline = Pipeline.from_engines(manifest, engines, tokenizer, low_memory=low_memory, tokenizer_2=tokenizer_2)
     masker = pipeline.stages.masker
     assert isinstance(masker, Masker), "the benchmark times RMBG's host pre/post-processing"
     result["load_seconds"] = time.perf_counter() - t0
@@ -163,14 +165,15 @@ def _throughput(pipeline: Pipeline, masker: Masker, rgb: np.ndarray, dims: Mappi
     cfg = pipeline.config
     assert cfg is not None
     unet = pipeline.engines["unet"]
-    emb = pipeline.text_embeddings(job["prompt"])
+    cond = pipeline.conditioning(job["prompt"], (dims["w"] * cfg.vae_scale_factor, dims["h"] * cfg.vae_scale_factor))  # + SDXL's added conditions
     rng = np.random.default_rng(0)
     for b in job["batch_sizes"]:
         x = masker.preprocess(rgb)[None].repeat(b, axis=0)
         st = time_calls(lambda: masker.run(x), 1, runs)
         sample = rng.standard_normal((b, cfg.unet_in_channels, dims["h"], dims["w"]), dtype=np.float32)
-        e = np.repeat(emb, b, axis=0)
-        su = time_calls(lambda: unet(sample=sample, timestep=np.full((b,), 500.0, np.float32), encoder_hidden_states=e), 1, runs)
+        e = np.repeat(cond.hidden, b, axis=0)
+        added = {k: np.repeat(v, b, axis=0) for k, v in cond.added.items()}
+        su = time_calls(lambda: unet(sample=sample, timestep=np.full((b,), 500.0, np.float32), encoder_hidden_states=e, **added), 1, runs)
         out[f"batch{b}"] = {
             "rmbg": st.to_json(), "rmbg_images_per_s": b / st.median,
             "unet": su.to_json(), "unet_samples_per_s": b / su.median,

@@ -23,6 +23,7 @@ from trt_bgswap.manifest import Manifest
 README_START = "<!-- bench:results:start -->"
 README_END = "<!-- bench:results:end -->"
 STAGES = ("rmbg", "text_encoder", "vae_encoder", "unet", "vae_decoder")
+BASELINE_PIPELINES = {"sd15": "StableDiffusionInpaintPipeline", "sdxl": "StableDiffusionXLInpaintPipeline"}  # by --family
 # Issue 5's targets (ratios ours / baseline, or absolute limits)
 TARGET_E2E_RATIO = 0.6
 TARGET_COLD_RATIO = 0.5
@@ -229,7 +230,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         f"- ours: ONNX Runtime {s['backend']} ({', '.join(sorted(set(o['backends'].values())))}), pre-optimized graphs"
         + (", fused attention (UNet) / LayerNorm (text encoder)" if s["applied"]["fuse"] else "")
         + (", static int8 RMBG" if s["applied"]["int8_rmbg"] else ", fp32 RMBG"),
-        f"- baseline: diffusers StableDiffusionInpaintPipeline + LCMScheduler, LoRA fused; RMBG IS-Net in PyTorch; {b['backends']['all']}" if b else "- baseline: not run",
+        f"- baseline: diffusers {BASELINE_PIPELINES.get(s.get('family', 'sd15'), 'StableDiffusionInpaintPipeline')} + LCMScheduler, LoRA fused; RMBG IS-Net in PyTorch; {b['backends']['all']}" if b else "- baseline: not run",
         f"- timing: {s['warmup']} warm-up run(s), then {s['runs']} timed; median shown (min / p90 in the JSON); "
         f"matmul peak {report['matmul_peak']['peak_flops'] / 1e9:.0f} GFLOP/s (fp32 GEMM measured in this run)",
         "",

@@ -33,6 +33,8 @@ from trt_bgswap.benchmarking.photos import ACCURACY_PHOTOS, CALIBRATION_PHOTOS, 
 log = logging.getLogger(__name__)
 
 MODES = ("tiny", "full")
+# The benchmark's model family: which source folders of the tiny/full model set play sd-inpainting and lcm-lora.
+FAMILY_SOURCES = {"sd15": ("sd-inpainting", "lcm-lora"), "sdxl": ("sdxl-inpainting", "lcm-lora-sdxl")}
 BACKENDS = ("cpu", "trt")
 WORKER_TIMEOUT_S = 3 * 3600
 FUSED_MODELS = ("unet", "text_encoder")  # engines/fusion.py's DEFAULT_FUSED, timed against their unfused export
@@ -43,6 +45,7 @@ class BenchSettings:
     """Everything that decides what is measured; recorded in the report."""
 
     mode: str = "tiny"
+    family: str = "sd15"  # sd15 or sdxl (FAMILY_SOURCES)
     work_dir: Path = Path("bench-work")
     out_dir: Path | None = None  # where <mode>.json / <mode>.md go; None: the work folder
     sources: Path | None = None  # a folder with sd-inpainting/, lcm-lora/, rmbg/ (default: written for the mode)
@@ -69,12 +72,19 @@ class BenchSettings:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise UsageError(f"--mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.family not in FAMILY_SOURCES:
+            raise UsageError(f"--family {self.family!r}: choose one of {', '.join(FAMILY_SOURCES)}")
         if self.backend not in BACKENDS:
             raise UsageError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         if self.runs < 1 or self.warmup < 0:
             raise UsageError(f"--runs {self.runs} / --warmup {self.warmup}: need runs >= 1 and warmup >= 0")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise UsageError(f"--batch-sizes {self.batch_sizes}: give positive batch sizes, e.g. 1,2")
+
+    @property
+    def name(self) -> str:
+        """The run's name: the mode, plus the family when it is not SD1.5 (file and folder names)."""
+        return self.mode if self.family == "sd15" else f"{self.mode}-{self.family}"
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -104,12 +114,14 @@ def _threads(settings: BenchSettings) -> int:
 
 
 def _sources(settings: BenchSettings, timeline: Timeline) -> dict[str, Path]:
-    names = ("sd-inpainting", "lcm-lora", "rmbg")
+    """The sd-inpainting / lcm-lora / rmbg folders of the run (the family's inpainting model and LCM-LoRA)."""
+    inpaint, lora = FAMILY_SOURCES[settings.family]
+    names = {"sd-inpainting": inpaint, "lcm-lora": lora, "rmbg": "rmbg"}
     if settings.sources is not None:
-        paths = {n: settings.sources / n for n in names}
+        paths = {k: settings.sources / n for k, n in names.items()}
         missing = [str(p) for p in paths.values() if not p.exists()]
         if missing:
-            raise UsageError(f"--sources {settings.sources}: missing {missing}; it needs sd-inpainting/, lcm-lora/ and rmbg/")
+            raise UsageError(f"--sources {settings.sources}: missing {missing}; it needs {', '.join(n + '/' for n in names.values())}")
         if (settings.sources / "taesd").is_dir():  # optional: the --vae tiny rows
             paths["taesd"] = settings.sources / "taesd"
         return paths
@@ -117,16 +129,17 @@ def _sources(settings: BenchSettings, timeline: Timeline) -> dict[str, Path]:
     if settings.mode == "tiny":
         from trt_bgswap.export.tiny import write_tiny_models
 
-        if not all((folder / n).exists() for n in (*names, "taesd")):
-            return timeline.run("write tiny random models", lambda: write_tiny_models(folder))
-        return {n: folder / n for n in (*names, "taesd")}
+        if not all((folder / n).exists() for n in (*names.values(), "taesd")):
+            timeline.run("write tiny random models", lambda: write_tiny_models(folder))
+        return {**{k: folder / n for k, n in names.items()}, **({"taesd": folder / "taesd"} if settings.family == "sd15" else {})}  # TAESD: SD latents
     from trt_bgswap.benchmarking.fullsize import write_full_models
 
-    return timeline.run("write full-size random models", lambda: write_full_models(folder))
+    written = timeline.run("write full-size random models", lambda: write_full_models(folder, family=settings.family))
+    return {**{k: written[n] for k, n in names.items()}, **({"taesd": written["taesd"]} if "taesd" in written else {})}
 
 
 def _export(settings: BenchSettings, sources: dict[str, Path], timeline: Timeline) -> tuple[Path, bool]:
-    target = settings.work_dir / f"export-{settings.mode}"
+    target = settings.work_dir / f"export-{settings.name}"
     if settings.export_dir is not None:
         if (target / "manifest.json").is_file():
             shutil.rmtree(target)
@@ -275,6 +288,11 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
     load_before = machine.load_average()
     info = machine.machine_info()
 
+    if settings.mode == "full":
+        from trt_bgswap.benchmarking.memory_plan import check_memory_plan
+
+        # refuses, before any work, a run the machine cannot hold (given models / an export skip those steps)
+        check_memory_plan(settings.family, settings.batch_sizes, written=settings.sources is not None, exported=settings.export_dir is not None)
     sources = _sources(settings, timeline)
     export_dir, reused = _export(settings, sources, timeline)
     manifest = Manifest.load(export_dir)
@@ -347,11 +365,11 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
     )  # fmt: skip
     out_dir = settings.out_dir or work
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / f"{settings.mode}.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out_dir / f"{settings.name}.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
     markdown = render_markdown(report)
-    write_text_atomic(out_dir / f"{settings.mode}.md", markdown)
+    write_text_atomic(out_dir / f"{settings.name}.md", markdown)
     if settings.readme is not None:
         update_readme(settings.readme, markdown)
-    report["_paths"] = {"json": str(out_dir / f"{settings.mode}.json"), "markdown": str(out_dir / f"{settings.mode}.md")}
+    report["_paths"] = {"json": str(out_dir / f"{settings.name}.json"), "markdown": str(out_dir / f"{settings.name}.md")}
     return report
 

@@ -63,6 +63,7 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
         "On a GPU machine add --backend trt (TensorRT plans; needs the trt extra)."
     )
     b.add_argument("--mode", choices=["tiny", "full"], default="tiny", help="tiny random models (seconds) or the published full sizes (~30 min on 2 cores)")
+    b.add_argument("--family", choices=["sd15", "sdxl"], default="sd15", help="model family: SD1.5 inpainting (512 px) or SDXL inpainting (1024 px, two text encoders); results go to <mode>[-family].json")
     b.add_argument("--work", default=DEFAULT_WORK, help=f"folder for models, export, engines and logs (reused across runs; default ./{DEFAULT_WORK})")
     b.add_argument("--out", help="folder for <mode>.json and <mode>.md (default: the work folder)")
     b.add_argument("--readme", help="Markdown file whose '<!-- bench:results:start -->' block gets the results table")
@@ -88,7 +89,7 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
 
 def command_line(args: argparse.Namespace) -> str:
     """The `trt-bgswap bench ...` command that reproduces these options."""
-    parts = ["trt-bgswap", "bench", "--mode", args.mode, "--work", args.work]
+    parts = ["trt-bgswap", "bench", "--mode", args.mode, *(["--family", args.family] if args.family != "sd15" else []), "--work", args.work]
     for opt, dest in (("--out", "out"), ("--readme", "readme"), ("--sources", "sources"), ("--export", "export")):
         if getattr(args, dest):
             parts += [opt, str(getattr(args, dest))]
@@ -115,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = BenchSettings(
         mode=args.mode,
+        family=args.family,
         work_dir=Path(args.work),
         out_dir=Path(args.out) if args.out else None,
         sources=Path(args.sources) if args.sources else None,

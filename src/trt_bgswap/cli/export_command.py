@@ -21,6 +21,11 @@ def add_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--out", required=True, help="output folder")
     e.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     e.add_argument("--force", action="store_true", help="replace an existing exported folder")
+    e.add_argument(
+        "--vae-src", type=Path, metavar="DIR",
+        help="a diffusers AutoencoderKL folder replacing the model's VAE, e.g. an fp16-safe one (madebyollin/sdxl-vae-fp16-fix): "
+        "with --precision fp16 it is exported in fp16 when its config says force_upcast: false (the model's own VAE stays fp32)",
+    )
     e.add_argument("--fused-step", action="store_true", help="also export unet_step/: UNet + guidance + LCM step in one graph (the TensorRT device loop runs it)")
     e.add_argument(
         "--device-graphs",
@@ -38,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
     sources = with_defaults(given_sources(args), need_inpaint=True, need_rmbg=True)
     manifest = export_sources(
         sources, Path(args.out), precision=args.precision, opset=args.opset, offline=args.offline, allow_pickle=args.allow_pickle,
-        overwrite=args.force, fused_step=args.fused_step, device_graphs=args.device_graphs, loras=args.loras,
-        tiny_vae=args.taesd if args.vae == "tiny" else None,
+        overwrite=args.force, fused_step=args.fused_step, device_graphs=args.device_graphs, loras=args.loras, masker=args.masker,
+        tiny_vae=args.taesd if args.vae == "tiny" else None, vae_src=args.vae_src,
     )
     log.info("exported %s to %s", ", ".join(manifest.models), args.out)
     return 0

@@ -14,6 +14,7 @@ from trt_bgswap.cli import batch
 from trt_bgswap.cli.batch import CUTOUT, Job
 from trt_bgswap.cli.options import add_batch_options
 from trt_bgswap.errors import UsageError
+from trt_bgswap.registry import variants_of
 from trt_bgswap.runtime.image_read import IMAGE_SUFFIXES
 
 if TYPE_CHECKING:
@@ -29,12 +30,13 @@ PROVIDERS = ("auto", "cpu", "cuda", "tensorrt", "trt")
 def add_arguments(m: argparse.ArgumentParser) -> None:
     add_batch_options(m, PROVIDERS)
     m.add_argument("--rmbg", help="an RMBG .onnx file, an exported folder, an RMBG model folder or a hub id (default: the per-user export)")
+    m.add_argument("--masker", choices=[v.name for v in variants_of("rmbg")], help="which masker an .onnx --rmbg is where its repo's config.json cannot tell (e.g. rmbg-2.0)")
     m.add_argument("-o", "--output", required=True, help="output folder for <stem>.png masks")
     m.add_argument("--cutout", action="store_true", help="also write <stem>_cutout.png RGBA cut-outs")
     m.add_argument("--ignore-alpha", action="store_true", help="run the masker on cut-out inputs too (default: an input's own transparency is its mask)")
 
 
-def open_masker(source: Path, provider: str, threads: int, max_pixels: int | None) -> "BackgroundReplacer":
+def open_masker(source: Path, provider: str, threads: int, max_pixels: int | None, masker_name: str | None = None) -> "BackgroundReplacer":
     """The masker of `mask` and `dataset`: an RMBG .onnx file or an exported folder (only its RMBG model is opened)."""
     from trt_bgswap.api import BackgroundReplacer
     from trt_bgswap.runtime.masker import Masker
@@ -43,7 +45,7 @@ def open_masker(source: Path, provider: str, threads: int, max_pixels: int | Non
     if source.suffix.lower() == ".onnx":
         if provider == "trt":
             raise UsageError(f"--provider trt runs TensorRT engines of an exported folder (`trt-bgswap build DIR --backend trt`); for {source} use cpu, cuda or tensorrt")
-        masker = Masker.from_onnx(source, provider=provider, intra_op_threads=threads)
+        masker = Masker.from_onnx(source, provider=provider, intra_op_threads=threads, masker=masker_name)
         swapper = BackgroundReplacer(None, max_pixels=max_pixels, pipeline=Pipeline.with_masker(masker))
     else:
         swapper = BackgroundReplacer(source, provider=provider, threads=threads, max_pixels=max_pixels, stages=(MASK_STAGE,))
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     jobs = batch.prepare(jobs, args.overwrite, args.max_pixels, report)
     if not jobs:
         return batch.finish(report)
-    swapper = open_masker(source, args.provider, args.threads, args.max_pixels)
+    swapper = open_masker(source, args.provider, args.threads, args.max_pixels, args.masker)
     protected = {j.src.path.resolve() for j in jobs}
 
     def work(job: Job) -> None:

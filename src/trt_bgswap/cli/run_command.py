@@ -21,7 +21,8 @@ from trt_bgswap.cli.composite_options import add_composite_options, composite_op
 from trt_bgswap.cli.options import add_batch_options, byte_size, color, float_range, int_range, lora_spec, parse_size
 from trt_bgswap.errors import UsageError
 from trt_bgswap.model_folders import SOURCE_SLOTS, check_model_folder, folder_for_job
-from trt_bgswap.registry import DEFAULTS
+from trt_bgswap.families import FAMILIES
+from trt_bgswap.registry import DEFAULTS, variants_of
 from trt_bgswap.runtime.image_read import IMAGE_SUFFIXES
 
 log = logging.getLogger("trt_bgswap")
@@ -34,8 +35,13 @@ PROVIDERS = ("auto", "cpu", "cuda", "tensorrt", "trt")
 def add_source_options(sp: argparse.ArgumentParser, defaults: bool) -> None:
     """The model-source options of `export` (and of `run`, which exports when no exported folder exists yet)."""
     for slot in SOURCE_SLOTS:
-        tail = f" (default {DEFAULTS[slot.family]})" if defaults else "; exported once into --models (or the per-user cache) when that holds no export yet"
+        default = "the one of the inpainting model's family: " + ", ".join(f.lcm_lora for f in FAMILIES.values() if f.lcm_lora) if slot.key == "lcm_lora" else DEFAULTS[slot.family]
+        tail = f" (default {default})" if defaults else "; exported once into --models (or the per-user cache) when that holds no export yet"
         sp.add_argument(slot.option, dest=slot.key, help=f"{slot.what}, hub id (org/name[@rev]) or registry name; 'none' to leave it out{tail}")
+    sp.add_argument(
+        "--masker", choices=[v.name for v in variants_of("rmbg")],
+        help="which masker the --rmbg model is, where its files cannot tell (default: from its config.json; rmbg-2.0 is BiRefNet's architecture under BRIA's licence)",
+    )
     sp.add_argument("--opset", type=int_range("--opset", 14, 21), default=17, help="ONNX opset of the export")
     sp.add_argument("--offline", action="store_true", help="use only the local hub cache (also HF_HUB_OFFLINE=1)")
     sp.add_argument("--allow-pickle", action="store_true", help="accept pickled checkpoints (.bin/.ckpt) from a source you trust")
@@ -169,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     if stages:
         models = folder_for_job(
             folder, given, need_inpaint=args.bg_color is None, need_rmbg=args.mask is None,
-            opset=args.opset, offline=args.offline, allow_pickle=args.allow_pickle, loras=args.loras,
+            opset=args.opset, offline=args.offline, allow_pickle=args.allow_pickle, loras=args.loras, masker=args.masker,
         )
     if "generate" in stages:
         _check_memory(models, args, jobs, stages)
