@@ -103,8 +103,8 @@ def _copy_without_initializers(model: Any, into: Any) -> None:
     into.opset_import.extend(model.opset_import)
     into.functions.extend(model.functions)
     into.graph.name = model.graph.name
-    for field in ("node", "input", "output", "value_info"):
-        getattr(into.graph, field).extend(getattr(model.graph, field))
+    for part in ("node", "input", "output", "value_info"):
+        getattr(into.graph, part).extend(getattr(model.graph, part))
 
 
 def bound_attention(model: Any) -> Tiling:

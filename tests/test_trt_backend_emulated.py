@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from emulation import STACKS, Emulation, Hazard, StackSpec, emulate
+from emulation import STACKS, Emulation, StackSpec, emulate
 from trt_emulated_graphs import SPEC, add_graph, matmul_graph, matmul_reference, profile
 
 X = np.array([[1, -2, 3, -4], [0.5, 0.25, -1, 2]], np.float32)  # quarters of small integers: exact in float32
