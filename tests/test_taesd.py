@@ -156,9 +156,11 @@ def test_the_whole_loop_with_the_tiny_autoencoder_matches_diffusers(tiny_models_
     options = GenerationOptions("a beach", steps=steps, guidance=1.0, size=(width, height))
     with Pipeline.load(exported_tiny_vae_dir, provider="cpu") as runtime:
         ours = runtime.inpaint(rgb, mask, options, noise)
-    assert float(expected.std()) > 1e-2, "a flat image would make the comparison vacuous"
     noisy = noisy_pipeline(exported_tiny_vae_dir, tmp_path / "noisy")
-    tol = lambda: network_tolerance(ours, [noisy.inpaint(rgb, mask, options, noise) for _ in range(NOISE_SAMPLES)])  # noqa: E731
+    tol = network_tolerance(ours, [noisy.inpaint(rgb, mask, options, noise) for _ in range(NOISE_SAMPLES)])
+    # the image must vary far more than the tolerance, or the comparison says nothing (random tiny weights
+    # can paint a nearly flat background)
+    assert float(expected.std()) > 100 * tol, f"image spread {float(expected.std()):.3g} vs tolerance {tol:.3g}: the comparison would be vacuous"
     assert_within(float(np.abs(ours - expected).max()), tol, "--vae tiny loop vs diffusers with AutoencoderTiny")
 
 

@@ -116,9 +116,9 @@ def _pipeline_loop(pipe: Pipeline, photo_and_mask, steps: int, guidance: float, 
     stages = pipe.stages.generator
     real_unet, real_decode = stages.denoiser.unet, stages.decoder.decode
 
-    def recording_unet(sample: np.ndarray, timestep: float, embeddings: np.ndarray) -> np.ndarray:
+    def recording_unet(sample: np.ndarray, timestep: float, embeddings: np.ndarray, added: object = None) -> np.ndarray:
         calls.append((sample.copy(), timestep, embeddings.copy()))
-        return real_unet(sample, timestep, embeddings)
+        return real_unet(sample, timestep, embeddings, added)
 
     def recording_decode(latents: np.ndarray) -> np.ndarray:
         decoded.append(latents.copy())
