@@ -42,6 +42,7 @@ def quick_report(tiny_models_dir: Path, exported_dir: Path, tmp_path_factory: py
     return report, work
 
 
+@pytest.mark.slow  # the whole tiny benchmark (about 80 s): out of the default suite's 10 minutes; run with -m slow
 def test_quick_report_records_the_run(quick_report: tuple[dict, Path]) -> None:
     report, _ = quick_report
     assert report["schema"] == "trt-bgswap-bench/1"
@@ -58,6 +59,7 @@ def test_quick_report_records_the_run(quick_report: tuple[dict, Path]) -> None:
     assert report["matmul_peak"]["peak_flops"] > 0
 
 
+@pytest.mark.slow  # the whole tiny benchmark (about 80 s): out of the default suite's 10 minutes; run with -m slow
 @pytest.mark.parametrize("side", ["ours", "baseline"])
 def test_quick_report_has_every_stage(quick_report: tuple[dict, Path], side: str) -> None:
     report, _ = quick_report
@@ -83,6 +85,7 @@ def test_quick_report_has_every_stage(quick_report: tuple[dict, Path], side: str
         assert stage_sum <= run_max, f"{side}: stage minima sum to {stage_sum} s, more than a whole run ({run_max} s)"
 
 
+@pytest.mark.slow  # the whole tiny benchmark (about 80 s): out of the default suite's 10 minutes; run with -m slow
 def test_quick_report_has_the_small_box_rows(quick_report: tuple[dict, Path]) -> None:
     """Issue 15: --low-memory, --vae tiny and diffusers with the same tiny autoencoder, each in its own worker; the targets listed."""
     report, work = quick_report
@@ -102,6 +105,7 @@ def test_quick_report_has_the_small_box_rows(quick_report: tuple[dict, Path]) ->
         assert row in md, f"the Markdown report lacks {row!r}"
 
 
+@pytest.mark.slow  # the whole tiny benchmark (about 80 s): out of the default suite's 10 minutes; run with -m slow
 def test_quick_report_compares_flops_targets_and_int8(quick_report: tuple[dict, Path]) -> None:
     report, _ = quick_report
     for stage in STAGES:
@@ -126,6 +130,7 @@ def test_quick_report_compares_flops_targets_and_int8(quick_report: tuple[dict, 
         assert report["ours"]["throughput"][b]["rmbg_images_per_s"] > 0
 
 
+@pytest.mark.slow  # the whole tiny benchmark (about 80 s): out of the default suite's 10 minutes; run with -m slow
 def test_quick_markdown_and_readme(quick_report: tuple[dict, Path]) -> None:
     report, work = quick_report
     md = (work / "results" / "tiny.md").read_text(encoding="utf-8")
