@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from trt_bgswap.atomic import require_free_space
 from trt_bgswap.errors import BackendUnavailable, ModelError
 from trt_bgswap.manifest import ModelEntry, sha256_file
 from trt_bgswap.onnx_graph import check_graph_against_spec, stamp_spec, weights_nbytes
@@ -34,6 +35,8 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"
 PRECISIONS = ("fp32", "fp16")
 DEFAULT_OPSET = 17
+# Room for graph protos, shape-inferred copies and the checker's files besides the weights.
+STAGING_SLACK = 64 * 2**20
 # Weights above this go to model.onnx_data: protobuf refuses to serialize messages over 2 GiB.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
 INSTALL_HINT = "pip install 'trt-bgswap[export]'"
@@ -97,6 +100,12 @@ def export_onnx(
     if missing:
         raise ModelError(f"export of {spec.name}: no sample tensor for inputs {missing}")
     args = tuple(sample[n] for n in spec.input_names)
+    # staged: the traced fp32 weights and the final ones side by side, then renamed into place
+    fp32_bytes = sum(t.numel() * 4 for t in (*module.parameters(), *module.buffers()) if t.is_floating_point())
+    require_free_space(
+        out_dir.parent, fp32_bytes + fp32_bytes // (2 if precision == "fp16" else 1) + STAGING_SLACK,
+        f"exporting {spec.name}", "free some space or export to another folder",
+    )
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         raw = stage / "raw"

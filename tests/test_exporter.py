@@ -7,13 +7,15 @@ The InpaintConfig is checked against what diffusers itself derives from the same
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from trt_bgswap.errors import ModelError, UsageError
+from trt_bgswap.errors import ModelError, OutputError, UsageError
 from trt_bgswap.export.exporter import export_models
 from trt_bgswap.export.unet import downsample_factor
 from trt_bgswap.manifest import MODEL_NAMES, Manifest, sha256_file
@@ -176,3 +178,36 @@ def test_unrelated_folder_is_never_replaced(tiny_models_dir: Path, tmp_path: Pat
 def test_unknown_precision_is_rejected(tiny_models_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="precision='int8'"):
         export_models(tiny_models_dir / "sd-inpainting", None, None, tmp_path / "out", precision="int8")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real 2 MiB file system (tmpfs): smaller than a tiny export's staging needs."""
+    where = tmp_path / "small"
+    where.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_full_disk_is_refused_before_tracing(tiny_models_dir: Path, small_disk: Path) -> None:
+    """CI once filled its disk: onnx's infer_shapes_path wrote an empty file and the fp16 graph came back empty."""
+    with pytest.raises(OutputError, match=r"exporting \w+ needs about \d+ MiB but only \d+ MiB are free there; free some space"):
+        export_models(tiny_models_dir / "sd-inpainting", None, None, small_disk / "out", precision="fp16")
+    assert list(small_disk.iterdir()) == [], "a staging folder was left on the full disk"
+
+
+def test_an_empty_graph_read_back_is_named(tmp_path: Path) -> None:
+    """What infer_shapes_path leaves on a full disk (an empty file) is refused with the fix, not converted."""
+    from trt_bgswap.mixed_precision import to_mixed_fp16
+
+    empty = tmp_path / "model.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelError, match="read back an empty graph; check the free space"):
+        to_mixed_fp16(empty, "unet")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,3 +61,26 @@ def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> None:
 
 def write_text_atomic(target: str | os.PathLike[str], text: str) -> None:
     write_bytes_atomic(target, text.encode("utf-8"))
+
+
+def existing_ancestor(folder: Path) -> Path:
+    """``folder`` itself or its nearest ancestor that exists (where a later mkdir will create it)."""
+    p = folder
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def require_free_space(folder: str | os.PathLike[str], need: int, what: str, fix: str) -> None:
+    """Refuse work whose files cannot fit before it starts.
+
+    Some writers do not report a full disk: onnx's C++ ``infer_shapes_path`` leaves an empty file,
+    which then loads as an empty model; so the space is checked up front instead.
+    """
+    free = shutil.disk_usage(existing_ancestor(Path(folder))).free
+    if need > free:
+        from trt_bgswap.errors import OutputError
+
+        raise OutputError(
+            f"{folder}: {what} needs about {need / 2**20:.0f} MiB but only {free / 2**20:.0f} MiB are free there; {fix}"
+        )

@@ -44,7 +44,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from trt_bgswap.errors import BackendUnavailable
+from trt_bgswap.errors import BackendUnavailable, ModelError
 from trt_bgswap.specs import UNET_STEP, VAE_DECODER, VAE_DECODER_IMAGE, VAE_ENCODER, VAE_ENCODER_SAMPLE
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,8 @@ def to_mixed_fp16(path: str | Path, graph_name: str | None = None) -> Any:
     model = convert_float_to_float16(
         str(path), keep_io_types=True, node_block_list=islands, op_block_list=[*DEFAULT_OP_BLOCK_LIST, *NORM_OPS]
     )
+    if not model.graph.node:  # onnx's infer_shapes_path leaves an empty file when it cannot write (a full disk)
+        raise ModelError(f"{path}: the fp16 conversion read back an empty graph; check the free space in {Path(path).parent} and export again")
     # the converter appends the boundary casts after their consumers; ONNX requires topological order
     OnnxModel(model).topological_sort()
     dropped = drop_fp16_round_trips(model)

@@ -31,6 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from trt_bgswap.atomic import existing_ancestor
 from trt_bgswap.errors import BackendUnavailable, BgSwapError, ModelError, OutputError, OutputExistsError, UsageError
 from trt_bgswap.runtime.image_read import IMAGE_SUFFIXES, ImageInfo, probe_image
 from trt_bgswap.runtime.image_write import ALPHA_SUFFIXES, OUTPUT_FORMATS
@@ -188,16 +189,9 @@ def plan_outputs(
     return jobs
 
 
-def _existing_ancestor(folder: Path) -> Path:
-    p = folder
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
 def check_folder(folder: Path) -> None:
     """The folder exists and is writable, or can be made: its nearest existing ancestor is a writable folder."""
-    anchor = _existing_ancestor(folder)
+    anchor = existing_ancestor(folder)
     if not anchor.is_dir():
         raise OutputError(f"{folder}: {anchor} is not a folder; choose another output path")
     if not os.access(anchor, os.W_OK | os.X_OK):
@@ -212,7 +206,7 @@ def check_free_space(jobs: Iterable[Job]) -> None:
             continue
         pixels = job.info.size[0] * job.info.size[1]
         for t in job.todo:
-            anchor = _existing_ancestor(t.path.parent)
+            anchor = existing_ancestor(t.path.parent)
             dev = anchor.stat().st_dev
             where, total = need.get(dev, (anchor, 0.0))
             need[dev] = (where, total + pixels * BYTES_PER_PIXEL[t.kind])
