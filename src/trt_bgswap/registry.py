@@ -15,6 +15,24 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet statistics, BiRe
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def inpaint_pipeline_files(text_encoders: int) -> tuple[str, ...]:
+    """What a diffusers inpainting folder needs: configs, tokenizer(s), text encoder(s), UNet and VAE safetensors.
+
+    SDXL has a second tokenizer and text encoder (``tokenizer_2``, ``text_encoder_2``).
+    """
+    suffixes = ("", "_2")[:text_encoders]
+    return (
+        "model_index.json",
+        "scheduler/*.json",
+        *(f"tokenizer{s}/*" for s in suffixes),
+        *(f for s in suffixes for f in (f"text_encoder{s}/config.json", f"text_encoder{s}/model.safetensors")),
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+    )
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -83,17 +101,7 @@ VARIANTS: dict[str, Variant] = {
             family="sd-inpainting",
             repo_id="stable-diffusion-v1-5/stable-diffusion-inpainting",
             revision="main",
-            files=(
-                "model_index.json",
-                "scheduler/*.json",
-                "tokenizer/*",
-                "text_encoder/config.json",
-                "text_encoder/model.safetensors",
-                "unet/config.json",
-                "unet/diffusion_pytorch_model.safetensors",
-                "vae/config.json",
-                "vae/diffusion_pytorch_model.safetensors",
-            ),
+            files=inpaint_pipeline_files(text_encoders=1),
             license="creativeml-openrail-m",
             commercial_use=True,
         ),
@@ -102,20 +110,7 @@ VARIANTS: dict[str, Variant] = {
             family="sd-inpainting",
             repo_id="diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
             revision="main",
-            files=(
-                "model_index.json",
-                "scheduler/*.json",
-                "tokenizer/*",
-                "tokenizer_2/*",
-                "text_encoder/config.json",
-                "text_encoder/model.safetensors",
-                "text_encoder_2/config.json",
-                "text_encoder_2/model.safetensors",
-                "unet/config.json",
-                "unet/diffusion_pytorch_model.safetensors",
-                "vae/config.json",
-                "vae/diffusion_pytorch_model.safetensors",
-            ),
+            files=inpaint_pipeline_files(text_encoders=2),
             license="openrail++",
             commercial_use=True,
             note="SDXL family: 1024x1024 native area, two text encoders; pair it with lcm-lora-sdxl. The VAE stays fp32 (force_upcast).",
@@ -125,17 +120,7 @@ VARIANTS: dict[str, Variant] = {
             family="sd-inpainting",
             repo_id="stabilityai/stable-diffusion-2-inpainting",
             revision="main",
-            files=(
-                "model_index.json",
-                "scheduler/*.json",
-                "tokenizer/*",
-                "text_encoder/config.json",
-                "text_encoder/model.safetensors",
-                "unet/config.json",
-                "unet/diffusion_pytorch_model.safetensors",
-                "vae/config.json",
-                "vae/diffusion_pytorch_model.safetensors",
-            ),
+            files=inpaint_pipeline_files(text_encoders=1),
             license="openrail++",
             commercial_use=True,
             note="SD2 family: 512x512, OpenCLIP ViT-H text encoder; no LCM-LoRA is published for it (give --lcm-lora FILE or none).",
