@@ -75,8 +75,9 @@ def _ort_problem(facts: Availability, provider: str) -> str | None:
     return None
 
 
-def choose_backend(requested: str, facts: Availability) -> BackendChoice:
-    """Pick the backend for ``requested`` on a machine with ``facts``; logs the choice and why."""
+def choose_backend(requested: str, facts: Availability, announce: bool = True) -> BackendChoice:
+    """Pick the backend for ``requested`` on a machine with ``facts``; logs the choice and why when ``announce``
+    (a check before loading passes False: the load that follows says it once)."""
     if requested not in BACKEND_CHOICES:
         raise UsageError(f"--backend {requested!r}: choose one of {', '.join(BACKEND_CHOICES)}")
     trt_problem = _trt_problem(facts)
@@ -102,5 +103,6 @@ def choose_backend(requested: str, facts: Availability) -> BackendChoice:
         choice = BackendChoice("ort-cuda", "ort", "cuda", f"auto: not TensorRT ({trt_problem}); ONNX Runtime has CUDA")
     else:
         choice = BackendChoice("cpu", "ort", "cpu", f"auto: not TensorRT ({trt_problem}), not ONNX Runtime CUDA ({cuda_problem})")
-    log.info("backend: %s (%s)", choice.name, choice.reason)
+    if announce:
+        log.info("backend: %s (%s)", choice.name, choice.reason)
     return choice

@@ -27,10 +27,10 @@ log = logging.getLogger(__name__)
 PROVIDER_TO_BACKEND = {"auto": "auto", "cpu": "cpu", "cuda": "ort-cuda", "tensorrt": "ort-tensorrt", "trt": "trt"}
 
 
-def resolve_backend(provider: str, facts: Availability | None = None) -> BackendChoice:
+def resolve_backend(provider: str, facts: Availability | None = None, announce: bool = True) -> BackendChoice:
     """--provider (auto, cpu, cuda, tensorrt, trt, or a backends.py name) -> the backend that will run."""
     requested = PROVIDER_TO_BACKEND.get(provider, provider)
-    return choose_backend(requested, facts if facts is not None else Availability.probe())
+    return choose_backend(requested, facts if facts is not None else Availability.probe(), announce)
 
 
 @dataclass

@@ -308,7 +308,7 @@ def guard_for_run(
 
     folder = Path(folder)
     manifest = Manifest.load(folder)
-    choice = resolve_backend(provider)
+    choice = resolve_backend(provider, announce=False)  # Pipeline.load logs the choice when it loads
     if choice.engine != "ort" or choice.provider != "cpu":
         return None
     names = models_to_open(manifest, False, STAGES if stages is None else stages)  # as Pipeline.load opens them on the CPU

@@ -77,6 +77,7 @@ def test_the_suggested_size_runs_under_the_budget(exported_dir: Path, tmp_path: 
     proc = run(gen_args(exported_dir, out, f"{m['w']}x{m['h']}") + ["--memory-budget", "1G"])
     assert proc.returncode == 0, proc.stderr
     assert out.is_file() and f"generated at {m['w']}x{m['h']}" in proc.stderr
+    assert proc.stderr.count("backend: cpu") == 1, f"the backend is announced once, by the load:\n{proc.stderr}"
 
 
 def test_a_bad_budget_is_a_usage_error(exported_dir: Path, tmp_path: Path) -> None:

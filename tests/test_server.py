@@ -395,7 +395,7 @@ def tight(exported_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     token_file.chmod(0o600)
     s = ServerProcess([
         "--models", str(exported_dir), "--provider", "cpu", "--threads", "1", "--max-batch", "1", "--batch-wait-ms", "0",
-        "--max-queue", "1", "--timeout", "2", "--token-file", str(token_file),
+        "--max-queue", "1", "--timeout", "2", "--token-file", str(token_file), "--memory-budget", "1G",
     ], token=TOKEN).start()
     yield s
     assert s.stop() == 0, s.log
@@ -414,6 +414,14 @@ def test_token_on_every_route_but_healthz(tight: ServerProcess, photos: dict[str
     assert wrong.status == 401 and "wrong bearer token" in error_of(wrong)
     assert tight.get("/readyz").status == 200
     assert tight.post_form("/v1/mask", {"image": photos["coffee"]}).status == 200
+
+
+def test_a_size_over_the_memory_budget_is_400_naming_one_that_fits(tight: ServerProcess, photos: dict[str, bytes]) -> None:
+    """--memory-budget 1G: 512x512 on the tiny models needs about 1.4 GiB (benchmarks/results/memory_by_size.json), refused before it runs."""
+    r = tight.post_form("/v1/replace", {"image": photos["coffee"], "prompt": "x", "size": "512x512"})
+    assert r.status == 400, r
+    msg = error_of(r)
+    assert msg.startswith("--size 512x512 needs about ") and "the budget (--memory-budget) is 1.0 GiB: use --size " in msg, msg
 
 
 def test_full_queue_503_timeout_504_and_disconnect_drops_queued_work(tight: ServerProcess, photos: dict[str, bytes]) -> None:

@@ -14,7 +14,7 @@ import signal
 from pathlib import Path
 from types import FrameType
 
-from trt_bgswap.cli.options import float_range, int_range
+from trt_bgswap.cli.options import byte_size, float_range, int_range
 from trt_bgswap.errors import BackendUnavailable, UsageError
 
 log = logging.getLogger("trt_bgswap")
@@ -42,6 +42,11 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--provider", choices=PROVIDERS, default="auto", help="auto (TensorRT engines, then ONNX Runtime CUDA, then CPU), trt, tensorrt/cuda or cpu")
     s.add_argument("--threads", type=int_range("--threads", 0, 256), default=0, help="intra-op threads (0: all cores)")
     s.add_argument("--low-memory", action="store_true", help="open each model only while its stage runs: far less memory, same results, slower")
+    s.add_argument(
+        "--memory-budget",
+        type=byte_size,
+        help="the most memory one generation (a batch) may take, e.g. 6G (default: TRT_BGSWAP_MEMORY_BUDGET, else what is free); larger sizes get 400",
+    )
     s.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up (and the batch exactness check: no batching)")
     ray = s.add_argument_group("Ray Serve (pip install 'trt-bgswap[ray]')")
     ray.add_argument("--ray", action="store_true", help="run as a Ray Serve deployment instead of one uvicorn process")
@@ -79,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         models=folder.resolve(), provider=args.provider, threads=args.threads, max_queue=args.max_queue, max_batch=args.max_batch,
         batch_wait_ms=args.batch_wait_ms, max_pixels=args.max_pixels, max_bytes=args.max_bytes, timeout=args.timeout,
         token_file=args.token_file.resolve() if args.token_file else None, warmup=args.warmup, low_memory=args.low_memory,
+        memory_budget=args.memory_budget,
     )
     config.validate()
     _check_host(args.host, args.token_file is not None)

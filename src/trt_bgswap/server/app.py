@@ -127,7 +127,9 @@ class Service:
         cfg = self.config
         try:
             t0 = time.monotonic()
-            pipe = Pipeline.load(cfg.models, provider=cfg.provider, threads=cfg.threads, low_memory=cfg.low_memory)
+            pipe = Pipeline.load(
+                cfg.models, provider=cfg.provider, threads=cfg.threads, low_memory=cfg.low_memory, memory_budget=cfg.memory_budget
+            )
             self.replacer = BackgroundReplacer(None, max_pixels=cfg.max_pixels, pipeline=pipe)
             batcher = Batcher(pipe, self.metrics, cfg.max_queue, cfg.max_batch, cfg.batch_wait_ms / 1000.0)
             if cfg.warmup:

@@ -31,6 +31,7 @@ class ServerConfig:
     token_file: Path | None = None  # with it, every route but /healthz needs "Authorization: Bearer <token>"
     warmup: bool = True  # run each stage once (and check batch exactness) before /readyz says ready
     low_memory: bool = False  # each model's session open only while its stage runs (Pipeline.load(low_memory=))
+    memory_budget: int | None = None  # bytes a generation may take (Pipeline.load(memory_budget=)); None: the env var, else what is free
 
     def validate(self) -> None:
         for name, value, lo in (("--max-queue", self.max_queue, 1), ("--max-batch", self.max_batch, 1), ("--max-pixels", self.max_pixels, 1), ("--max-bytes", self.max_bytes, 1024)):
@@ -39,6 +40,8 @@ class ServerConfig:
         for name, value in (("--batch-wait-ms", self.batch_wait_ms), ("--timeout", self.timeout)):
             if not math.isfinite(value) or value < 0 or (name == "--timeout" and value == 0):
                 raise UsageError(f"{name}={value!r}: give a positive number of {'milliseconds' if name.endswith('ms') else 'seconds'}")
+        if self.memory_budget is not None and (isinstance(self.memory_budget, bool) or not isinstance(self.memory_budget, int) or self.memory_budget <= 0):
+            raise UsageError(f"--memory-budget={self.memory_budget!r}: give a positive size such as 6G")
         if self.token_file is not None:
             read_token(self.token_file)
 
