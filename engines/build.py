@@ -25,6 +25,7 @@ from trt_bgswap.mixed_precision import keeps_fp32
 from trt_bgswap.specs import ModelSpec
 
 from trt_bgswap.engines.cache import CacheKey, EngineCache, onnx_graph_hash, tensorrt_key
+from trt_bgswap.engines.graph_split import ensure_parts
 from trt_bgswap.engines.onnx_check import check_onnx_for_tensorrt
 from trt_bgswap.engines.ort_build import (
     ORT_PROVIDERS,
@@ -237,6 +238,8 @@ def build_engines(
                 art.attention,
             )  # fmt: skip
 
+    if backend == ORT and provider == "cpu":
+        ensure_parts([m.path for m in built.values()])  # --low-memory runs the UNet part by part
     index = write_index(out, backend, provider if backend == ORT else None, {k: m.index_entry() for k, m in built.items()})
     hits = sum(m.cache_hit for m in built.values())
     log.info("build %s: %d model(s), %d reused from the cache, %d built; index %s", backend, len(built), hits, len(built) - hits, index)

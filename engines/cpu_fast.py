@@ -28,6 +28,7 @@ import numpy as np
 
 from trt_bgswap.atomic import write_text_atomic
 from trt_bgswap.build_index import ENGINES_DIR, ORT, write_index
+from trt_bgswap.engines.graph_split import ensure_parts
 from trt_bgswap.errors import ModelError, UsageError
 from trt_bgswap.manifest import Manifest
 from trt_bgswap.specs import pipeline_dims
@@ -196,6 +197,7 @@ def build_cpu_fast(
     for name, e in entries.items():
         source = manifest.model_path(export_dir, name)  # what the tiling makes of it (the fused/int8 graph was made from it)
         models[name] = BuiltModel(name, "ort", e.path, e.cache_hit, (), (), "cpu", e.graph_optimization, {}, attention_kind(source) if e.kind == "fused" else None)
+    ensure_parts([m.path for m in models.values() if m.provider == "cpu"])  # --low-memory runs the UNet part by part
     index = write_index(out, ORT, "cpu", {k: m.index_entry() for k, m in models.items()})
     full = BuildReport(export_dir, out, "ort", "cpu", models, index)
     return full, entries

@@ -13,6 +13,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +46,11 @@ class Engine(ABC):
     @abstractmethod
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once on already-validated feeds."""
+
+    def low_memory_parts(self, residency: Any, name: str) -> "Engine | None":
+        """Under ``--low-memory`` (``residency``: a runtime.residency.Residency), an engine to run instead that
+        opens parts of this model one at a time; None: the whole model opens while it runs (the default)."""
+        return None
 
     def unload(self) -> None:
         """Free the model's memory (for small devices that load engines one at a time); ``load`` brings it back."""

@@ -11,13 +11,16 @@ import logging
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from trt_bgswap.errors import BackendUnavailable, ModelError
 from trt_bgswap.specs import ModelSpec
 from trt_bgswap.runtime.engine import Engine
+
+if TYPE_CHECKING:
+    from trt_bgswap.runtime.residency import Residency
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +190,33 @@ class OrtEngine(Engine):
             self.load()
         outs = self.session.run(self._output_names, dict(feeds), self._run_options)
         return dict(zip(self._output_names, outs))
+
+    def low_memory_parts(self, residency: "Residency", name: str) -> Engine | None:
+        """A graph the build cut into parts (trt_bgswap.graph_parts) runs part by part, one part's session open at a time."""
+        from trt_bgswap.graph_parts import read_parts
+        from trt_bgswap.runtime.graph_parts_engine import PartsEngine, part_spec
+        from trt_bgswap.runtime.residency import ResidentEngine
+
+        parts = read_parts(self.path)
+        if not parts:
+            return None
+        log.debug("%s: --low-memory runs it in %d parts", name, len(parts))
+        return PartsEngine(
+            self.spec,
+            self.path,
+            [
+                ResidentEngine(
+                    OrtEngine(
+                        part_spec(self.spec, i, part), self.path.parent / part.file, self.provider, self.provider_options,
+                        self.intra_op_threads, self.graph_optimization,
+                    ),
+                    f"{name}.part{i}",
+                    residency,
+                    cost=part.weight_bytes,
+                )
+                for i, part in enumerate(parts)
+            ],
+        )
 
     def unload(self) -> None:
         self.session = None

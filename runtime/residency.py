@@ -61,8 +61,8 @@ class Residency:
         self.loads = 0  # sessions opened, for the benchmark's cost report
 
     def manage(self, engines: Mapping[str, Engine]) -> dict[str, Engine]:
-        """Each engine wrapped in a :class:`ResidentEngine` of this residency."""
-        return {name: ResidentEngine(engine, name, self) for name, engine in engines.items()}
+        """Each engine wrapped in a :class:`ResidentEngine` of this residency (a graph built in parts: each part)."""
+        return {name: engine.low_memory_parts(self, name) or ResidentEngine(engine, name, self) for name, engine in engines.items()}
 
     def acquire(self, engine: "ResidentEngine") -> bool:
         """Open ``engine``, first closing the least recently used others until the open ones fit the budget.
@@ -97,12 +97,12 @@ class Residency:
 class ResidentEngine(Engine):
     """An engine whose session is opened when it runs and closed when the budget needs the room."""
 
-    def __init__(self, inner: Engine, name: str, residency: Residency) -> None:
+    def __init__(self, inner: Engine, name: str, residency: Residency, cost: int | None = None) -> None:
         super().__init__(inner.spec, inner.path)
         self.inner = inner
         self.name = name
         self.residency = residency
-        self.cost = files_bytes(inner.path)
+        self.cost = files_bytes(inner.path) if cost is None else cost
 
     @property
     def backend(self) -> str:

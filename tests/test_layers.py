@@ -25,7 +25,7 @@ PACKAGE_DIRS = {
     "trt_bgswap.training": ROOT / "training",
 }
 MIDDLE = ("engines", "export", "training")  # peers above the runtime: none imports another
-CORE = {"trt_bgswap", "trt_bgswap.specs", "trt_bgswap.manifest", "trt_bgswap.errors", "trt_bgswap.atomic", "trt_bgswap.registry", "trt_bgswap.colors", "trt_bgswap.paths", "trt_bgswap.build_index", "trt_bgswap.onnx_graph", "trt_bgswap.memory", "trt_bgswap.attention_pattern", "trt_bgswap.mixed_precision", "trt_bgswap.families"}
+CORE = {"trt_bgswap", "trt_bgswap.specs", "trt_bgswap.manifest", "trt_bgswap.errors", "trt_bgswap.atomic", "trt_bgswap.registry", "trt_bgswap.colors", "trt_bgswap.paths", "trt_bgswap.build_index", "trt_bgswap.onnx_graph", "trt_bgswap.memory", "trt_bgswap.attention_pattern", "trt_bgswap.mixed_precision", "trt_bgswap.families", "trt_bgswap.graph_parts"}
 RANK = {"core": 0, "runtime": 1, "engines": 2, "export": 2, "training": 2, "top": 3}
 HEAVY = ("torch", "diffusers", "transformers", "peft")
 

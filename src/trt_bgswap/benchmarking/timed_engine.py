@@ -15,6 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from trt_bgswap.runtime.engine import Engine
+from trt_bgswap.runtime.residency import Residency
 
 from trt_bgswap.benchmarking.peak_memory import StagePeaks
 from trt_bgswap.benchmarking.stats import StageClock
@@ -47,6 +48,15 @@ class TimedEngine(Engine):
             out = self.inner.infer(feeds)
             self.clock.add(self.stage, time.perf_counter() - t0)
         return out
+
+    def low_memory_parts(self, residency: Residency, name: str) -> Engine | None:
+        """A graph built in parts runs them inside this timed call (a UNet step stays one call, its session opens
+        included)."""
+        parts = self.inner.low_memory_parts(residency, name)
+        if parts is None:
+            return None
+        self.inner = parts
+        return self
 
     def unload(self) -> None:
         self.inner.unload()

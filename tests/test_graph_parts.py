@@ -1,0 +1,137 @@
+"""``--low-memory`` runs a large graph in parts (trt_bgswap.graph_parts): only one part's weights in memory.
+
+The parts are cut from the built (pre-optimized, contrib-op) UNet and share its external weights
+file; running them in order must give the whole graph's outputs bit for bit, and a low-memory
+pipeline on such a folder the default mode's image bit for bit. The tiny UNet is far below the
+size the build cuts (PART_BYTES), so the tests cut it on purpose.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+from skimage import data
+
+from trt_bgswap.build_index import read_index
+from trt_bgswap.engines.graph_split import ensure_parts, split_graph, tensor_dtypes
+from trt_bgswap.graph_parts import parts_manifest_path, read_parts
+from trt_bgswap.manifest import Manifest
+from trt_bgswap.runtime.graph_parts_engine import PartsEngine
+from trt_bgswap.runtime.ort_backend import OrtEngine
+from trt_bgswap.runtime.pipeline import GenerationOptions, Pipeline
+from trt_bgswap.runtime.residency import Residency
+
+OPTIONS = GenerationOptions(prompt="a beach at dusk", steps=3, guidance=1.6, seed=5, size=(128, 64))
+PARTS = 3
+
+
+def photo() -> np.ndarray:
+    return np.asarray(Image.fromarray(data.coffee()).convert("RGB").resize((140, 100), Image.Resampling.LANCZOS))
+
+
+def built_unet(folder: Path) -> Path:
+    entry = read_index(folder, "ort", "cpu")["unet"]
+    return entry.resolve(folder / "engines")
+
+
+@pytest.fixture(scope="module")
+def parted_dir(built_cpu_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built tiny export with its UNet graph's weights moved to an external file (as the full-size one has), cut in 3."""
+    folder = tmp_path_factory.mktemp("parts") / "export"
+    shutil.copytree(built_cpu_dir, folder)
+    unet = built_unet(folder)
+    model = onnx.load(str(unet))
+    onnx.save_model(model, str(unet), save_as_external_data=True, location=unet.name + ".data", size_threshold=1024)
+    assert split_graph(unet, PARTS) is not None
+    return folder
+
+
+def test_the_parts_reference_the_weights_file_and_cover_the_graph(parted_dir: Path) -> None:
+    unet = built_unet(parted_dir)
+    parts = read_parts(unet)
+    assert parts is not None and len(parts) == PARTS
+    whole = onnx.load(str(unet), load_external_data=False)
+    total = sum(p.weight_bytes for p in parts)
+    assert total >= (unet.parent / (unet.name + ".data")).stat().st_size, "some weights are in no part"
+    assert max(p.weight_bytes for p in parts) < 0.6 * total, f"unbalanced parts: {[p.weight_bytes for p in parts]}"
+    nodes = 0
+    for p in parts:
+        g = onnx.load(str(unet.parent / p.file), load_external_data=False).graph
+        nodes += len(g.node)
+        inline = [t.name for t in g.initializer if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) >= 1024]
+        assert not inline, f"{p.file} holds weights instead of referencing the whole graph's file: {inline[:3]}"
+    assert nodes == len(whole.graph.node)
+
+
+def test_parts_in_order_equal_the_whole_graph(parted_dir: Path) -> None:
+    unet = built_unet(parted_dir)
+    spec = Manifest.load(parted_dir).models["unet"].spec
+    residency = Residency(0)
+    whole = OrtEngine(spec, unet, provider="cpu", intra_op_threads=2, graph_optimization="disable")
+    parted = whole.low_memory_parts(residency, "unet")
+    assert isinstance(parted, PartsEngine) and len(parted.parts) == PARTS
+    rng = np.random.default_rng(0)
+    cross = spec.inputs[2].shape  # (B, max_length, hidden) from the spec
+    feeds = {
+        "sample": rng.standard_normal((2, spec.inputs[0].shape[1], 8, 16), dtype=np.float32),
+        "timestep": np.array([999.0, 500.0], np.float32).astype(spec.inputs[1].np_dtype),
+        "encoder_hidden_states": rng.standard_normal((2, cross[1], cross[2]), dtype=np.float32),
+    }
+    want = whole.infer(feeds)
+    got = parted.infer(feeds)
+    np.testing.assert_array_equal(got["out_sample"], want["out_sample"])
+    assert residency.loads == PARTS and sum(p.inner.session is not None for p in parted.parts) == 1, "one part open at a time"
+
+
+def test_low_memory_pipeline_in_parts_is_bit_identical(parted_dir: Path) -> None:
+    with Pipeline.load(parted_dir, provider="cpu", threads=2) as pipe:
+        want = pipe.replace(photo(), OPTIONS)
+    with Pipeline.load(parted_dir, provider="cpu", threads=2, low_memory=True) as pipe:
+        assert isinstance(pipe.engines["unet"], PartsEngine)
+        got = pipe.replace(photo(), OPTIONS)
+        loads = pipe.stages.residency.loads
+    np.testing.assert_array_equal(got.image, want.image)
+    np.testing.assert_array_equal(got.generated, want.generated)
+    # every UNet call opens each part again (one part's weights at a time); rmbg, text encoder, VAE once each
+    assert loads == OPTIONS.steps * PARTS + len(Manifest.load(parted_dir).models) - 1, loads
+
+
+def test_stale_parts_are_ignored(parted_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "export"
+    shutil.copytree(parted_dir, folder)
+    unet = built_unet(folder)
+    model = onnx.load(str(unet), load_external_data=False)
+    model.doc_string = "rebuilt"
+    onnx.save_model(model, str(unet))
+    with caplog.at_level(logging.WARNING):
+        assert read_parts(unet) is None
+    assert "made for another build" in caplog.text
+
+
+def test_crossing_dtypes_follow_onnx_rules(parted_dir: Path) -> None:
+    """Every tensor crossing a cut has the dtype ONNX Runtime gives it (checked by running: a wrong type fails to feed)."""
+    unet = built_unet(parted_dir)
+    types = tensor_dtypes(onnx.load(str(unet), load_external_data=False).graph)
+    parts = read_parts(unet)
+    assert parts is not None
+    for p in parts:
+        for name, dtype in (*p.inputs, *p.outputs):
+            assert onnx.helper.tensor_dtype_to_np_dtype(types[name]) == np.dtype(dtype), name
+
+
+def test_the_build_cuts_only_graphs_above_the_part_size(built_cpu_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "export"
+    shutil.copytree(built_cpu_dir, folder)
+    unet = built_unet(folder)
+    weights = sum(int(np.prod(t.dims)) * 4 for t in onnx.load(str(unet)).graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    ensure_parts([unet])  # the tiny UNet is far below PART_BYTES: left whole
+    assert not parts_manifest_path(unet).exists()
+    ensure_parts([unet], part_bytes=weights // 2)
+    parts = read_parts(unet)
+    assert parts is not None and len(parts) >= 2
