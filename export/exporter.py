@@ -27,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trt_bgswap.atomic import make_staging_dir
+from trt_bgswap.atomic import make_staging_dir, require_free_space
 from trt_bgswap.errors import ModelError, UsageError
 from trt_bgswap.export.onnx_export import DATA_FILE, DEFAULT_OPSET, check_precision, require_export_stack
 from trt_bgswap.export.vae import vae_source_config
@@ -421,7 +421,7 @@ def export_models(
 
 
 def with_tiny_vae(export_dir: str | Path, src: str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET) -> Manifest:
-    """A copy of an export (weights hard-linked, not copied) whose VAE graphs are the tiny autoencoder's; replaces ``out_dir``.
+    """A copy of an export whose VAE graphs are the tiny autoencoder's; replaces ``out_dir``.
 
     What ``export --vae tiny`` makes, without exporting the UNet and text encoder again (the
     benchmark's ``--vae tiny`` rows). The VAE device graphs, made from the full VAE, are left out.
@@ -438,8 +438,13 @@ def with_tiny_vae(export_dir: str | Path, src: str | Path, out_dir: str | Path, 
     try:
         dropped = {VAE_ENCODER, VAE_DECODER, VAE_ENCODER_SAMPLE, VAE_DECODER_IMAGE}
         keep = [Path(e.file).parts[0] for n, e in manifest.models.items() if n not in dropped] + [inpaint.tokenizer_dir]
-        for part in dict.fromkeys(keep):
-            shutil.copytree(export_dir / part, stage / part, copy_function=os.link)
+        parts = list(dict.fromkeys(keep))
+        need = sum(f.stat().st_size for part in parts for f in (export_dir / part).rglob("*") if f.is_file())
+        require_free_space(out_dir.parent, need, "the --vae tiny copy of the export", "free some space or choose another folder")
+        for part in parts:
+            # copied, not hard-linked: onnx refuses external weights with several links ("potential hardlink attack"),
+            # so every onnx.load of the copy (build, FLOP counting) would fail
+            shutil.copytree(export_dir / part, stage / part)
         models = {n: e for n, e in manifest.models.items() if n not in dropped}
         models[VAE_ENCODER], models[VAE_DECODER] = export_taesd(src, stage / VAE_ENCODER, stage / VAE_DECODER, manifest.extra.get("vae_precision") or "fp32", opset)
         extra = {**manifest.extra, "vae": "tiny"}

@@ -259,7 +259,7 @@ def _variants(
             from trt_bgswap.export.exporter import with_tiny_vae
 
             target = settings.work_dir / f"export-{settings.mode}-vae-tiny"
-            timeline.run("export --vae tiny (the tiny autoencoder's VAE graphs, the rest linked)", lambda: with_tiny_vae(export_dir, sources["taesd"], target))
+            timeline.run("export --vae tiny (the tiny autoencoder's VAE graphs, the rest copied)", lambda: with_tiny_vae(export_dir, sources["taesd"], target))
             engines = dict(job_ours["engines"])
             for name in ("vae_encoder", "vae_decoder"):
                 engines[name] = {"path": str(target / name / "model.onnx"), "graph_optimization": "all", "backend": "ort"}
