@@ -69,15 +69,13 @@ def test_two_replicas_both_answer_their_own_requests(ray_serve: int, pool: list)
     assert len(s["replicas"]) == 2, f"only one replica answered: {s['replicas']}"
 
 
-def test_a_replica_killed_under_load_loses_no_request(ray_serve: int, pool: list) -> None:
-    from ray import serve
-
-    expected = reference_answers(Client("127.0.0.1", ray_serve, timeout=120), pool)
-    client = Client("127.0.0.1", ray_serve, timeout=120)  # its progress lists count this load only
+def kill_a_replica_under_load(port: int, pool: list, expected: list) -> tuple[dict, int]:
+    """40 requests from 4 clients; the replica that answered last is killed once both have answered. Returns the load's summary."""
+    client = Client("127.0.0.1", port, timeout=120)  # its progress lists count this load only
     results: list = []
     loader = threading.Thread(target=lambda: results.append(run_load(client, pool, expected, clients=4, duration_s=90, max_requests=40, retries=3)))
     loader.start()
-    # kill the replica that answered last, once both have answered under this load: it has requests in flight
+    # kill the replica that answered last, once both have answered under this load: it most likely has requests in flight
     wait_for(lambda: len(set(client.replicas)) == 2, 60, "both replicas to answer under load")
     victim_id = client.replicas[-1]
     actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}")]
@@ -86,15 +84,29 @@ def test_a_replica_killed_under_load_loses_no_request(ray_serve: int, pool: list
     killed_after = len(client.answered)
     loader.join(180)
     assert results, "the load did not finish"
-    s = results[0].summary()
-    print("load with a replica killed:", s)
-    assert killed_after < 40, "the load ended before the kill"
-    assert s["retried"] >= 1, f"no request was in flight on the killed replica: {s}"
-    assert all(c.startswith("5") and len(c) > 5 for c in s["retry_causes"]), s["retry_causes"]  # an HTTP error with a message, not a dropped connection
-    # every request was answered, correctly; some needed a retry after the kill
-    assert s["requests"] == 40 and s["answered_200"] == 40 and s["wrong_answers"] == 0, s
-    assert s["connection_errors"] == 0 and not s["other_statuses"], s
-    wait_for(lambda: serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME].replica_states.get("RUNNING", 0) == 2, 120, "Serve to replace the killed replica")
+    return results[0].summary(), killed_after
+
+
+@pytest.mark.slow  # Ray's router decides whether the killed replica holds a request (on 2 starved cores one replica once
+# took 38 of 40 and the kill hit an idle one): up to 3 kills, each checked for lost or wrong answers; run with -m slow
+def test_a_replica_killed_under_load_loses_no_request(ray_serve: int, pool: list) -> None:
+    from ray import serve
+
+    expected = reference_answers(Client("127.0.0.1", ray_serve, timeout=120), pool)
+    summaries = []
+    for _ in range(3):
+        s, killed_after = kill_a_replica_under_load(ray_serve, pool, expected)
+        summaries.append(s)
+        print("load with a replica killed:", s)
+        assert killed_after < 40, "the load ended before the kill"
+        assert all(c.startswith("5") and len(c) > 5 for c in s["retry_causes"]), s["retry_causes"]  # an HTTP error with a message, not a dropped connection
+        # every request was answered, correctly; some needed a retry after the kill
+        assert s["requests"] == 40 and s["answered_200"] == 40 and s["wrong_answers"] == 0, s
+        assert s["connection_errors"] == 0 and not s["other_statuses"], s
+        wait_for(lambda: serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME].replica_states.get("RUNNING", 0) == 2, 120, "Serve to replace the killed replica")
+        if s["retried"] >= 1:
+            break
+    assert summaries[-1]["retried"] >= 1, f"in {len(summaries)} kills no request was in flight on the killed replica: {summaries}"
 
 
 @pytest.mark.slow  # a second Ray start (30-60 s here); the deployment itself is tested above
