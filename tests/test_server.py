@@ -426,7 +426,7 @@ def test_a_size_over_the_memory_budget_is_400_naming_one_that_fits(tight: Server
 
 def test_full_queue_503_timeout_504_and_disconnect_drops_queued_work(tight: ServerProcess, photos: dict[str, bytes]) -> None:
     long_job = {"image": photos["coffee"], "prompt": "a long one", **LONG_JOB}
-    generated_before = tight.metric("bgswap_stage_seconds_count", 'stage="generate"')
+    generated_before = tight.metric("bgswap_batch_size_sum", 'stage="generate"')
     first: list[Reply] = []
     runner = threading.Thread(target=lambda: first.append(tight.post_form("/v1/replace", long_job)))
     runner.start()
@@ -446,9 +446,8 @@ def test_full_queue_503_timeout_504_and_disconnect_drops_queued_work(tight: Serv
     assert first and first[0].status == 504 and "--timeout 2" in error_of(first[0])
     # the running job finishes unread; the dropped one never runs
     wait_for(lambda: tight.metric("bgswap_jobs_running") == 0 and tight.metric("bgswap_queue_depth") == 0, 120, "the worker to go idle")
-    # a count, not a timing: the histogram's _count is how many generate stages ran (the running job's,
-    # and not the dropped one's)
-    assert tight.metric("bgswap_stage_seconds_count", 'stage="generate"') == generated_before + 1
+    # the requests the generate stage ran (the sum of its batch sizes): the running job's, not the dropped one's
+    assert tight.metric("bgswap_batch_size_sum", 'stage="generate"') == generated_before + 1
     assert tight.metric("bgswap_requests_total", 'route="/v1/replace",status="503"') >= 1
     assert tight.metric("bgswap_requests_total", 'route="/v1/replace",status="504"') == 1
 
