@@ -17,8 +17,12 @@ from typing import Any
 
 from trt_bgswap.atomic import atomic_path
 from trt_bgswap.graph_parts import GraphPart, manifest_json, parts_manifest_path, read_parts
+from trt_bgswap.onnx_graph import elem_type
+from trt_bgswap.specs import ONNX_TYPES
 
 log = logging.getLogger(__name__)
+
+_ONNX_TO_DTYPE = {elem_type(d): d for d in ONNX_TYPES}  # the element types a part's I/O may have (specs' dtypes)
 
 # Graphs with more weights than this are cut for --low-memory: the full SD1.5 UNet (3.44 GB) into
 # 3 parts of ~1.15 GB; the VAE (0.33 GB), text encoder and RMBG stay whole.
@@ -26,7 +30,6 @@ PART_BYTES = 5 * 2**30 // 4
 # How far past a part's target (in nodes) a cut may move to find one whose crossing tensors all have known dtypes.
 CUT_SEARCH = 400
 
-_ONNX_TO_DTYPE = {1: "float32", 10: "float16", 6: "int32", 7: "int64", 2: "uint8", 9: "bool"}
 _INT64_OPS = {"Shape", "Size", "NonZero", "ArgMax", "ArgMin"}
 _BOOL_OPS = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf"}
 
@@ -113,13 +116,17 @@ def _plan_cuts(graph: Any, parts: int, types: dict[str, int]) -> list[int] | Non
     return cuts
 
 
-def split_graph(graph_path: Path, parts: int) -> list[GraphPart] | None:
-    """Write ``parts`` part graphs and their manifest beside ``graph_path``; None when the graph cannot be cut (it then runs whole)."""
+def split_graph(graph_path: Path, parts: int, model: Any = None) -> list[GraphPart] | None:
+    """Write ``parts`` part graphs and their manifest beside ``graph_path``; None when the graph cannot be cut (it then runs whole).
+
+    ``model``: the graph proto already loaded without its external data.
+    """
     import onnx
     from onnx import helper
 
     graph_path = Path(graph_path)
-    model = onnx.load(str(graph_path), load_external_data=False)
+    if model is None:
+        model = onnx.load(str(graph_path), load_external_data=False)
     g = model.graph
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
         log.info("%s: has control flow; not cut into parts", graph_path)
@@ -186,8 +193,6 @@ def ensure_parts(graph_paths: Sequence[Path], part_bytes: int = PART_BYTES) -> N
     for path in graph_paths:
         path = Path(path)
         model = onnx.load(str(path), load_external_data=False)
-        weights = sum(_tensor_bytes(t) for t in model.graph.initializer)
-        del model
-        n = parts_for(weights, part_bytes)
+        n = parts_for(sum(_tensor_bytes(t) for t in model.graph.initializer), part_bytes)
         if n > 1 and read_parts(path) is None:
-            split_graph(path, n)
+            split_graph(path, n, model)

@@ -13,11 +13,12 @@ size and hash, so parts left from another build of the graph are ignored, never 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+from trt_bgswap.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def parts_manifest_path(graph: Path) -> Path:
 
 def graph_fingerprint(graph: Path) -> str:
     """The graph file's sha256 (the graph proto only: its weights file is named after the build's key)."""
-    return hashlib.sha256(Path(graph).read_bytes()).hexdigest()
+    return sha256_file(graph)
 
 
 @dataclass(frozen=True)
