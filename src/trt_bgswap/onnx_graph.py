@@ -11,6 +11,7 @@ them, and importing this module costs nothing.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,11 +127,29 @@ def external_data_files(onnx_path: str | Path) -> list[Path]:
     return [onnx_path.parent / loc for loc in sorted(locations)]
 
 
+def external_info(tensor: Any) -> dict[str, str]:
+    """A tensor's ``external_data`` entries (location, offset, length) as a dict."""
+    return {e.key: e.value for e in tensor.external_data}
+
+
 def weights_nbytes(model: Any) -> int:
-    """Bytes of the initializers (what decides whether the proto fits in 2 GiB)."""
+    """Bytes of the initializers (what decides whether the proto fits in 2 GiB), loaded or left in external files.
+
+    An external tensor without a ``length`` entry counts its element count times its element size.
+    """
+    import onnx
     from onnx import numpy_helper
 
-    return sum(len(t.raw_data) if t.raw_data else numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+    def external_nbytes(t: Any) -> int:
+        length = external_info(t).get("length")
+        if length is not None:
+            return int(length)
+        return math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+    return sum(
+        external_nbytes(t) if t.data_location == onnx.TensorProto.EXTERNAL else len(t.raw_data) if t.raw_data else numpy_helper.to_array(t).nbytes
+        for t in model.graph.initializer
+    )
 
 
 def graph_precision(model: Any) -> str:
