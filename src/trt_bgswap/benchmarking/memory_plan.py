@@ -1,22 +1,30 @@
 """Will a full-size benchmark fit in this machine's memory? Estimated before any work, refused when it will not.
 
 The full-size run keeps one heavy thing alive at a time (the suite's order: write the models one
-module at a time, export one graph at a time, then our side and the baseline each in its own
+module at a time, export one graph at a time, build, then our side and the baseline each in its own
 worker process), so the peak is the largest single step, not their sum. Each step's peak is
 estimated from the parameter counts of the published configurations (counted on PyTorch's
-``meta`` device: no memory) and float32 weights (4 bytes each):
+``meta`` device: no memory) and float32 weights (4 bytes each), times a factor measured on the
+full-size SD1.5 UNet (3.44 GB of weights; VmHWM of one process per step, 2-core AMD EPYC,
+torch 2.13, onnx 1.23, onnxruntime 1.32, safetensors 0.8), rounded up:
 
-=================  ====================================================================================
-write models       the largest module, twice (the module, and safetensors' contiguous copy as it saves)
-export (ONNX)      the largest graph's module + its serialized ONNX weights held by the exporter, + 25 %
-                   for tracing (the SDXL UNet: ~10.3 GB x 2.25 = ~23 GB, the step that decides)
-ours               every graph's weights once (ONNX Runtime's initializers) + 25 % arena and activations
-baseline           every module of the diffusers pipeline + 25 % activations
-=================  ====================================================================================
+=================  ============  =====================================================================
+step               measured      planned (x the largest module's fp32 weights)
+=================  ============  =====================================================================
+write models       3.80 GB 1.10  1.25: the module, written from its own memory by safetensors
+export (ONNX)      4.50 GB 1.31  1.5: load + LoRA fusion (1.25), tracing, the weights file copied
+                                 tensor by tensor (:func:`~trt_bgswap.export.onnx_export.write_with_external_data`)
+build              3.62 GB 1.05  1.25: ONNX Runtime's offline optimization, one graph at a time
+build, fusions     20.3 GB 5.90  6.5: onnxruntime.transformers' optimizer holds several copies of
+                                 the graph; the SDXL UNet would need ~67 GB, so ``--no-fuse`` there
+ours               (run)         1.25 x every graph's weights: sessions + arena and activations
+                                 (the SD1.5 run measured 1.28 at 512x512)
+baseline           (run)         1.25 x every module of the diffusers pipeline
+=================  ============  =====================================================================
 
-The factors are this module's planning assumptions, to be replaced by measured peaks (the report
-records each side's peak RSS); what the estimate is for is refusing early a run that the
-out-of-memory killer would end hours in. ``MemAvailable`` of ``/proc/meminfo`` is what may be used.
+What the estimate is for is refusing early a run that the out-of-memory killer would end hours
+in; the report records each side's measured peak. ``MemAvailable`` of ``/proc/meminfo`` is what
+may be used.
 """
 
 from __future__ import annotations
@@ -31,9 +39,11 @@ from trt_bgswap.errors import UsageError
 log = logging.getLogger(__name__)
 
 FP32 = 4
-EXPORT_FACTOR = 2.25  # module + serialized weights + 25 % tracing
-RUN_FACTOR = 1.25  # weights + arena/activations
-SAVE_FACTOR = 2.0  # module + the copy safetensors writes from
+SAVE_FACTOR = 1.25  # measured 1.10 (table above)
+EXPORT_FACTOR = 1.5  # measured 1.31
+BUILD_FACTOR = 1.25  # measured 1.05
+FUSE_FACTOR = 6.5  # measured 5.90
+RUN_FACTOR = 1.25  # weights + arena/activations (measured 1.28 for SD1.5 at 512)
 MARGIN = 1 << 30  # left for the OS and the parent process
 
 
@@ -41,6 +51,7 @@ MARGIN = 1 << 30  # left for the OS and the parent process
 class Step:
     name: str
     bytes: int
+    fix: str = "free memory or use a bigger machine, or give --export with an export made elsewhere"
 
 
 def parameter_counts(family: str) -> dict[str, int]:
@@ -66,7 +77,7 @@ def parameter_counts(family: str) -> dict[str, int]:
     return counts
 
 
-def plan(family: str, batch_sizes: Sequence[int] = (1,), written: bool = False, exported: bool = False) -> list[Step]:
+def plan(family: str, batch_sizes: Sequence[int] = (1,), written: bool = False, exported: bool = False, fuse: bool = False) -> list[Step]:
     """Each step's estimated peak (bytes), in the suite's order; steps given models or an export skip are left out."""
     counts = parameter_counts(family)
     largest = max(counts.values()) * FP32
@@ -74,6 +85,10 @@ def plan(family: str, batch_sizes: Sequence[int] = (1,), written: bool = False, 
     steps = [] if written else [Step("write the random models", int(largest * SAVE_FACTOR))]
     if not exported:
         steps.append(Step("export to ONNX (the largest graph)", int(largest * EXPORT_FACTOR)))
+    if fuse:
+        steps.append(Step("build with transformer fusions (the largest graph)", int(largest * FUSE_FACTOR), "give --no-fuse (the fusions' optimizer holds several copies of the graph)"))
+    else:
+        steps.append(Step("build (ONNX Runtime's offline optimization)", int(largest * BUILD_FACTOR)))
     return [
         *steps,
         Step(f"our pipeline (batch up to {max(batch_sizes)})", int(total * RUN_FACTOR)),
@@ -92,10 +107,10 @@ def available_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
 
 
 def check_memory_plan(
-    family: str, batch_sizes: Sequence[int] = (1,), available: int | None = None, written: bool = False, exported: bool = False
+    family: str, batch_sizes: Sequence[int] = (1,), available: int | None = None, written: bool = False, exported: bool = False, fuse: bool = False
 ) -> list[Step]:
     """Log the plan; refuse (UsageError naming the step and the fix) when a step's peak exceeds the memory available."""
-    steps = plan(family, batch_sizes, written, exported)
+    steps = plan(family, batch_sizes, written, exported, fuse)
     have = available if available is not None else available_bytes()
     for s in steps:
         log.info("memory plan (%s): %s ~%.1f GB", family, s.name, s.bytes / 1e9)
@@ -107,6 +122,6 @@ def check_memory_plan(
         worst = max(too_big, key=lambda s: s.bytes)
         raise UsageError(
             f"the full-size {family} benchmark needs ~{worst.bytes / 1e9:.1f} GB for '{worst.name}' but {have / 1e9:.1f} GB is available "
-            f"(less {MARGIN / 1e9:.1f} GB margin); free memory or use a bigger machine, or give --export with an export made elsewhere"
+            f"(less {MARGIN / 1e9:.1f} GB margin); {'; '.join(dict.fromkeys(s.fix for s in sorted(too_big, key=lambda s: -s.bytes)))}"
         )
     return steps

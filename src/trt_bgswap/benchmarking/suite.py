@@ -292,7 +292,9 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
         from trt_bgswap.benchmarking.memory_plan import check_memory_plan
 
         # refuses, before any work, a run the machine cannot hold (given models / an export skip those steps)
-        check_memory_plan(settings.family, settings.batch_sizes, written=settings.sources is not None, exported=settings.export_dir is not None)
+        check_memory_plan(
+            settings.family, settings.batch_sizes, written=settings.sources is not None, exported=settings.export_dir is not None, fuse=settings.fuse
+        )
     sources = _sources(settings, timeline)
     export_dir, reused = _export(settings, sources, timeline)
     manifest = Manifest.load(export_dir)
