@@ -35,7 +35,7 @@ def quick_report(tiny_models_dir: Path, exported_dir: Path, tmp_path_factory: py
     argv = [
         "-q", "bench", "--mode", "tiny", "--work", str(work / "work"), "--out", str(work / "results"),
         "--sources", str(tiny_models_dir), "--export", str(exported_dir), "--warmup", "0", "--runs", "2",
-        "--batch-sizes", "1,2", "--readme", str(readme), "--note", "test run",
+        "--batch-sizes", "1,2", "--readme", str(readme), "--note", "test run", "--cold-runs", "2",
     ]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((work / "results" / "tiny.json").read_text(encoding="utf-8"))
@@ -125,6 +125,7 @@ def test_quick_report_compares_flops_targets_and_int8(quick_report: tuple[dict, 
     for side in ("ours", "baseline"):
         c = report["cold_start"][side]
         assert 0 < c["to_first_image"] <= c["process_wall"], f"cold start {side}: {c}"
+        assert len(c["samples"]) == 2 and min(c["samples"]) <= c["to_first_image"] <= max(c["samples"]), c
     assert report["footprint"]["install"]["total_bytes"] > 0
     for b in ("batch1", "batch2"):
         assert report["ours"]["throughput"][b]["rmbg_images_per_s"] > 0

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ class BenchSettings:
     int8_rmbg: bool = True  # static int8 RMBG in the timed pipeline (fp32 timed alongside)
     baseline: bool = True
     cold_start: bool = True
+    cold_runs: int = 3  # cold starts per side, interleaved; the median is reported
     low_memory: bool = True  # also time `--low-memory` (its own worker and cold run): its peak and its latency cost
     vae_tiny: bool = True  # also time `--vae tiny`, and diffusers with the same tiny autoencoder (TAESD)
     readme: Path | None = None  # a Markdown file whose results block is replaced
@@ -78,6 +80,8 @@ class BenchSettings:
             raise UsageError(f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
         if self.runs < 1 or self.warmup < 0:
             raise UsageError(f"--runs {self.runs} / --warmup {self.warmup}: need runs >= 1 and warmup >= 0")
+        if self.cold_runs < 1:
+            raise UsageError(f"--cold-runs {self.cold_runs}: give 1 or more (or --no-cold-start)")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise UsageError(f"--batch-sizes {self.batch_sizes}: give positive batch sizes, e.g. 1,2")
 
@@ -332,7 +336,7 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
 
     cold: dict[str, Any] = {}
     if settings.cold_start:
-        from trt_bgswap.benchmarking.cold_start import cold_start_baseline, cold_start_ours
+        from trt_bgswap.benchmarking.cold_start import cold_start_baseline, cold_start_ours, interleaved
         from trt_bgswap.runtime.image_write import write_image
 
         photo = work / "photo.png"
@@ -347,14 +351,19 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
                 "cold start: trt-bgswap run --low-memory",
                 lambda: cold_start_ours(export_dir, *args, provider="cpu" if settings.backend == "cpu" else "trt", low_memory=True),
             )
-        for side, (label, fn) in runs.items():
-            if side == "baseline" and not settings.baseline:
-                continue
-            try:
-                cold[side] = timeline.run(label, fn)
-            except BgSwapError as e:
-                errors.append(str(e))
-                log.warning("bench: %s", e)
+        if not settings.baseline:
+            runs.pop("baseline")
+        rounds = settings.cold_runs
+
+        def timed(label: str, fn: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+            count = iter(range(1, rounds + 1))
+            return lambda: timeline.run(f"{label} ({next(count)}/{rounds})", fn)
+
+        def failed(side: str, e: BgSwapError) -> None:
+            errors.append(str(e))
+            log.warning("bench: %s", e)
+
+        cold = interleaved({side: timed(label, fn) for side, (label, fn) in runs.items()}, rounds, failed)
 
     from trt_bgswap.benchmarking.footprint import import_seconds, install_footprint
 
