@@ -1,0 +1,83 @@
+"""Cold start alone: `trt-bgswap run` and the diffusers baseline script, each launched fresh, interleaved (issue 15).
+
+    nice -n 10 python benchmarks/cold_start.py --work /tmp/bench-full --rounds 5 --out benchmarks/results/cold_start_full.json
+
+Re-measures only the full benchmark's cold-start rows, with the benchmark's own functions
+(:mod:`trt_bgswap.benchmarking.cold_start`) and settings (4 steps, guidance 1, 512x512, 2
+threads, RMBG at its export's size), on a work folder that ``trt-bgswap bench --mode full``
+filled (``models-full/``, ``export-full/`` built, ``photo.png``): a full benchmark takes half
+an hour, a cold start is a minute or two. Sides alternate (ours, baseline, ours, ...) so a slow
+spell of a shared machine hits both; each side's figure is its median, every sample is kept,
+and the load average is recorded before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from trt_bgswap.atomic import write_text_atomic
+from trt_bgswap.benchmarking import machine
+from trt_bgswap.benchmarking.cold_start import cold_start_baseline, cold_start_ours, interleaved
+from trt_bgswap.benchmarking.suite import FAMILY_SOURCES
+from trt_bgswap.manifest import Manifest
+
+PROMPT = "a sunny beach at golden hour, photo"  # the benchmark's default prompt
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", required=True, type=Path, help="a `trt-bgswap bench --mode full` work folder")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    work = args.work
+    export_dir, photo = work / "export-full", work / "photo.png"
+    inpaint, lora = FAMILY_SOURCES["sd15"]
+    sources = {"sd-inpainting": work / "models-full" / inpaint, "lcm-lora": work / "models-full" / lora, "rmbg": work / "models-full" / "rmbg"}
+    missing = [str(x) for x in (export_dir, photo, *sources.values()) if not x.exists()]
+    if missing:
+        sys.exit(f"error: {work} is not a full benchmark's work folder (missing {', '.join(missing)}); run trt-bgswap bench --mode full --work {work} first")
+    manifest = Manifest.load(export_dir)
+    assert manifest.inpaint is not None and manifest.rmbg is not None
+    size = (manifest.inpaint.default_size, manifest.inpaint.default_size)
+    common = (photo, work, PROMPT, args.steps, 1.0, size, args.threads)
+    runs = {
+        "ours": lambda: cold_start_ours(export_dir, *common, provider="cpu"),
+        "baseline": lambda: cold_start_baseline(sources, *common, rmbg_size=manifest.rmbg.input_size[0]),
+    }
+    load_before = os.getloadavg()
+    started = time.time()
+    errors: list[str] = []
+    cold = interleaved(runs, args.rounds, lambda side, e: errors.append(f"{side}: {e}"))
+    result = {
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "machine": machine.machine_info(),
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+        "wall_seconds": time.time() - started,
+        "cold_start": cold,
+        "errors": errors,
+    }
+    if "ours" in cold and "baseline" in cold:
+        result["ratio_of_medians"] = cold["ours"]["to_first_image"] / cold["baseline"]["to_first_image"]
+        for side in ("ours", "baseline"):
+            logging.info("%s: median %.1f s of %s", side, cold[side]["to_first_image"], ", ".join(f"{x:.1f}" for x in cold[side]["samples"]))
+        logging.info("ours / baseline: %.3fx", result["ratio_of_medians"])
+    text = json.dumps(result, indent=2) + "\n"
+    if args.out:
+        write_text_atomic(args.out, text)
+    else:
+        print(text)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
