@@ -41,10 +41,14 @@ TARGET_FIRST_REQUEST = 1.1  # the first request after load / the second
 
 
 SCHEMA = "trt-bgswap-bench/1"
+FAMILY_MODELS = {  # what --family puts in the run, for the report's note
+    "sd15": "SD1.5-inpainting UNet/VAE/CLIP text encoder",
+    "sdxl": "SDXL-inpainting UNet/VAE, CLIP ViT-L and OpenCLIP ViT-bigG text encoders",
+}
 MODE_NOTES = {
     "full": (
         "Random weights give real timings: every model has its published architecture and tensor sizes "
-        "(SD1.5-inpainting UNet/VAE/CLIP text encoder, LCM-LoRA rank 64, RMBG-1.4 IS-Net), so latency, memory "
+        "({models}, LCM-LoRA rank 64, RMBG-1.4 IS-Net), so latency, memory "
         "and FLOPs are those of the real models; the images themselves are meaningless, and so is the absolute "
         "quality of the int8 masks (their agreement with fp32 is what is measured)."
     ),
@@ -173,7 +177,7 @@ def build_report(
     comparison = _comparison(ours, baseline, flops, float(peak["peak_flops"]), settings.steps)
     return {
         "schema": SCHEMA,
-        "note": MODE_NOTES[settings.mode],
+        "note": MODE_NOTES[settings.mode].format(models=FAMILY_MODELS[settings.family]),
         "created": created_now(),
         "command": settings.command,
         "settings": {**settings.to_json(), "threads_used": threads, "applied": dict(applied)},
