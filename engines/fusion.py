@@ -23,6 +23,8 @@ Two details of the optimizer are worked around here, without patching it:
 from __future__ import annotations
 
 import copy
+import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,9 @@ import numpy as np
 
 from trt_bgswap.engines.attention import bound_attention
 from trt_bgswap.errors import BackendUnavailable, UsageError
-from trt_bgswap.onnx_graph import pin_symbols
+from trt_bgswap.onnx_graph import pin_symbols, write_with_external_data
+
+log = logging.getLogger(__name__)
 
 # Our model name -> the optimizer's model type. VAE attention in today's diffusers export
 # does not match the optimizer's VAE pattern (nothing fuses), so it is not in the default set.
@@ -47,7 +51,6 @@ CUDA_ONLY_FUSIONS = (
     "enable_bias_add",
 )
 FUSION_VERSION = 1  # bump when the fusion recipe changes: it is part of the cache key
-EXTERNAL_MIN_BYTES = 1024
 
 
 def _optimizer_modules() -> tuple[Any, Any, Any, Any]:
@@ -102,19 +105,58 @@ def cpu_fusion_options(model_type: str) -> Any:
     return options
 
 
-def fuse_transformer(onnx_path: str | Path, out_path: str | Path, model_type: str, symbols: Mapping[str, int], data_name: str | None) -> dict[str, int]:
-    """Fuse ``onnx_path`` with the optimizer for ``model_type``; writes ``out_path`` (+ ``data_name`` weights).
+PARKED = "weights-not-loaded-while-fusing"  # the location large weights point at while the optimizer runs
+PARK_ABOVE = 1 << 20  # bytes: matrices and kernels this large stay on disk while fusing (biases, norm scales and shape constants are far smaller)
 
-    Returns the fused-op counts the optimizer reports. Inputs/outputs keep their symbolic dims.
+
+def park_large_weights(model: Any, base_dir: Path, above: int = PARK_ABOVE) -> dict[str, list[tuple[str, str]]]:
+    """Load ``model``'s small external tensors; point the large ones (rank >= 2, over ``above`` bytes) at :data:`PARKED`, in place.
+
+    Returns each parked tensor's real ``external_data`` entries, for :func:`unpark_weights`.
+    Why: the optimizer's passes copy the whole model (shape inference serializes it, the
+    symbolic inference clones it): the full SD1.5 UNet (3.44 GB of weights) peaked at 20.3 GB
+    fused with its weights loaded. The CPU fusions read values of small tensors only (biases,
+    norm scales, shape constants; attention is tiled before the optimizer runs, so its
+    attention fusion, which reads the Q/K/V matrices, finds nothing); a pass that reads a
+    parked tensor fails loudly (no such file) and :func:`fuse_transformer` fuses again with
+    every weight loaded.
     """
     import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor
 
-    src = onnx.load(str(onnx_path))
-    inputs = {v.name: copy.deepcopy(v) for v in src.graph.input}
-    outputs = {v.name: copy.deepcopy(v) for v in src.graph.output}
-    bound_attention(src)  # first: the optimizer's own attention fusion (contrib Attention) holds the scores on the CPU
-    pin_symbols(src, symbols)
-    optimizer = _model_class(model_type)(src, 0, 0)
+    parked: dict[str, list[tuple[str, str]]] = {}
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        nbytes = math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        if len(t.dims) < 2 or nbytes <= above:
+            load_external_data_for_tensor(t, str(base_dir))
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
+            continue
+        parked[t.name] = [(e.key, e.value) for e in t.external_data]
+        del t.external_data[:]
+        t.external_data.add(key="location", value=PARKED)
+    return parked
+
+
+def unpark_weights(model: Any, parked: Mapping[str, list[tuple[str, str]]]) -> None:
+    """Give parked tensors that survived the fusions their real ``external_data`` entries back."""
+    for t in model.graph.initializer:
+        entries = parked.get(t.name)
+        if entries is not None and any(e.value == PARKED for e in t.external_data):
+            del t.external_data[:]
+            for key, value in entries:
+                t.external_data.add(key=key, value=value)
+
+
+def _optimize(model: Any, model_type: str, symbols: Mapping[str, int]) -> tuple[Any, dict[str, int]]:
+    """The optimizer's passes on ``model`` (changed in place): the fused model and its fused-op counts."""
+    inputs = {v.name: copy.deepcopy(v) for v in model.graph.input}
+    outputs = {v.name: copy.deepcopy(v) for v in model.graph.output}
+    bound_attention(model)  # first: the optimizer's own attention fusion (contrib Attention) holds the scores on the CPU
+    pin_symbols(model, symbols)
+    optimizer = _model_class(model_type)(model, 0, 0)
     optimizer.optimize(cpu_fusion_options(model_type))
     optimizer.topological_sort()
     fused = optimizer.get_fused_operator_statistics()
@@ -124,13 +166,35 @@ def fuse_transformer(onnx_path: str | Path, out_path: str | Path, model_type: st
     for v in graph.output:
         v.CopyFrom(outputs[v.name])
     del graph.value_info[:]  # shapes inferred at the pinned size must not constrain other sizes
-    out_path = Path(out_path)
-    if data_name is not None:
-        onnx.save_model(
-            optimizer.model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=data_name, size_threshold=EXTERNAL_MIN_BYTES,
-        )  # fmt: skip
-    else:
-        onnx.save_model(optimizer.model, str(out_path))
-    return {k: int(v) for k, v in fused.items() if v}
+    return optimizer.model, {k: int(v) for k, v in fused.items() if v}
 
+
+def fuse_transformer(
+    onnx_path: str | Path, out_path: str | Path, model_type: str, symbols: Mapping[str, int], data_name: str | None, park_above: int = PARK_ABOVE
+) -> dict[str, int]:
+    """Fuse ``onnx_path`` with the optimizer for ``model_type``; writes ``out_path`` (+ ``data_name`` weights).
+
+    Large weights stay on disk while the optimizer runs (:func:`park_large_weights`) and are
+    copied into ``data_name`` afterwards, one tensor at a time. Returns the fused-op counts the
+    optimizer reports. Inputs/outputs keep their symbolic dims.
+    """
+    import onnx
+
+    onnx_path, out_path = Path(onnx_path), Path(out_path)
+    src = onnx.load(str(onnx_path), load_external_data=False)
+    parked = park_large_weights(src, onnx_path.parent, park_above)
+    try:
+        model, fused = _optimize(src, model_type, symbols)
+    except Exception as e:  # noqa: BLE001 - the optimizer's passes raise whatever reading a parked tensor raises
+        if not parked or PARKED not in str(e):
+            raise
+        log.warning("%s: a fusion pass read a weight left on disk (%s); fusing again with every weight loaded", onnx_path, e)
+        model, fused = _optimize(onnx.load(str(onnx_path)), model_type, symbols)
+        parked = {}
+    unpark_weights(model, parked)
+    if data_name is not None:
+        write_with_external_data(model, onnx_path.parent, out_path, data_name)
+    else:
+        onnx.load_external_data_for_model(model, str(onnx_path.parent))
+        onnx.save_model(model, str(out_path))
+    return fused

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from trt_bgswap.errors import ModelError
-from trt_bgswap.export.onnx_export import write_with_external_data
+from trt_bgswap.onnx_graph import write_with_external_data
 from trt_bgswap.onnx_graph import weights_nbytes
 
 

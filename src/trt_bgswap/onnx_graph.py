@@ -22,6 +22,8 @@ from trt_bgswap.specs import ONNX_TYPES, ModelSpec, TensorSpec
 
 log = logging.getLogger(__name__)
 
+COPY_CHUNK = 64 * 2**20  # bytes per read when copying a tensor between weight files
+
 GraphDim = Union[int, str, None]  # static size, symbolic name, unknown
 QUANTIZED_OPS = frozenset({"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul"})
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -130,6 +132,53 @@ def external_data_files(onnx_path: str | Path) -> list[Path]:
 def external_info(tensor: Any) -> dict[str, str]:
     """A tensor's ``external_data`` entries (location, offset, length) as a dict."""
     return {e.key: e.value for e in tensor.external_data}
+
+
+def write_with_external_data(model: Any, src_dir: Path, graph_path: Path, data_name: str) -> int:
+    """Save ``model`` with every initializer's bytes in ``graph_path``'s folder / ``data_name``, one tensor at a time.
+
+    Tensors still in the proto (``raw_data``) are moved out; tensors left in files under ``src_dir``
+    (the tracer's one-file-per-tensor layout for graphs over 2 GiB) are copied in chunks without
+    being loaded. Why not ``onnx.save_model(save_as_external_data=True)``: that needs every weight
+    in memory (``onnx.load`` with its data): beside the module being exported, twice the model's
+    size at the export's peak (the SDXL UNet: 2 x 10.3 GB). Tensors kept in typed fields stay in
+    the proto, as onnx's own conversion leaves them. Returns the bytes written.
+    """
+    import onnx
+
+    src_root = src_dir.resolve()
+    total = 0
+    with open(graph_path.parent / data_name, "wb") as out:
+        for t in model.graph.initializer:
+            offset = out.tell()
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                info = external_info(t)
+                src = (src_root / info["location"]).resolve()
+                if src_root not in src.parents:
+                    raise ModelError(f"tensor {t.name!r}'s weights file {info['location']!r} is outside {src_dir}")
+                start = int(info.get("offset", 0))
+                left = int(info["length"]) if "length" in info else src.stat().st_size - start
+                with open(src, "rb") as f:
+                    f.seek(start)
+                    while left:
+                        chunk = f.read(min(left, COPY_CHUNK))
+                        if not chunk:
+                            raise ModelError(f"{src}: ends before tensor {t.name!r}'s {left} last bytes")
+                        out.write(chunk)
+                        left -= len(chunk)
+            elif t.HasField("raw_data"):
+                out.write(t.raw_data)
+                t.ClearField("raw_data")
+            else:
+                continue
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", offset), ("length", out.tell() - offset)):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, str(value)
+            total += out.tell() - offset
+    onnx.save_model(model, str(graph_path))
+    return total
 
 
 def weights_nbytes(model: Any) -> int:
