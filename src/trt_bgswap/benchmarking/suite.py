@@ -279,6 +279,19 @@ def _variants(
     return rows
 
 
+def _unfused_fits(settings: BenchSettings, errors: list[str]) -> bool:
+    """The fused-vs-unfused comparison opens a second UNet session beside the pipeline's: skipped, and said, when that will not fit."""
+    if settings.mode != "full":
+        return True
+    from trt_bgswap.benchmarking.memory_plan import fits_second_copy
+
+    if fits_second_copy(settings.family):
+        return True
+    errors.append(f"fused vs unfused comparison skipped: a second {settings.family} UNet session beside the pipeline would not fit in memory")
+    log.warning("bench: %s", errors[-1])
+    return False
+
+
 def run_suite(settings: BenchSettings) -> dict[str, Any]:
     """Run everything ``settings`` asks for; writes ``<mode>.json`` and ``<mode>.md``; returns the report."""
     from trt_bgswap.benchmarking.report import build_report, render_markdown, update_readme
@@ -296,9 +309,7 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
         from trt_bgswap.benchmarking.memory_plan import check_memory_plan
 
         # refuses, before any work, a run the machine cannot hold (given models / an export skip those steps)
-        check_memory_plan(
-            settings.family, settings.batch_sizes, written=settings.sources is not None, exported=settings.export_dir is not None, fuse=settings.fuse
-        )
+        check_memory_plan(settings.family, settings.batch_sizes, written=settings.sources is not None, exported=settings.export_dir is not None)
     sources = _sources(settings, timeline)
     export_dir, reused = _export(settings, sources, timeline)
     manifest = Manifest.load(export_dir)
@@ -320,7 +331,7 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
         "rmbg_fp32": {"path": str(manifest.model_path(export_dir, "rmbg")), "graph_optimization": "all", "backend": "ort"} if applied["int8_rmbg"] else None,
         "unfused": {
             m: {"path": str(manifest.model_path(export_dir, m)), "graph_optimization": "all", "backend": "ort"} for m in FUSED_MODELS
-        } if applied["fuse"] else None,
+        } if applied["fuse"] and _unfused_fits(settings, errors) else None,
     }  # fmt: skip
     ours = timeline.run("time our pipeline", lambda: _worker("ours", job_ours, work))
     baseline, job_base = None, None
