@@ -76,31 +76,28 @@ def test_tensors_in_the_proto_are_moved_out(tmp_path: Path) -> None:
     np.testing.assert_array_equal(_run(dst / "model.onnx", x), want)
 
 
-def test_a_weights_file_outside_the_folder_is_refused(tmp_path: Path) -> None:
-    rng = np.random.default_rng(2)
-    src = tmp_path / "raw"
+def _in_one_file(tmp_path: Path, seed: int) -> tuple[onnx.ModelProto, Path, Path]:
+    """The graph saved with its weights in raw/w.bin, loaded without them; and an empty destination folder."""
+    src, dst = tmp_path / "raw", tmp_path / "final"
     src.mkdir()
-    onnx.save_model(_graph(rng), str(src / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True, location="w.bin", size_threshold=0)
-    model = onnx.load(str(src / "model.onnx"), load_external_data=False)
+    dst.mkdir()
+    onnx.save_model(_graph(np.random.default_rng(seed)), str(src / "model.onnx"), save_as_external_data=True, location="w.bin", size_threshold=0)
+    return onnx.load(str(src / "model.onnx"), load_external_data=False), src, dst
+
+
+def test_a_weights_file_outside_the_folder_is_refused(tmp_path: Path) -> None:
+    model, src, dst = _in_one_file(tmp_path, 2)
     for entry in model.graph.initializer[0].external_data:
         if entry.key == "location":
             entry.value = "../elsewhere.bin"
     (tmp_path / "elsewhere.bin").write_bytes(b"\0" * 1024)
-    dst = tmp_path / "final"
-    dst.mkdir()
     with pytest.raises(ModelError, match="outside"):
         write_with_external_data(model, src, dst / "model.onnx", "model.onnx_data")
 
 
 def test_a_truncated_weights_file_is_named(tmp_path: Path) -> None:
-    rng = np.random.default_rng(3)
-    src = tmp_path / "raw"
-    src.mkdir()
-    onnx.save_model(_graph(rng), str(src / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True, location="w.bin", size_threshold=0)
-    model = onnx.load(str(src / "model.onnx"), load_external_data=False)
+    model, src, dst = _in_one_file(tmp_path, 3)
     data = src / "w.bin"
     data.write_bytes(data.read_bytes()[:-8])
-    dst = tmp_path / "final"
-    dst.mkdir()
     with pytest.raises(ModelError, match="ends before"):
         write_with_external_data(model, src, dst / "model.onnx", "model.onnx_data")
