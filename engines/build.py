@@ -28,6 +28,7 @@ from trt_bgswap.engines.cache import CacheKey, EngineCache, onnx_graph_hash, ten
 from trt_bgswap.engines.graph_split import ensure_parts
 from trt_bgswap.engines.onnx_check import check_onnx_for_tensorrt
 from trt_bgswap.engines.ort_build import (
+    keeps_weights_mapped,
     ORT_PROVIDERS,
     host_fingerprint,
     onnxruntime_version,
@@ -66,11 +67,12 @@ class BuiltModel:
     graph_optimization: str | None = None  # level to open ``path`` with (ONNX Runtime)
     provider_options: dict[str, dict[str, str]] | None = None
     attention: str | None = None  # engines.attention.BOUNDED / MATERIALISED; None: no attention or not known
+    prepack: bool = True  # ONNX Runtime pre-packs the weights (False: runs them from the mapped file)
 
     def index_entry(self) -> IndexEntry:
         return IndexEntry(
             self.path, self.backend, self.provider, self.graph_optimization, self.provider_options, self.cache_hit, self.reasons,
-            tuple(p.to_json() for p in self.profiles), self.attention,
+            tuple(p.to_json() for p in self.profiles), self.attention, self.prepack,
         )
 
 
@@ -235,7 +237,7 @@ def build_engines(
             art = prepare_ort_model(cache, name, onnx_path, key, provider, graph_optimization, trt_precision, profiles, opt_level, workspace)
             built[name] = BuiltModel(
                 name, "ort", art.model_path, art.cache_hit, art.reasons, tuple(profiles), art.provider, art.graph_optimization, art.provider_options,
-                art.attention,
+                art.attention, not keeps_weights_mapped(art.model_path, art.provider),
             )  # fmt: skip
 
     if backend == ORT and provider == "cpu":

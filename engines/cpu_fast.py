@@ -37,7 +37,7 @@ from trt_bgswap.engines.attention import TILED_ATTENTION, attention_kind
 from trt_bgswap.engines.build import BuildReport, BuiltModel, build_engines
 from trt_bgswap.engines.cache import EngineCache, onnx_graph_hash, onnxruntime_key
 from trt_bgswap.engines.fusion import DEFAULT_FUSED, FUSION_MODEL_TYPES, FUSION_VERSION, fuse_transformer
-from trt_bgswap.engines.ort_build import host_fingerprint, onnxruntime_version, optimize_offline
+from trt_bgswap.engines.ort_build import host_fingerprint, keeps_weights_mapped, onnxruntime_version, optimize_offline
 from trt_bgswap.engines.parity import compare_graphs, random_feeds
 from trt_bgswap.onnx_graph import external_data_files
 
@@ -196,7 +196,10 @@ def build_cpu_fast(
     models: dict[str, BuiltModel] = dict(report.models) if report is not None else {}
     for name, e in entries.items():
         source = manifest.model_path(export_dir, name)  # what the tiling makes of it (the fused/int8 graph was made from it)
-        models[name] = BuiltModel(name, "ort", e.path, e.cache_hit, (), (), "cpu", e.graph_optimization, {}, attention_kind(source) if e.kind == "fused" else None)
+        models[name] = BuiltModel(
+            name, "ort", e.path, e.cache_hit, (), (), "cpu", e.graph_optimization, {}, attention_kind(source) if e.kind == "fused" else None,
+            not keeps_weights_mapped(e.path, "cpu"),
+        )  # fmt: skip
     ensure_parts([m.path for m in models.values() if m.provider == "cpu"])  # --low-memory runs the UNet part by part
     index = write_index(out, ORT, "cpu", {k: m.index_entry() for k, m in models.items()})
     full = BuildReport(export_dir, out, "ort", "cpu", models, index)

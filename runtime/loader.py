@@ -100,5 +100,6 @@ def open_engines(
             provider_options=built.provider_options,
             intra_op_threads=threads,
             graph_optimization=built.graph_optimization or "all",
+            prepack=built.prepack,
         )
     return opened

@@ -110,6 +110,7 @@ class OrtEngine(Engine):
         intra_op_threads: int = 0,
         graph_optimization: str = "all",
         optimized_model_path: Path | None = None,
+        prepack: bool = True,
     ) -> None:
         super().__init__(spec, path)
         self.provider = provider
@@ -117,6 +118,7 @@ class OrtEngine(Engine):
         self.intra_op_threads = intra_op_threads
         self.graph_optimization = graph_optimization
         self.optimized_model_path = optimized_model_path
+        self.prepack = prepack  # False: weights run from their memory-mapped file (the build's choice, engines.ort_build.keeps_weights_mapped)
         self.session: Any = None
         self._output_names: list[str] = []
         self._run_options: Any = None
@@ -149,6 +151,8 @@ class OrtEngine(Engine):
         # which doubled every graph's activations (2.9 -> 1.5 GiB at 512x512, tiny models, same speed);
         # the shared arena holds the largest stage's tensors, not the sum of every stage's.
         so.enable_mem_pattern = False
+        if not self.prepack:
+            so.add_session_config_entry("session.disable_prepacking", "1")
         if shared_cpu_arena():
             so.add_session_config_entry("session.use_env_allocators", "1")
         return so
@@ -208,7 +212,7 @@ class OrtEngine(Engine):
                 ResidentEngine(
                     OrtEngine(
                         part_spec(self.spec, i, part), self.path.parent / part.file, self.provider, self.provider_options,
-                        self.intra_op_threads, self.graph_optimization,
+                        self.intra_op_threads, self.graph_optimization, prepack=self.prepack,
                     ),
                     f"{name}.part{i}",
                     residency,

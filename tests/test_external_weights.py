@@ -101,3 +101,53 @@ def test_a_truncated_weights_file_is_named(tmp_path: Path) -> None:
     data.write_bytes(data.read_bytes()[:-8])
     with pytest.raises(ModelError, match="ends before"):
         write_with_external_data(model, src, dst / "model.onnx", "model.onnx_data")
+
+
+_OPEN_AND_RUN = r"""
+import sys
+from pathlib import Path
+import numpy as np
+from trt_bgswap.runtime.ort_backend import OrtEngine
+from trt_bgswap.specs import ModelSpec, TensorSpec
+
+def heap() -> int:  # RssAnon: the process's own copies, not the file-backed pages of a mapping
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise SystemExit("no RssAnon")
+
+n = int(sys.argv[3])
+spec = ModelSpec("g", (TensorSpec("x", "float32", (1, n)),), (TensorSpec("y", "float32", (1, n)),))
+engine = OrtEngine(spec, Path(sys.argv[1]), provider="cpu", intra_op_threads=1, prepack=sys.argv[2] == "1")
+before = heap()
+engine.load()
+engine(x=np.ones((1, n), np.float32))
+print(heap() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads RssAnon from /proc (Linux)")
+def test_unpacked_weights_stay_in_their_mapping(tmp_path: Path) -> None:
+    """prepack=False: a session runs external weights from ONNX Runtime's file mapping, with no copy on the heap.
+
+    One 64 MiB MatMul weight: pre-packed, the heap grows by at least the packed copy (the same
+    floats in panels); unpacked, by less than a quarter of it (the mapping is file-backed).
+    """
+    import subprocess
+    import sys
+
+    n = 4096
+    w = numpy_helper.from_array(np.random.default_rng(4).standard_normal((n, n)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [w],
+    )  # fmt: skip
+    path = tmp_path / "model.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path), save_as_external_data=True, location="w.bin")
+    weight_bytes = n * n * 4
+    grown = {}
+    for prepack in ("1", "0"):
+        out = subprocess.run([sys.executable, "-c", _OPEN_AND_RUN, str(path), prepack, str(n)], capture_output=True, text=True, check=True)
+        grown[prepack] = int(out.stdout.split()[-1])
+    assert grown["1"] >= weight_bytes, grown  # measured: 72.7 MiB packed, 8.8 MiB unpacked
+    assert grown["0"] < weight_bytes // 4, grown

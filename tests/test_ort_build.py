@@ -49,7 +49,7 @@ def mtimes(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith("index-")}
 
 
-def assert_parity(manifest: Manifest, folder: Path, model: str, optimized: Path, level: str) -> None:
+def assert_parity(manifest: Manifest, folder: Path, model: str, optimized: Path, level: str, prepack: bool = True) -> None:
     """The optimized graph, opened the way the runtime will open it, computes what the original computes.
 
     Fusions and layout changes re-order the arithmetic: the two may differ by the original
@@ -59,7 +59,7 @@ def assert_parity(manifest: Manifest, folder: Path, model: str, optimized: Path,
     original = manifest.model_path(folder, model)
     feeds = random_feeds(spec, dims_for(manifest, model), seed=3)
     ref = OrtEngine(spec, original, provider="cpu", graph_optimization="disable")(**feeds)
-    got = OrtEngine(spec, optimized, provider="cpu", graph_optimization=level)(**feeds)
+    got = OrtEngine(spec, optimized, provider="cpu", graph_optimization=level, prepack=prepack)(**feeds)
     tols = functools.cache(lambda: graph_tolerances(original, feeds, ref))
     for name in spec.output_names:
         err = float(np.max(np.abs(got[name] - ref[name])))
@@ -80,6 +80,29 @@ def test_build_produces_artifacts_that_match_the_originals(export: Path) -> None
     # the UNet's weights live in external data: the optimized graph keeps them external, under a key-unique name
     unet_files = sorted(p.name for p in (export / "engines" / "unet").iterdir())
     assert any(n.startswith(OPTIMIZED_NAME + ".") and n.endswith(".data") for n in unet_files), unet_files
+
+
+def _config_entry(session: ort.InferenceSession, key: str) -> str | None:
+    try:
+        return session.get_session_options().get_session_config_entry(key)
+    except RuntimeError:  # ONNX Runtime raises for a key never set
+        return None
+
+
+def test_mapped_weights_run_unpacked_and_the_rest_prepacked(export: Path) -> None:
+    """The UNet's weights are in a file: the index says to run them from the mapping, and the runtime's session does."""
+    from trt_bgswap.build_index import ORT, read_index
+    from trt_bgswap.runtime.loader import open_engines, resolve_backend
+
+    build_engines(export, backend="ort", provider="cpu", sizes=[SIZE], models=["unet", "text_encoder"])
+    index = read_index(export, ORT, "cpu")
+    assert index is not None and {m: index[m].prepack for m in index} == {"unet": False, "text_encoder": True}
+    manifest = Manifest.load(export)
+    engines = open_engines(export, manifest, resolve_backend("cpu", announce=False), names=["unet", "text_encoder"]).engines
+    for name, engine in engines.items():
+        engine.load()
+        assert _config_entry(engine.session, "session.disable_prepacking") == ("1" if name == "unet" else None), name
+    assert_parity(manifest, export, "unet", index["unet"].resolve(export / "engines"), "disable", prepack=False)
 
 
 def test_optimized_graph_really_is_optimized(export: Path) -> None:

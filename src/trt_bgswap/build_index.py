@@ -39,6 +39,7 @@ class IndexEntry:
     reasons: tuple[str, ...] = ()  # why it was (re)built
     profiles: tuple[dict[str, Any], ...] = field(default=())  # the optimization profiles, as JSON
     attention: str | None = None  # "bounded": attention tiled (engines/attention.py); "materialised"; None: none or unknown
+    prepack: bool = True  # False: ONNX Runtime runs the weights from their memory-mapped file (engines.ort_build.keeps_weights_mapped)
 
     def resolve(self, engines_dir: Path) -> Path:
         return self.path if self.path.is_absolute() else engines_dir / self.path
@@ -61,6 +62,7 @@ class IndexEntry:
             "graph_optimization": self.graph_optimization,
             "provider_options": self.provider_options,
             "attention": self.attention,
+            "prepack": self.prepack,
         }
 
     @classmethod
@@ -75,6 +77,7 @@ class IndexEntry:
             reasons=tuple(d.get("reasons", ())),
             profiles=tuple(d.get("profiles", ())),
             attention=d.get("attention"),
+            prepack=bool(d.get("prepack", True)),  # indexes written before the choice: ONNX Runtime's default
         )
 
 

@@ -49,7 +49,7 @@ def _engine(spec: Any, plan: Mapping[str, Any], provider: str, threads: int) -> 
         return TrtEngine(spec, path)
     return OrtEngine(
         spec, path, provider=provider, intra_op_threads=threads, graph_optimization=plan.get("graph_optimization") or "all",
-        provider_options=plan.get("provider_options") or None,
+        provider_options=plan.get("provider_options") or None, prepack=bool(plan.get("prepack", True)),
     )  # fmt: skip
 
 

@@ -193,7 +193,7 @@ def _engines(
             log.warning("bench: %s", errors[-1])
     else:
         raise BgSwapError("every CPU build failed: " + " | ".join(errors))
-    plans = {k: {"path": str(m.path), "graph_optimization": m.graph_optimization or "all", "backend": "ort"} for k, m in report.models.items()}
+    plans = {k: {"path": str(m.path), "graph_optimization": m.graph_optimization or "all", "backend": "ort", "prepack": m.prepack} for k, m in report.models.items()}
     info: dict[str, Any] = {k: {"cache_hit": m.cache_hit, "kind": "ort-optimized", "path": str(m.path)} for k, m in report.models.items()}
     for k, e in entries.items():
         info[k] = {"cache_hit": e.cache_hit, "kind": e.kind, "seconds": e.seconds, "path": str(e.path), **e.details}
