@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from trt_bgswap.engines.attention import bound_attention
+from trt_bgswap.engines.upsample import subpixel_upsampling
 from trt_bgswap.errors import BackendUnavailable, UsageError
 from trt_bgswap.onnx_graph import pin_symbols, write_with_external_data
 
@@ -192,6 +193,7 @@ def fuse_transformer(
         model, fused = _optimize(onnx.load(str(onnx_path)), model_type, symbols)
         parked = {}
     unpark_weights(model, parked)
+    subpixel_upsampling(model, onnx_path.parent)  # after the optimizer: its passes need not know the phase convolutions
     if data_name is not None:
         write_with_external_data(model, onnx_path.parent, out_path, data_name)
     else:

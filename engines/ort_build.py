@@ -36,7 +36,8 @@ from typing import Any
 from trt_bgswap.errors import BackendUnavailable, UsageError
 from trt_bgswap.runtime.ort_backend import PROVIDER_NAMES, available_providers
 
-from trt_bgswap.engines.attention import TILED_ATTENTION, attention_kind, write_bounded
+from trt_bgswap.engines.attention import TILED_ATTENTION, attention_kind, bound_attention
+from trt_bgswap.engines.upsample import SUBPIXEL_UPSAMPLING, subpixel_upsampling
 from trt_bgswap.engines.cache import CacheKey, EngineCache, onnxruntime_key
 from trt_bgswap.onnx_graph import external_data_files
 from trt_bgswap.engines.profiles import envelope
@@ -208,7 +209,7 @@ def ort_key(
     """The cache key of one model's ONNX Runtime artifact; only parts that affect it are included."""
     if provider == "cpu":
         host_part = host if level in HOST_SPECIFIC_LEVELS else "any"
-        return onnxruntime_key(onnx_hash, provider, level, ort_version, host_part, extra={"attention": TILED_ATTENTION})
+        return onnxruntime_key(onnx_hash, provider, level, ort_version, host_part, extra={"attention": TILED_ATTENTION, "upsample": SUBPIXEL_UPSAMPLING})
     if provider == "cuda":
         return onnxruntime_key(onnx_hash, provider, level, ort_version, "any")
     return onnxruntime_key(
@@ -259,7 +260,7 @@ def prepare_ort_model(
         def write(tmp: Path) -> list[str]:
             data_name = EngineCache.companion_name(OPTIMIZED_NAME, key, ".data") if has_external else None
             log.info("%s: optimizing for ONNX Runtime %s at level %s (%s)", model, provider, level, "; ".join(found.reasons))
-            with _tiled_attention(onnx_path, provider) as source:
+            with _cpu_graph(onnx_path, provider) as source:
                 optimize_offline(source, tmp, provider, level, data_name)
             return [data_name] if data_name else []
 
@@ -268,18 +269,27 @@ def prepare_ort_model(
 
 
 @contextlib.contextmanager
-def _tiled_attention(onnx_path: Path, provider: str) -> Iterator[Path]:
-    """The graph to optimize: on the CPU, with its attention tiled (engines/attention.py), else as exported."""
+def _cpu_graph(onnx_path: Path, provider: str) -> Iterator[Path]:
+    """The graph to optimize: on the CPU with its attention tiled (engines/attention.py) and its upsampling
+    convolutions on the small image (engines/upsample.py); for other providers as exported."""
     if provider != "cpu":
         yield onnx_path
         return
-    with tempfile.NamedTemporaryFile(dir=onnx_path.parent, prefix=".tiled.", suffix=".onnx", delete=False) as f:
-        tiled = Path(f.name)
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    changed = bool(bound_attention(model).tiled) | bool(subpixel_upsampling(model, onnx_path.parent))
+    if not changed:
+        yield onnx_path
+        return
+    with tempfile.NamedTemporaryFile(dir=onnx_path.parent, prefix=".cpu.", suffix=".onnx", delete=False) as f:
+        rewritten = Path(f.name)  # beside the original: its external weights are found by relative path
     try:
-        yield tiled if write_bounded(onnx_path, tiled).tiled else onnx_path
+        onnx.save_model(model, str(rewritten))
+        yield rewritten
     finally:
         with contextlib.suppress(FileNotFoundError):
-            tiled.unlink()
+            rewritten.unlink()
 
 
 def _prepare_tensorrt_ep(

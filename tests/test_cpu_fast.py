@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from skimage import data
 
@@ -30,6 +31,8 @@ def test_build_cpu_fast_writes_the_index_the_runtime_reads(exported_dir: Path, t
     parity = entries["unet"].details
     # the build checked the fused graph itself (its own limit, PARITY_RTOL of the output's scale) and recorded it
     assert not entries["unet"].cache_hit and parity["parity_max_abs"]["out_sample"] <= PARITY_RTOL * max(parity["parity_ref_max_abs"]["out_sample"], 1.0)
+    fused_ops = [n.op_type for n in onnx.load(str(entries["unet"].path), load_external_data=False).graph.node]
+    assert "Resize" not in fused_ops and "DepthToSpace" in fused_ops, "the fused UNet upsamples on the small image (engines/upsample.py)"
     _, again = build_cpu_fast(export, rmbg_int8=True, calibration_images=photos)
     assert all(e.cache_hit for e in again.values()), {k: e.cache_hit for k, e in again.items()}
 
