@@ -11,8 +11,12 @@ Other test files rely on these names; keep them stable.
   graphs and ``tokenizer/``. Read-only as well.
 - ``built_cpu_dir`` -> a copy of it built for ONNX Runtime on the CPU (``engines/index-ort-cpu.json``,
   attention tiled). Read-only.
+- ``device_export_dir`` -> the same sources exported with ``fused_step=True`` and ``device_graphs=True``:
+  ``exported_dir``'s graphs plus ``unet_step/`` and the three device graphs. Read-only.
 
-Both are built once per session (a few seconds on CPU).
+Each is built once per session (a few seconds on CPU), when a test first asks for it. Every
+folder handed out here is checked at the end of the session: a test that wrote into one
+(instead of into its own copy) fails there, since the next test would see its changes.
 
 - ``trt_gpu`` -> skips (with the reason) unless tensorrt, cuda-python and a CUDA device are all
   present; session-scoped, so it runs before (and so skips) any session-scoped export.
@@ -21,22 +25,36 @@ Both are built once per session (a few seconds on CPU).
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def read_only(folder: Path) -> Iterator[Path]:
+    """Yield ``folder``; afterwards fail if any file in it was added, removed or rewritten (copy a shared folder to change it)."""
+    before = _listing(folder)
+    yield folder
+    after = _listing(folder)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"a test changed the shared read-only folder {folder}: {changed[:10]}"
+
+
 @pytest.fixture(scope="session")
-def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from trt_bgswap.export.tiny import write_tiny_models
 
     root = tmp_path_factory.mktemp("tiny-models")
     write_tiny_models(root, seed=0)
-    return root
+    yield from read_only(root)
 
 
 @pytest.fixture(scope="session")
-def exported_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def exported_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from trt_bgswap.export.exporter import export_models
 
     out = tmp_path_factory.mktemp("exported") / "export"
@@ -48,11 +66,26 @@ def exported_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory
         precision="fp32",
         opset=17,
     )
-    return out
+    yield from read_only(out)
 
 
 @pytest.fixture(scope="session")
-def exported_tiny_vae_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def device_export_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The tiny models exported with the fused step (``unet_step/``) and the device graphs (``vae_encoder_sample/``,
+    ``vae_decoder_image/``, ``rmbg_full/``): one export for every test of those graphs (tests/test_device_chain.py,
+    test_loader.py, test_unet_step.py)."""
+    from trt_bgswap.export.exporter import export_models
+
+    out = tmp_path_factory.mktemp("device-export") / "export"
+    export_models(
+        tiny_models_dir / "sd-inpainting", tiny_models_dir / "lcm-lora", tiny_models_dir / "rmbg", out,
+        precision="fp32", opset=17, fused_step=True, device_graphs=True,
+    )  # fmt: skip
+    yield from read_only(out)
+
+
+@pytest.fixture(scope="session")
+def exported_tiny_vae_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The tiny models exported with ``--vae tiny``: the tiny TAESD encodes and decodes (issue 15)."""
     from trt_bgswap.export.exporter import export_models
 
@@ -61,11 +94,11 @@ def exported_tiny_vae_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPa
         tiny_models_dir / "sd-inpainting", tiny_models_dir / "lcm-lora", tiny_models_dir / "rmbg", out,
         precision="fp32", opset=17, tiny_vae_src=tiny_models_dir / "taesd",
     )  # fmt: skip
-    return out
+    yield from read_only(out)
 
 
 @pytest.fixture(scope="session")
-def built_cpu_dir(exported_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def built_cpu_dir(exported_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A copy of ``exported_dir`` after ``trt-bgswap build`` for ONNX Runtime on the CPU: the graphs the
     runtime then opens, attention tiled by ``com.microsoft.MultiHeadAttention`` (engines/attention.py)."""
     import shutil
@@ -75,7 +108,7 @@ def built_cpu_dir(exported_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     folder = tmp_path_factory.mktemp("built-cpu") / "export"
     shutil.copytree(exported_dir, folder)
     build_engines(folder, backend="ort", provider="cpu")
-    return folder
+    yield from read_only(folder)
 
 
 @pytest.fixture(scope="session")

@@ -78,21 +78,9 @@ def host_rounding(folder: Path, noisy_dir: Path, clean: np.ndarray, run: Callabl
 
 
 @pytest.fixture(scope="module")
-def device_export(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny models exported with the fused step and the device graphs (once for this module)."""
-    from trt_bgswap.export.exporter import export_models
-
-    out = tmp_path_factory.mktemp("device-export") / "export"
-    export_models(
-        tiny_models_dir / "sd-inpainting",
-        tiny_models_dir / "lcm-lora",
-        tiny_models_dir / "rmbg",
-        out,
-        precision="fp32",
-        fused_step=True,
-        device_graphs=True,
-    )
-    return out
+def device_export(device_export_dir: Path) -> Path:
+    """The tiny models exported with the fused step and the device graphs (the session's, tests/conftest.py; read-only)."""
+    return device_export_dir
 
 
 @pytest.fixture(scope="module")

@@ -20,20 +20,10 @@ from trt_bgswap.runtime.pipeline import GenerationOptions, Pipeline, Result
 NO_GPU = Availability(cuda_devices=0, tensorrt=False, ort_providers=("CPUExecutionProvider",))
 
 
-@pytest.fixture(scope="module")
-def built_dir(exported_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trt_bgswap.engines.build import build_engines
-
-    folder = tmp_path_factory.mktemp("built") / "export"
-    shutil.copytree(exported_dir, folder)
-    build_engines(folder, backend="ort", provider="cpu")
-    return folder
-
-
-def test_pipeline_uses_preoptimized_graphs(built_dir: Path, exported_dir: Path, tmp_path: Path) -> None:
+def test_pipeline_uses_preoptimized_graphs(built_cpu_dir: Path, exported_dir: Path, tmp_path: Path) -> None:
     plain = Pipeline.load(exported_dir, provider="cpu")
-    fast = Pipeline.load(built_dir, provider="cpu")
-    engines_dir = (built_dir / "engines").resolve()
+    fast = Pipeline.load(built_cpu_dir, provider="cpu")  # a copy of exported_dir after `build` for ONNX Runtime on the CPU
+    engines_dir = (built_cpu_dir / "engines").resolve()
     for name, engine in fast.engines.items():
         assert engines_dir in engine.path.resolve().parents, f"{name} opened {engine.path}, not the built graph"
     assert engines_dir in fast.stages.masker.engine.path.resolve().parents
@@ -76,14 +66,9 @@ def test_unavailable_backend_is_an_error_not_a_fallback(provider: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def fused_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trt_bgswap.export.exporter import export_models
-
-    out = tmp_path_factory.mktemp("fused") / "export"
-    export_models(
-        tiny_models_dir / "sd-inpainting", tiny_models_dir / "lcm-lora", None, out, precision="fp32", fused_step=True
-    )
-    return out
+def fused_dir(device_export_dir: Path) -> Path:
+    """The tiny models exported with the fused step graph (the session's, tests/conftest.py; the device graphs beside it go unused here)."""
+    return device_export_dir
 
 
 @pytest.mark.parametrize("guidance", [1.0, 2.0])

@@ -46,21 +46,11 @@ def manifest(exported_dir: Path) -> Manifest:
 
 
 @pytest.fixture(scope="module")
-def step_graph(tiny_models_dir: Path, manifest: Manifest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ModelEntry]:
-    from trt_bgswap.export.lora import lora_file
-    from trt_bgswap.export.unet_step import export_unet_step
-
-    out = tmp_path_factory.mktemp("unet-step") / "unet_step"
-    entry = export_unet_step(
-        tiny_models_dir / "sd-inpainting",
-        out,
-        manifest.inpaint.max_length,
-        lora=lora_file(tiny_models_dir / "lcm-lora"),
-        lora_scale=1.0,
-        precision="fp32",
-        opset=17,
-    )
-    return out / "model.onnx", entry
+def step_graph(device_export_dir: Path) -> tuple[Path, ModelEntry]:
+    """``unet_step/`` of the session's fused-step export (tests/conftest.py): the SD UNet with the LCM-LoRA fused at 1,
+    fp32, opset 17 (``export_models(fused_step=True)`` and ``export_unet_step`` both write it with ``export_unet_step_module``)."""
+    entry = Manifest.load(device_export_dir).models["unet_step"]
+    return device_export_dir / entry.file, entry
 
 
 @pytest.fixture(scope="module")
