@@ -7,6 +7,7 @@ the pinned size fails here. Max abs errors are in the assertion messages.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,27 @@ from trt_bgswap.engines.fusion import fuse_transformer
 from trt_bgswap.engines.parity import max_abs_errors, random_feeds
 from trt_bgswap.manifest import Manifest
 
+PINNED = {"B": 1, "h": 16, "w": 16}  # the size the fusions are optimized at; parity is checked at others
+
+Fused = Callable[[str, str], tuple[Path, dict[str, int]]]
+
+
+@pytest.fixture(scope="module")
+def fused_loaded(exported_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Fused:
+    """``(model, model_type) -> (fused graph, fusion counts)``: ``fuse_transformer`` of the exported graph, weights in the
+    proto, pinned at :data:`PINNED`; run once per model for all the tests below (the same call gives the same graph).
+    Read-only: the tests open the fused file, never write it."""
+    made: dict[tuple[str, str], tuple[Path, dict[str, int]]] = {}
+
+    def fused(model: str, model_type: str) -> tuple[Path, dict[str, int]]:
+        if (model, model_type) not in made:
+            src = exported_dir / Manifest.load(exported_dir).models[model].file
+            out = tmp_path_factory.mktemp(f"fused-{model}") / "fused.onnx"
+            made[model, model_type] = out, fuse_transformer(src, out, model_type, PINNED, None)
+        return made[model, model_type]
+
+    return fused
+
 
 @pytest.mark.parametrize(
     "model, model_type, dims, fused",
@@ -27,11 +49,10 @@ from trt_bgswap.manifest import Manifest
         ("text_encoder", "clip", {"B": 2}, "SkipLayerNormalization"),
     ],
 )
-def test_fused_graph_matches_export(exported_dir: Path, tmp_path: Path, model: str, model_type: str, dims: dict, fused: str) -> None:
+def test_fused_graph_matches_export(exported_dir: Path, fused_loaded: Fused, model: str, model_type: str, dims: dict, fused: str) -> None:
     manifest = Manifest.load(exported_dir)
     src = exported_dir / manifest.models[model].file
-    out = tmp_path / "fused.onnx"
-    counts = fuse_transformer(src, out, model_type, {"B": 1, "h": 16, "w": 16}, None)
+    out, counts = fused_loaded(model, model_type)
     assert counts.get(fused, 0) > 0, f"{model}: no {fused} fused ({counts})"
     # every attention is tiled (engines/attention.py) before the optimizer, whose own contrib Attention holds the scores
     assert "Attention" not in counts, f"{model}: contrib Attention fused ({counts})"
@@ -64,7 +85,7 @@ def test_attention_tiling_infers_shapes_without_the_weights(exported_dir: Path) 
 
 
 @pytest.mark.parametrize("model, model_type", [("unet", "unet"), ("text_encoder", "clip")])
-def test_fusing_with_weights_left_on_disk_gives_the_same_graph(exported_dir: Path, tmp_path: Path, model: str, model_type: str) -> None:
+def test_fusing_with_weights_left_on_disk_gives_the_same_graph(exported_dir: Path, fused_loaded: Fused, tmp_path: Path, model: str, model_type: str) -> None:
     """Large weights stay on disk while the optimizer runs (the full SD1.5 UNet peaked at 20.3 GB with them loaded):
     the fused graph is the one fusing the loaded weights gives, node for node and weight for weight."""
     import onnx
@@ -85,10 +106,9 @@ def test_fusing_with_weights_left_on_disk_gives_the_same_graph(exported_dir: Pat
     with pytest.raises(Exception, match=PARKED):  # a pass that reads a parked weight fails loudly, never on zeros
         numpy_helper.to_array(next(t for t in light.graph.initializer if t.name in parked))
 
-    symbols = {"B": 1, "h": 16, "w": 16}
-    fuse_transformer(external / "model.onnx", tmp_path / "parked.onnx", model_type, symbols, "parked.onnx.data", park_above)
-    fuse_transformer(exported_dir / entry.file, tmp_path / "loaded.onnx", model_type, symbols, None)  # weights in the proto
-    a, b = onnx.load(str(tmp_path / "parked.onnx")), onnx.load(str(tmp_path / "loaded.onnx"))
+    fuse_transformer(external / "model.onnx", tmp_path / "parked.onnx", model_type, PINNED, "parked.onnx.data", park_above)
+    loaded_file, _ = fused_loaded(model, model_type)  # the same fusion with the weights in the proto
+    a, b = onnx.load(str(tmp_path / "parked.onnx")), onnx.load(str(loaded_file))
     assert [(n.op_type, list(n.input), list(n.output)) for n in a.graph.node] == [(n.op_type, list(n.input), list(n.output)) for n in b.graph.node]
     weights_a = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
     weights_b = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
@@ -97,5 +117,5 @@ def test_fusing_with_weights_left_on_disk_gives_the_same_graph(exported_dir: Pat
         np.testing.assert_array_equal(value, weights_b[name], err_msg=name)
     feeds = random_feeds(entry.spec, {"B": 2, "h": 8, "w": 24})
     run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)  # noqa: E731
-    for x, y in zip(run(tmp_path / "parked.onnx"), run(tmp_path / "loaded.onnx")):
+    for x, y in zip(run(tmp_path / "parked.onnx"), run(loaded_file)):
         np.testing.assert_array_equal(x, y)
