@@ -13,6 +13,9 @@ Other test files rely on these names; keep them stable.
   attention tiled). Read-only.
 - ``device_export_dir`` -> the same sources exported with ``fused_step=True`` and ``device_graphs=True``:
   ``exported_dir``'s graphs plus ``unet_step/`` and the three device graphs. Read-only.
+- ``sdxl_export`` -> ``(folder, process)``: ``tiny_models_dir``'s ``sdxl-inpainting/``, ``lcm-lora-sdxl/`` and
+  ``rmbg/`` exported by the installed ``trt-bgswap export`` in its own process with no other flag (fp32, opset 17:
+  the defaults), and that finished process. Read-only.
 
 Each is built once per session (a few seconds on CPU), when a test first asks for it. Every
 folder handed out here is checked at the end of the session: a test that wrote into one
@@ -25,6 +28,7 @@ folder handed out here is checked at the end of the session: a test that wrote i
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,6 +86,21 @@ def device_export_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFa
         precision="fp32", opset=17, fused_step=True, device_graphs=True,
     )  # fmt: skip
     yield from read_only(out)
+
+
+@pytest.fixture(scope="session")
+def sdxl_export(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, subprocess.CompletedProcess[str]]]:
+    """The SDXL family's one export per session, made as a new user makes it (issue 12): test_sdxl_cli.py checks the command,
+    test_sdxl_pipeline.py checks the graphs it wrote against diffusers."""
+    from test_run_command import trt_bgswap
+
+    root = tmp_path_factory.mktemp("sdxl-export")
+    out = root / "sdxl-export"
+    models = [("--inpaint", "sdxl-inpainting"), ("--lcm-lora", "lcm-lora-sdxl"), ("--rmbg", "rmbg")]
+    proc = trt_bgswap("export", *(a for flag, name in models for a in (flag, tiny_models_dir / name)), "--out", out, home=root / "home")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for folder in read_only(out):
+        yield folder, proc
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ native area from its UNet and VAE configs, the LCM-LoRA default from the family.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +17,18 @@ from skimage import data
 from test_run_command import trt_bgswap
 
 
-def test_sdxl_export_then_run_with_no_other_flag(tiny_models_dir: Path, tmp_path: Path) -> None:
-    home, out = tmp_path / "home", tmp_path / "sdxl-export"
-    sdxl, lora, rmbg = tiny_models_dir / "sdxl-inpainting", tiny_models_dir / "lcm-lora-sdxl", tiny_models_dir / "rmbg"
+def test_sdxl_export_then_run_with_no_other_flag(tiny_models_dir: Path, sdxl_export: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    sdxl, rmbg = tiny_models_dir / "sdxl-inpainting", tiny_models_dir / "rmbg"
 
     # without --lcm-lora the default follows the family: SDXL's LCM-LoRA, not SD1.5's (offline: the error names it)
     proc = trt_bgswap("export", "--inpaint", sdxl, "--rmbg", rmbg, "--out", tmp_path / "x", "--offline", home=home)
     assert proc.returncode != 0 and "lcm-lora-sdxl" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "x").exists()
 
-    proc = trt_bgswap("export", "--inpaint", sdxl, "--lcm-lora", lora, "--rmbg", rmbg, "--out", out, home=home)
+    # `trt-bgswap export --inpaint <sdxl> --lcm-lora <lcm-lora-sdxl> --rmbg <rmbg> --out <folder>`, run once per session
+    # in its own process (tests/conftest.py: test_sdxl_pipeline.py checks the same folder's graphs against diffusers)
+    out, proc = sdxl_export
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["inpaint"]["family"] == "sdxl"

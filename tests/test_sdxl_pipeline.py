@@ -30,12 +30,9 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def sdxl_exported(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trt_bgswap.export.exporter import export_models
-
-    out = tmp_path_factory.mktemp("sdxl") / "export"
-    export_models(tiny_models_dir / "sdxl-inpainting", tiny_models_dir / "lcm-lora-sdxl", None, out, precision="fp32", opset=17)
-    return out
+def sdxl_exported(sdxl_export: tuple[Path, object]) -> Path:
+    """The session's SDXL export (tests/conftest.py: `trt-bgswap export` with the SDXL LCM-LoRA and the tiny RMBG, fp32, opset 17)."""
+    return sdxl_export[0]
 
 
 @pytest.fixture(scope="module")
