@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from trt_bgswap.attention_pattern import AttentionNodes, find_attention
+from trt_bgswap.onnx_graph import splice_nodes
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +146,7 @@ def bound_attention(model: Any) -> Tiling:
             remove.update({index[id(t.scores)], index[id(t.softmax)]})
             result.tiled.append(RewrittenAttention(name, heads))
     if result.tiled:
-        new_nodes: list[Any] = []
-        for i, n in enumerate(graph.node):
-            if i not in remove:
-                new_nodes.extend(replace.get(i, [n]))
-        del graph.node[:]
-        graph.node.extend(new_nodes)
+        splice_nodes(graph, replace, remove)
         if not any(o.domain == MS_DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     for reason in result.left:

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from trt_bgswap.onnx_graph import splice_nodes
+
 log = logging.getLogger(__name__)
 
 SUBPIXEL_UPSAMPLING = "subpixel-v1"  # the rewrite's version: part of the CPU build's cache keys
@@ -143,12 +145,7 @@ def subpixel_upsampling(model: Any, base_dir: str | Path) -> int:
         remove.add(index[id(resize)])
     if not replace:
         return 0
-    new_nodes: list[Any] = []
-    for i, n in enumerate(graph.node):
-        if i not in remove:
-            new_nodes.extend(replace.get(i, [n]))
-    del graph.node[:]
-    graph.node.extend(new_nodes)
+    splice_nodes(graph, replace, remove)
     used = {name for n in graph.node for name in n.input}
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]

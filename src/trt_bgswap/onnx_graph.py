@@ -113,6 +113,18 @@ def all_tensors(graph: Any) -> list[Any]:
     return found
 
 
+def splice_nodes(graph: Any, replace: Mapping[int, Sequence[Any]], remove: Iterable[int] = ()) -> None:
+    """Rewrite ``graph.node`` in place: node ``i`` becomes ``replace[i]`` (in its position, keeping the order
+    topological), nodes in ``remove`` go; the others stay."""
+    dropped = set(remove)
+    new_nodes: list[Any] = []
+    for i, n in enumerate(graph.node):
+        if i not in dropped:
+            new_nodes.extend(replace.get(i, [n]))
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+
+
 def external_data_files(onnx_path: str | Path) -> list[Path]:
     """The files holding an ONNX model's external weights (sorted, each once)."""
     import onnx
