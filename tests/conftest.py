@@ -13,6 +13,10 @@ Other test files rely on these names; keep them stable.
   attention tiled). Read-only.
 - ``device_export_dir`` -> the same sources exported with ``fused_step=True`` and ``device_graphs=True``:
   ``exported_dir``'s graphs plus ``unet_step/`` and the three device graphs. Read-only.
+- ``cpu_fast_build`` -> ``(folder, report, entries, photos)``: a copy of ``exported_dir`` after its first
+  ``build_cpu_fast(rmbg_int8=True)`` (fused UNet and text encoder, int8 RMBG calibrated on ``photos``), what that
+  build returned, and the calibration photos. Read-only: build again in a copy (the engine cache is keyed by
+  content, so a copy finds what was built).
 - ``sdxl_export`` -> ``(folder, process)``: ``tiny_models_dir``'s ``sdxl-inpainting/``, ``lcm-lora-sdxl/`` and
   ``rmbg/`` exported by the installed ``trt-bgswap export`` in its own process with no other flag (fp32, opset 17:
   the defaults), and that finished process. Read-only.
@@ -128,6 +132,24 @@ def built_cpu_dir(exported_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     shutil.copytree(exported_dir, folder)
     build_engines(folder, backend="ort", provider="cpu")
     yield from read_only(folder)
+
+
+@pytest.fixture(scope="session")
+def cpu_fast_build(exported_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, object, dict, list]]:
+    """`build --cpu-fast --rmbg-int8` once per session: test_cpu_fast.py checks this first build (nothing cached yet),
+    test_loader.py runs the command on a copy (the fusions then come from the cache, the int8 RMBG is calibrated anew)."""
+    import shutil
+
+    from skimage import data
+
+    from trt_bgswap.engines.cpu_fast import build_cpu_fast
+
+    folder = tmp_path_factory.mktemp("cpu-fast") / "export"
+    shutil.copytree(exported_dir, folder)
+    photos = [data.chelsea(), data.coffee()]
+    report, entries = build_cpu_fast(folder, rmbg_int8=True, calibration_images=photos)
+    for built in read_only(folder):
+        yield built, report, entries, photos
 
 
 @pytest.fixture(scope="session")

@@ -89,14 +89,20 @@ def test_pipeline_with_fused_step_graph_matches_host_loop(fused_dir: Path, expor
     assert_within(float(np.abs(host.inpaint(rgb, mask, opts) - got).max()), tol, f"guidance={guidance}: fused step graph vs host loop")
 
 
-def test_cli_build_cpu_fast_is_what_run_opens(exported_dir: Path, tmp_path: Path) -> None:
-    """`build --cpu-fast --rmbg-int8` writes the index the runtime reads: run opens the fused and int8 graphs."""
+def test_cli_build_cpu_fast_is_what_run_opens(cpu_fast_build, tmp_path: Path) -> None:  # noqa: ANN001
+    """`build --cpu-fast --rmbg-int8` writes the index the runtime reads: run opens the fused and int8 graphs.
+
+    On a copy of the session's cpu-fast build without its index (tests/conftest.py; test_cpu_fast.py checks that
+    first build): the command finds the fused graphs in the engine cache, quantizes the RMBG for its own calibration
+    photos, and must write the index itself."""
     from PIL import Image
 
     from trt_bgswap.cli import main
 
+    built, report, _, _ = cpu_fast_build
     folder = tmp_path / "export"
-    shutil.copytree(exported_dir, folder)
+    shutil.copytree(built, folder)
+    (folder / report.index_path.relative_to(built)).unlink()
     photos = tmp_path / "calib"
     photos.mkdir()
     for name in ("astronaut", "coffee"):
