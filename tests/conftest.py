@@ -13,6 +13,8 @@ Other test files rely on these names; keep them stable.
   attention tiled). Read-only.
 - ``device_export_dir`` -> the same sources exported with ``fused_step=True`` and ``device_graphs=True``:
   ``exported_dir``'s graphs plus ``unet_step/`` and the three device graphs. Read-only.
+- ``tiny_rmbg_dir`` -> ``RMBG-1.4-tiny/``: :func:`trt_bgswap.export.tiny_rmbg.write_tiny_rmbg` with seed 0 alone
+  (RMBG-1.4's published files, ``onnx/`` included), for test_rmbg.py and test_masker.py. Read-only.
 - ``cpu_fast_build`` -> ``(folder, report, entries, photos)``: a copy of ``exported_dir`` after its first
   ``build_cpu_fast(rmbg_int8=True)`` (fused UNet and text encoder, int8 RMBG calibrated on ``photos``), what that
   build returned, and the calibration photos. Read-only: build again in a copy (the engine cache is keyed by
@@ -59,6 +61,13 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("tiny-models")
     write_tiny_models(root, seed=0)
     yield from read_only(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_rmbg_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    from trt_bgswap.export.tiny_rmbg import write_tiny_rmbg
+
+    yield from read_only(write_tiny_rmbg(tmp_path_factory.mktemp("rmbg") / "RMBG-1.4-tiny", seed=0))
 
 
 @pytest.fixture(scope="session")

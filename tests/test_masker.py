@@ -16,7 +16,7 @@ from tolerance import EIGHT_BIT_STEP, NOISE_SAMPLES, assert_within, network_tole
 
 from trt_bgswap.errors import InputImageError, ModelError
 from trt_bgswap.export.rmbg import export_rmbg
-from trt_bgswap.export.tiny_rmbg import TINY_INPUT_SIZE, write_tiny_rmbg
+from trt_bgswap.export.tiny_rmbg import TINY_INPUT_SIZE
 from trt_bgswap.manifest import Manifest
 from trt_bgswap.registry import get_variant
 from trt_bgswap.runtime.masker import Masker, find_main_output
@@ -30,14 +30,15 @@ TOL = EIGHT_BIT_STEP
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_rmbg(tmp_path_factory.mktemp("rmbg") / "RMBG-1.4-tiny", seed=0)
+def tiny(tiny_rmbg_dir: Path) -> Path:
+    """write_tiny_rmbg(seed=0): the session's folder (tests/conftest.py; read-only)."""
+    return tiny_rmbg_dir
 
 
 @pytest.fixture(scope="module")
-def exported(tiny: Path) -> Path:
+def exported(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An export folder holding only the RMBG model (from the tiny safetensors) and its manifest."""
-    folder = tiny.parent / "export"
+    folder = tmp_path_factory.mktemp("rmbg-export") / "export"
     entry, cfg = export_rmbg(tiny, folder, precision="fp32")
     Manifest(precision="fp32", opset=17, models={"rmbg": entry}, inpaint=None, rmbg=cfg).save(folder)
     return folder

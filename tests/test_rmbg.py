@@ -28,8 +28,9 @@ SEED = 0
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_rmbg(tmp_path_factory.mktemp("rmbg") / "RMBG-1.4-tiny", seed=SEED)
+def tiny(tiny_rmbg_dir: Path) -> Path:
+    """write_tiny_rmbg(seed=SEED): the session's folder (tests/conftest.py; read-only)."""
+    return tiny_rmbg_dir
 
 
 def _photo_batch(size: int, names: tuple[str, ...] = ("astronaut", "chelsea", "coffee")) -> np.ndarray:
