@@ -209,4 +209,10 @@ def test_flop_counter_counts_fused_attention_like_the_unfused_graph(exported_dir
     plain = count_flops(exported_dir / "unet" / "model.onnx", dims)
     fused = count_flops(fused_path, dims)
     assert fused.nodes.get("MultiHeadAttention", 0) + fused.nodes.get("Attention", 0) > 0
-    assert fused.total == plain.total, f"fused graph counts {fused.total} FLOPs, the export {plain.total}: by op {fused.by_op} vs {plain.by_op}"
+    # attention and the other products count the same fused or not; the fusion step also computes the
+    # upsampling convolutions on the small image (engines/upsample.py): 16 of 36 multiply-adds of those
+    attention = fused.by_op.get("MatMul", 0) + fused.by_op.get("MultiHeadAttention", 0) + fused.by_op.get("Attention", 0)
+    assert attention == plain.by_op["MatMul"] and fused.by_op.get("Gemm") == plain.by_op.get("Gemm"), (fused.by_op, plain.by_op)
+    taken_off = plain.by_op["Conv"] - fused.by_op["Conv"]
+    upsampling = 9 * taken_off / 5  # the rewritten convolutions' FLOPs in the export
+    assert taken_off > 0 and upsampling < plain.by_op["Conv"] and upsampling == int(upsampling), (fused.by_op, plain.by_op)
