@@ -22,5 +22,9 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
     echo "note: no chromium/chromedriver; the browser test will be skipped (as root: apt-get install chromium chromium-driver)" >&2
   fi
 fi
-"$VENV/bin/python" -m pytest "$@"
-exec "$VENV/bin/python" scripts/numerics_rerun.py "$@"
+# Both runs spread the tests over the cores (pytest-xdist, one worker per core, at most 4; work stealing evens out the
+# long tests): the suite is CPU-bound, and much of it single-threaded (exports, process start-ups). tests/conftest.py
+# builds each shared export once for all workers. `-n 0` (passed through) runs everything in one process.
+PARALLEL=(-n auto --maxprocesses 4 --dist worksteal)
+"$VENV/bin/python" -m pytest "${PARALLEL[@]}" "$@"
+exec "$VENV/bin/python" scripts/numerics_rerun.py "${PARALLEL[@]}" "$@"

@@ -27,16 +27,24 @@ Each is built once per session (a few seconds on CPU), when a test first asks fo
 folder handed out here is checked at the end of the session: a test that wrote into one
 (instead of into its own copy) fails there, since the next test would see its changes.
 
+Under pytest-xdist (``scripts/test.sh`` runs ``-n auto``) every worker is a session of its own: :func:`shared`
+builds each of these folders once per test run, in the run's common temporary folder, for all workers.
+
 - ``trt_gpu`` -> skips (with the reason) unless tensorrt, cuda-python and a CUDA device are all
   present; session-scoped, so it runs before (and so skips) any session-scoped export.
 """
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
+import os
+import pickle
+import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -54,36 +62,62 @@ def read_only(folder: Path) -> Iterator[Path]:
     assert not changed, f"a test changed the shared read-only folder {folder}: {changed[:10]}"
 
 
+T = TypeVar("T")
+
+
+def shared(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], T]) -> T:
+    """``build(folder)`` in a new empty folder, once per test run; what it returned (pickled for the other workers).
+
+    Why: pytest-xdist runs each worker as its own session, so every worker would repeat each session fixture's export
+    (10-30 s each on 2 cores), doubling the suite's setup. The first worker to ask builds under an exclusive lock in
+    the run's common temporary folder; the others wait for it and reuse the folder. A build that raised left no
+    result, so the next worker to ask builds again (in a clean folder) and meets the same error."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return build(tmp_path_factory.mktemp(name))
+    root = tmp_path_factory.getbasetemp().parent / "shared"
+    root.mkdir(exist_ok=True)
+    folder, result = root / name, root / f"{name}.pickle"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if result.exists():
+            return pickle.loads(result.read_bytes())
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        value = build(folder)
+        partial = root / f"{name}.pickle.partial"
+        partial.write_bytes(pickle.dumps(value))
+        partial.replace(result)
+        return value
+
+
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from trt_bgswap.export.tiny import write_tiny_models
 
-    root = tmp_path_factory.mktemp("tiny-models")
-    write_tiny_models(root, seed=0)
-    yield from read_only(root)
+    def build(root: Path) -> Path:
+        write_tiny_models(root, seed=0)
+        return root
+
+    yield from read_only(shared(tmp_path_factory, "tiny-models", build))
 
 
 @pytest.fixture(scope="session")
 def tiny_rmbg_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from trt_bgswap.export.tiny_rmbg import write_tiny_rmbg
 
-    yield from read_only(write_tiny_rmbg(tmp_path_factory.mktemp("rmbg") / "RMBG-1.4-tiny", seed=0))
+    yield from read_only(shared(tmp_path_factory, "rmbg", lambda root: write_tiny_rmbg(root / "RMBG-1.4-tiny", seed=0)))
 
 
 @pytest.fixture(scope="session")
 def exported_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     from trt_bgswap.export.exporter import export_models
 
-    out = tmp_path_factory.mktemp("exported") / "export"
-    export_models(
-        tiny_models_dir / "sd-inpainting",
-        tiny_models_dir / "lcm-lora",
-        tiny_models_dir / "rmbg",
-        out,
-        precision="fp32",
-        opset=17,
-    )
-    yield from read_only(out)
+    def build(root: Path) -> Path:
+        out = root / "export"
+        export_models(tiny_models_dir / "sd-inpainting", tiny_models_dir / "lcm-lora", tiny_models_dir / "rmbg", out, precision="fp32", opset=17)
+        return out
+
+    yield from read_only(shared(tmp_path_factory, "exported", build))
 
 
 @pytest.fixture(scope="session")
@@ -93,12 +127,15 @@ def device_export_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFa
     test_loader.py, test_unet_step.py)."""
     from trt_bgswap.export.exporter import export_models
 
-    out = tmp_path_factory.mktemp("device-export") / "export"
-    export_models(
-        tiny_models_dir / "sd-inpainting", tiny_models_dir / "lcm-lora", tiny_models_dir / "rmbg", out,
-        precision="fp32", opset=17, fused_step=True, device_graphs=True,
-    )  # fmt: skip
-    yield from read_only(out)
+    def build(root: Path) -> Path:
+        out = root / "export"
+        export_models(
+            tiny_models_dir / "sd-inpainting", tiny_models_dir / "lcm-lora", tiny_models_dir / "rmbg", out,
+            precision="fp32", opset=17, fused_step=True, device_graphs=True,
+        )  # fmt: skip
+        return out
+
+    yield from read_only(shared(tmp_path_factory, "device-export", build))
 
 
 @pytest.fixture(scope="session")
@@ -107,11 +144,14 @@ def sdxl_export(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     test_sdxl_pipeline.py checks the graphs it wrote against diffusers."""
     from test_run_command import trt_bgswap
 
-    root = tmp_path_factory.mktemp("sdxl-export")
-    out = root / "sdxl-export"
-    models = [("--inpaint", "sdxl-inpainting"), ("--lcm-lora", "lcm-lora-sdxl"), ("--rmbg", "rmbg")]
-    proc = trt_bgswap("export", *(a for flag, name in models for a in (flag, tiny_models_dir / name)), "--out", out, home=root / "home")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    def build(root: Path) -> tuple[Path, subprocess.CompletedProcess[str]]:
+        out = root / "sdxl-export"
+        models = [("--inpaint", "sdxl-inpainting"), ("--lcm-lora", "lcm-lora-sdxl"), ("--rmbg", "rmbg")]
+        proc = trt_bgswap("export", *(a for flag, name in models for a in (flag, tiny_models_dir / name)), "--out", out, home=root / "home")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return out, proc
+
+    out, proc = shared(tmp_path_factory, "sdxl-export", build)
     for folder in read_only(out):
         yield folder, proc
 
@@ -121,42 +161,48 @@ def exported_tiny_vae_dir(tiny_models_dir: Path, tmp_path_factory: pytest.TempPa
     """The tiny models exported with ``--vae tiny``: the tiny TAESD encodes and decodes (issue 15)."""
     from trt_bgswap.export.exporter import export_models
 
-    out = tmp_path_factory.mktemp("exported-tiny-vae") / "export"
-    export_models(
-        tiny_models_dir / "sd-inpainting", tiny_models_dir / "lcm-lora", tiny_models_dir / "rmbg", out,
-        precision="fp32", opset=17, tiny_vae_src=tiny_models_dir / "taesd",
-    )  # fmt: skip
-    yield from read_only(out)
+    def build(root: Path) -> Path:
+        out = root / "export"
+        export_models(
+            tiny_models_dir / "sd-inpainting", tiny_models_dir / "lcm-lora", tiny_models_dir / "rmbg", out,
+            precision="fp32", opset=17, tiny_vae_src=tiny_models_dir / "taesd",
+        )  # fmt: skip
+        return out
+
+    yield from read_only(shared(tmp_path_factory, "exported-tiny-vae", build))
 
 
 @pytest.fixture(scope="session")
 def built_cpu_dir(exported_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A copy of ``exported_dir`` after ``trt-bgswap build`` for ONNX Runtime on the CPU: the graphs the
     runtime then opens, attention tiled by ``com.microsoft.MultiHeadAttention`` (engines/attention.py)."""
-    import shutil
-
     from trt_bgswap.engines.build import build_engines
 
-    folder = tmp_path_factory.mktemp("built-cpu") / "export"
-    shutil.copytree(exported_dir, folder)
-    build_engines(folder, backend="ort", provider="cpu")
-    yield from read_only(folder)
+    def build(root: Path) -> Path:
+        folder = root / "export"
+        shutil.copytree(exported_dir, folder)
+        build_engines(folder, backend="ort", provider="cpu")
+        return folder
+
+    yield from read_only(shared(tmp_path_factory, "built-cpu", build))
 
 
 @pytest.fixture(scope="session")
 def cpu_fast_build(exported_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, object, dict, list]]:
     """`build --cpu-fast --rmbg-int8` once per session: test_cpu_fast.py checks this first build (nothing cached yet),
     test_loader.py runs the command on a copy (the fusions then come from the cache, the int8 RMBG is calibrated anew)."""
-    import shutil
-
     from skimage import data
 
     from trt_bgswap.engines.cpu_fast import build_cpu_fast
 
-    folder = tmp_path_factory.mktemp("cpu-fast") / "export"
-    shutil.copytree(exported_dir, folder)
-    photos = [data.chelsea(), data.coffee()]
-    report, entries = build_cpu_fast(folder, rmbg_int8=True, calibration_images=photos)
+    def build(root: Path) -> tuple[Path, object, dict, list]:
+        folder = root / "export"
+        shutil.copytree(exported_dir, folder)
+        photos = [data.chelsea(), data.coffee()]
+        report, entries = build_cpu_fast(folder, rmbg_int8=True, calibration_images=photos)
+        return folder, report, entries, photos
+
+    folder, report, entries, photos = shared(tmp_path_factory, "cpu-fast", build)
     for built in read_only(folder):
         yield built, report, entries, photos
 
