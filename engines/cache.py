@@ -242,7 +242,10 @@ class EngineCache:
             with atomic_path(path) as tmp:
                 companions = list(write(tmp))
         except BaseException:
-            for orphan in path.parent.glob(self.companion_name(artifact, key, "*")):
+            # This key's partial files go, and so do the old entry's companions: with its sidecar gone nothing
+            # vouches for them, and no later build would know to remove them (a UNet's weights: 3.5 GB left behind).
+            old_companions = [n for n in _sidecar_files(old_side) if n != path.name]
+            for orphan in [*path.parent.glob(self.companion_name(artifact, key, "*")), *(path.parent / n for n in old_companions)]:
                 with contextlib.suppress(FileNotFoundError):
                     orphan.unlink()
             raise
@@ -258,7 +261,7 @@ class EngineCache:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_text_atomic(self.sidecar(model, artifact), json.dumps(side, indent=2, sort_keys=True) + "\n")
-        for name in old_side.get("files", {}) if isinstance(old_side.get("files"), dict) else {}:
+        for name in _sidecar_files(old_side):
             if name not in files:
                 with contextlib.suppress(FileNotFoundError):
                     (path.parent / name).unlink()
@@ -268,3 +271,9 @@ class EngineCache:
     def companion_name(artifact: str, key: CacheKey, suffix: str) -> str:
         """A companion file name unique to this key, e.g. ``model.opt.onnx.1a2b3c4d5e6f.data``."""
         return f"{artifact}.{key.digest[:12]}{suffix}"
+
+
+def _sidecar_files(side: dict[str, Any]) -> list[str]:
+    """The file names an entry's sidecar lists (none for a missing or foreign one); never a path outside its folder."""
+    files = side.get("files")
+    return [n for n in files if isinstance(n, str) and n == Path(n).name] if isinstance(files, dict) else []

@@ -9,6 +9,7 @@ here with ONNX's type rules (:func:`tensor_dtypes`); a cut where one is unknown 
 
 from __future__ import annotations
 
+import glob
 import logging
 import math
 from collections.abc import Sequence
@@ -176,6 +177,10 @@ def split_graph(graph_path: Path, parts: int, model: Any = None) -> list[GraphPa
         available |= produced
     with atomic_path(parts_manifest_path(graph_path)) as tmp:
         tmp.write_text(manifest_json(graph_path, written))
+    current = {p.file for p in written}
+    for stale in graph_path.parent.glob(f"{glob.escape(graph_path.name)}.part*of*.onnx"):  # an earlier build's cut
+        if stale.name not in current:
+            stale.unlink(missing_ok=True)
     log.info(
         "%s: %d parts for --low-memory (%s of weights)", graph_path.name, len(written), ", ".join(f"{p.weight_bytes / 2**30:.2f} GiB" for p in written)
     )

@@ -225,3 +225,25 @@ def test_graph_hash_of_a_corrupt_file_is_a_model_error(tmp_path: Path) -> None:
     bad.write_bytes(b"\x08\xff\xff\xff garbage")
     with pytest.raises(ModelError, match="not a readable ONNX model"):
         onnx_graph_hash(bad)
+
+
+def test_a_failed_rebuild_leaves_no_orphaned_weights(cache: EngineCache) -> None:
+    """A rebuild that fails (an exception in the builder) un-vouches the old entry; its weights file goes with it,
+    since no later build would know it (a full UNet's companion is 3.5 GB)."""
+    k1, k2 = key_with(), key_with(precision="fp32")
+
+    def write_k1(tmp: Path) -> list[str]:
+        name = EngineCache.companion_name(ARTIFACT, k1, ".data")
+        (tmp.parent / name).write_bytes(b"weights")
+        tmp.write_bytes(b"graph")
+        return [name]
+
+    def crash(tmp: Path) -> list[str]:
+        (tmp.parent / EngineCache.companion_name(ARTIFACT, k2, ".data")).write_bytes(b"half")
+        raise ValueError("the builder refused a weights file")
+
+    cache.store("unet", ARTIFACT, k1, write_k1)
+    with pytest.raises(ValueError):
+        cache.store("unet", ARTIFACT, k2, crash)
+    assert [p.name for p in cache.path("unet", ARTIFACT).parent.iterdir()] == [ARTIFACT]
+    assert not cache.lookup("unet", ARTIFACT, k1).hit

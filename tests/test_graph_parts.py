@@ -135,3 +135,15 @@ def test_the_build_cuts_only_graphs_above_the_part_size(built_cpu_dir: Path, tmp
     ensure_parts([unet], part_bytes=weights // 2)
     parts = read_parts(unet)
     assert parts is not None and len(parts) >= 2
+
+
+def test_a_new_cut_removes_the_previous_parts(parted_dir: Path, tmp_path: Path) -> None:
+    """A rebuild cut into another number of parts leaves only its own part files beside the graph."""
+    folder = tmp_path / "export"
+    shutil.copytree(parted_dir, folder)
+    unet = built_unet(folder)
+    assert len(list(unet.parent.glob(f"{unet.name}.part*of{PARTS}.onnx"))) == PARTS
+    parts = split_graph(unet, PARTS - 1)
+    assert parts is not None and len(parts) == PARTS - 1
+    assert sorted(p.name for p in unet.parent.glob(f"{unet.name}.part*of*.onnx")) == sorted(p.file for p in parts)
+    assert read_parts(unet) is not None
