@@ -37,6 +37,7 @@ from trt_bgswap.engines.attention import TILED_ATTENTION, attention_kind
 from trt_bgswap.engines.build import BuildReport, BuiltModel, build_engines
 from trt_bgswap.engines.cache import EngineCache, onnx_graph_hash, onnxruntime_key
 from trt_bgswap.engines.upsample import SUBPIXEL_UPSAMPLING
+from trt_bgswap.engines.winograd import cache_tag as winograd_tag
 from trt_bgswap.engines.fusion import DEFAULT_FUSED, FUSION_MODEL_TYPES, FUSION_VERSION, fuse_transformer
 from trt_bgswap.engines.ort_build import host_fingerprint, keeps_weights_mapped, onnxruntime_version, optimize_offline
 from trt_bgswap.engines.parity import compare_graphs, random_feeds
@@ -79,7 +80,7 @@ def _fused_entry(
         onnx_graph_hash(onnx_path), "cpu", "all", onnxruntime_version(), host_fingerprint(),
         extra={
             "transformer_fusion": model_type, "fusion_version": FUSION_VERSION, "pinned": dict(symbols), "attention": TILED_ATTENTION,
-            "upsample": SUBPIXEL_UPSAMPLING,
+            "upsample": SUBPIXEL_UPSAMPLING, "winograd": winograd_tag(),
         },
     )  # fmt: skip
     found = cache.lookup(name, FUSED_NAME, key)

@@ -33,6 +33,7 @@ import numpy as np
 
 from trt_bgswap.engines.attention import bound_attention
 from trt_bgswap.engines.upsample import subpixel_upsampling
+from trt_bgswap.engines.winograd import winograd_convolutions
 from trt_bgswap.errors import BackendUnavailable, UsageError
 from trt_bgswap.onnx_graph import pin_symbols, write_with_external_data
 
@@ -194,6 +195,7 @@ def fuse_transformer(
         parked = {}
     unpark_weights(model, parked)
     subpixel_upsampling(model, onnx_path.parent)  # after the optimizer: its passes need not know the phase convolutions
+    winograd_convolutions(model, onnx_path.parent)  # after the sub-pixel rewrite, which leaves 2x2 kernels alone
     if data_name is not None:
         write_with_external_data(model, onnx_path.parent, out_path, data_name)
     else:

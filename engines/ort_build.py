@@ -38,6 +38,8 @@ from trt_bgswap.runtime.ort_backend import PROVIDER_NAMES, available_providers
 
 from trt_bgswap.engines.attention import TILED_ATTENTION, attention_kind, bound_attention
 from trt_bgswap.engines.upsample import SUBPIXEL_UPSAMPLING, subpixel_upsampling
+from trt_bgswap.engines.winograd import cache_tag as winograd_tag
+from trt_bgswap.engines.winograd import winograd_convolutions
 from trt_bgswap.engines.cache import CacheKey, EngineCache, onnxruntime_key
 from trt_bgswap.onnx_graph import external_data_files
 from trt_bgswap.engines.profiles import envelope
@@ -209,7 +211,7 @@ def ort_key(
     """The cache key of one model's ONNX Runtime artifact; only parts that affect it are included."""
     if provider == "cpu":
         host_part = host if level in HOST_SPECIFIC_LEVELS else "any"
-        return onnxruntime_key(onnx_hash, provider, level, ort_version, host_part, extra={"attention": TILED_ATTENTION, "upsample": SUBPIXEL_UPSAMPLING})
+        return onnxruntime_key(onnx_hash, provider, level, ort_version, host_part, extra={"attention": TILED_ATTENTION, "upsample": SUBPIXEL_UPSAMPLING, "winograd": winograd_tag()})
     if provider == "cuda":
         return onnxruntime_key(onnx_hash, provider, level, ort_version, "any")
     return onnxruntime_key(
@@ -270,8 +272,9 @@ def prepare_ort_model(
 
 @contextlib.contextmanager
 def _cpu_graph(onnx_path: Path, provider: str) -> Iterator[Path]:
-    """The graph to optimize: on the CPU with its attention tiled (engines/attention.py) and its upsampling
-    convolutions on the small image (engines/upsample.py); for other providers as exported."""
+    """The graph to optimize: on the CPU with its attention tiled (engines/attention.py), its upsampling
+    convolutions on the small image (engines/upsample.py) and its wide 3x3 convolutions as Winograd
+    F(2x2, 3x3) (engines/winograd.py); for other providers as exported."""
     if provider != "cpu":
         yield onnx_path
         return
@@ -279,6 +282,7 @@ def _cpu_graph(onnx_path: Path, provider: str) -> Iterator[Path]:
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     changed = bool(bound_attention(model).tiled) | bool(subpixel_upsampling(model, onnx_path.parent))
+    changed |= bool(winograd_convolutions(model, onnx_path.parent))  # after the sub-pixel rewrite, which leaves 2x2 kernels alone
     if not changed:
         yield onnx_path
         return

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from trt_bgswap.onnx_graph import splice_nodes
+from trt_bgswap.onnx_graph import keep_used_initializers, splice_nodes
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +146,6 @@ def subpixel_upsampling(model: Any, base_dir: str | Path) -> int:
     if not replace:
         return 0
     splice_nodes(graph, replace, remove)
-    used = {name for n in graph.node for name in n.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend([*kept, *new_weights])
+    keep_used_initializers(graph, new_weights)
     log.info("%d nearest-2x upsampling convolution(s) now run on the small image (2.25x fewer multiply-adds)", len(replace))
     return len(replace)

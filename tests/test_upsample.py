@@ -135,6 +135,8 @@ def test_the_cpu_build_runs_every_upsampling_on_the_small_image(exported_dir: Pa
     assert index is not None
     for name in ("unet", "vae_decoder"):
         exported = [n.op_type for n in onnx.load(str(exported_dir / name / "model.onnx"), load_external_data=False).graph.node]
-        built = [n.op_type for n in onnx.load(str(index[name].resolve(built_cpu_dir / ENGINES_DIR)), load_external_data=False).graph.node]
+        nodes = onnx.load(str(index[name].resolve(built_cpu_dir / ENGINES_DIR)), load_external_data=False).graph.node
+        built = [n.op_type for n in nodes]
+        interleaves = [n for n in nodes if n.op_type == "DepthToSpace" and n.name.endswith(".subpixel_interleave")]  # Winograd's are others
         assert exported.count("Resize") >= 1, f"{name}: the tiny model should upsample"
-        assert built.count("DepthToSpace") == exported.count("Resize") and "Resize" not in built, (name, built.count("DepthToSpace"))
+        assert len(interleaves) == exported.count("Resize") and "Resize" not in built, (name, len(interleaves))

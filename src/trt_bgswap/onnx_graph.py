@@ -125,6 +125,14 @@ def splice_nodes(graph: Any, replace: Mapping[int, Sequence[Any]], remove: Itera
     graph.node.extend(new_nodes)
 
 
+def keep_used_initializers(graph: Any, added: Sequence[Any] = ()) -> None:
+    """After a rewrite: drop the initializers no node reads any more, then append the rewrite's ``added`` ones."""
+    used = {name for n in graph.node for name in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend([*kept, *added])
+
+
 def external_data_files(onnx_path: str | Path) -> list[Path]:
     """The files holding an ONNX model's external weights (sorted, each once)."""
     import onnx
