@@ -8,7 +8,8 @@ threads, RMBG at its export's size), on a work folder that ``trt-bgswap bench --
 filled (``models-full/``, ``export-full/`` built, ``photo.png``): a full benchmark takes half
 an hour, a cold start is a minute or two. Sides alternate (ours, baseline, ours, ...) so a slow
 spell of a shared machine hits both; each side's figure is its median, every sample is kept,
-and the load average is recorded before and after.
+and the load average is recorded before and after. ``--compare FOLDER`` adds a third side: the same
+export built with other settings (e.g. ``TRT_BGSWAP_WINOGRAD_MIN_CHANNELS=320``), in the same rounds.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--out", type=Path)
+    p.add_argument("--compare", type=Path, help="another build of the same export (e.g. with other build settings): a third side, 'ours (compare)'")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     work = args.work
@@ -54,6 +56,10 @@ def main() -> int:
         "ours": lambda: cold_start_ours(export_dir, *common, provider="cpu"),
         "baseline": lambda: cold_start_baseline(sources, *common, rmbg_size=manifest.rmbg.input_size[0]),
     }
+    if args.compare is not None:
+        if not (args.compare / "manifest.json").is_file():
+            sys.exit(f"error: --compare {args.compare} is not an exported folder (no manifest.json)")
+        runs["ours (compare)"] = lambda: cold_start_ours(args.compare, photo, work / "compare", PROMPT, args.steps, 1.0, size, args.threads, provider="cpu")
     load_before = os.getloadavg()
     started = time.time()
     errors: list[str] = []
@@ -68,9 +74,13 @@ def main() -> int:
     }
     if "ours" in cold and "baseline" in cold:
         result["ratio_of_medians"] = cold["ours"]["to_first_image"] / cold["baseline"]["to_first_image"]
-        for side in ("ours", "baseline"):
+        for side in cold:
             logging.info("%s: median %.1f s of %s", side, cold[side]["to_first_image"], ", ".join(f"{x:.1f}" for x in cold[side]["samples"]))
         logging.info("ours / baseline: %.3fx", result["ratio_of_medians"])
+        if "ours (compare)" in cold:
+            result["compare"] = str(args.compare)
+            result["compare_ratio_of_medians"] = cold["ours (compare)"]["to_first_image"] / cold["baseline"]["to_first_image"]
+            logging.info("ours (compare: %s) / baseline: %.3fx", args.compare, result["compare_ratio_of_medians"])
     text = json.dumps(result, indent=2) + "\n"
     if args.out:
         write_text_atomic(args.out, text)

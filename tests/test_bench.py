@@ -198,9 +198,14 @@ def test_flop_counter_matches_pytorch(exported_dir: Path, tiny_models_dir: Path,
     assert ours.total == ref, f"{model}: ONNX count {ours.total} vs torch FlopCounterMode {ref} (diff {ours.total - ref})"
 
 
-def test_flop_counter_counts_fused_attention_like_the_unfused_graph(exported_dir: Path, tmp_path: Path) -> None:
+def test_flop_counter_counts_fused_attention_like_the_unfused_graph(exported_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from trt_bgswap.benchmarking.flops import count_flops
     from trt_bgswap.engines.fusion import fuse_transformer
+    from trt_bgswap.engines.winograd import MIN_CHANNELS_ENV
+
+    # the product's fused graph: the Winograd rewrite (opt-in; the suite turns it on) changes what the convolutions
+    # cost by design, and its shape-computed tiles are beyond the counter's static shapes (the bench counts the export)
+    monkeypatch.setenv(MIN_CHANNELS_ENV, "0")
 
     dims = {"sample": [1, 9, 16, 16], "timestep": [1], "encoder_hidden_states": [1, 77, 32]}
     fused_path = tmp_path / "fused.onnx"
