@@ -195,7 +195,7 @@ def _winograd_nodes(x: str, y: str, stem: str, weight: np.ndarray, bias: np.ndar
     v = g.op("MatMul", [g.const("BT", input_transform().astype(dtype)), flat], "V")  # (N, 16, Cin th tw)
     v4 = g.op("Reshape", [v, g.ints("v_shape", 0, 16, cin, -1)], "V4")
     # The kernels are transformed at run time, one layer at a time: stored, G g G^T would take 16/9 of the
-    # weights (+1.6 GB for the SD1.5 UNet, beyond the default mode's memory target), while transforming
+    # weights (+1.7 GB of VmHWM with every SD1.5 UNet layer rewritten, measured), while transforming
     # them is one pass over the layer's weights, small beside its GEMMs (benchmarks/README.md). A zero
     # computed from the input's shape keeps ONNX Runtime's constant folding from storing the product.
     batch = g.op("Cast", [n], "batch_f", to=_onnx_type(dtype))
