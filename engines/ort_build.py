@@ -38,8 +38,7 @@ from trt_bgswap.runtime.ort_backend import PROVIDER_NAMES, available_providers
 
 from trt_bgswap.engines.attention import TILED_ATTENTION, attention_kind, bound_attention
 from trt_bgswap.engines.upsample import SUBPIXEL_UPSAMPLING, subpixel_upsampling
-from trt_bgswap.engines.winograd import cache_tag as winograd_tag
-from trt_bgswap.engines.winograd import winograd_convolutions
+from trt_bgswap.engines.winograd import cache_tag as winograd_tag, winograd_convolutions
 from trt_bgswap.engines.cache import CacheKey, EngineCache, onnxruntime_key
 from trt_bgswap.onnx_graph import external_data_files
 from trt_bgswap.engines.profiles import envelope
