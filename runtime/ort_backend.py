@@ -18,6 +18,7 @@ import numpy as np
 from trt_bgswap.errors import BackendUnavailable, ModelError
 from trt_bgswap.specs import ModelSpec
 from trt_bgswap.runtime.engine import Engine
+from trt_bgswap.runtime.page_cache import read_ahead, weights_beside
 
 if TYPE_CHECKING:
     from trt_bgswap.runtime.residency import Residency
@@ -164,6 +165,8 @@ class OrtEngine(Engine):
             raise ModelError(f"{self.path}: model file missing; re-run `trt-bgswap export`")
         ort = _ort()
         providers = select_providers(self.provider, ort.get_available_providers(), self.provider_options)
+        if not self.prepack:  # weights run from their mapping: read them now, not page by page in the first run
+            read_ahead(weights_beside(self.path))
         try:
             self.session = ort.InferenceSession(
                 str(self.path),
