@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from trt_bgswap.atomic import atomic_path
-from trt_bgswap.graph_parts import GraphPart, manifest_json, parts_manifest_path, read_parts
+from trt_bgswap.graph_parts import PARTS_VERSION, GraphPart, manifest_json, parts_manifest_path, read_parts
 from trt_bgswap.onnx_graph import elem_type
 from trt_bgswap.specs import ONNX_TYPES
 
@@ -30,6 +30,9 @@ _ONNX_TO_DTYPE = {elem_type(d): d for d in ONNX_TYPES}  # the element types a pa
 PART_BYTES = 5 * 2**30 // 4
 # How far past a part's target (in nodes) a cut may move to find one whose crossing tensors all have known dtypes.
 CUT_SEARCH = 400
+# A part's weight ranges closer than this are read as one range (alignment padding; the full SD1.5 UNet's
+# parts come out as 32-47 ranges each, their sum within 0.1 % of the part's weight bytes).
+MERGE_GAP = 64 << 10
 
 _INT64_OPS = {"Shape", "Size", "NonZero", "ArgMax", "ArgMin"}
 _BOOL_OPS = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf"}
@@ -117,6 +120,31 @@ def _plan_cuts(graph: Any, parts: int, types: dict[str, int]) -> list[int] | Non
     return cuts
 
 
+def weight_ranges(initializers: Sequence[Any], merge_gap: int = MERGE_GAP) -> tuple[tuple[str, int, int], ...]:
+    """The external-data byte ranges ``initializers`` reference, per file, sorted, merged where less than ``merge_gap`` apart."""
+    from onnx import TensorProto
+
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for t in initializers:
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        ext = {e.key: e.value for e in t.external_data}
+        spans.setdefault(ext["location"], []).append((int(ext.get("offset", 0)), int(ext["length"])))
+    merged: list[tuple[str, int, int]] = []
+    for location in sorted(spans):
+        start = end = -1
+        for offset, length in sorted(spans[location]):
+            if start >= 0 and offset - end < merge_gap:
+                end = max(end, offset + length)
+                continue
+            if start >= 0:
+                merged.append((location, start, end - start))
+            start, end = offset, offset + length
+        if start >= 0:
+            merged.append((location, start, end - start))
+    return tuple(merged)
+
+
 def split_graph(graph_path: Path, parts: int, model: Any = None) -> list[GraphPart] | None:
     """Write ``parts`` part graphs and their manifest beside ``graph_path``; None when the graph cannot be cut (it then runs whole).
 
@@ -172,6 +200,7 @@ def split_graph(graph_path: Path, parts: int, model: Any = None) -> list[GraphPa
                 tuple((i, _ONNX_TO_DTYPE[types[i]]) for i in ins),
                 tuple((o, _ONNX_TO_DTYPE[types[o]]) for o in outs),
                 sum(_tensor_bytes(t) for t in part_inits),
+                weight_ranges(part_inits),
             )
         )
         available |= produced
@@ -192,12 +221,12 @@ def parts_for(weights_bytes: int, part_bytes: int = PART_BYTES) -> int:
 
 
 def ensure_parts(graph_paths: Sequence[Path], part_bytes: int = PART_BYTES) -> None:
-    """Cut every CPU graph whose weights exceed ``part_bytes`` (once: a current set of parts is kept)."""
+    """Cut every CPU graph whose weights exceed ``part_bytes`` (once: a set of the current version is kept)."""
     import onnx
 
     for path in graph_paths:
         path = Path(path)
         model = onnx.load(str(path), load_external_data=False)
         n = parts_for(sum(_tensor_bytes(t) for t in model.graph.initializer), part_bytes)
-        if n > 1 and read_parts(path) is None:
+        if n > 1 and read_parts(path, versions=(PARTS_VERSION,)) is None:
             split_graph(path, n, model)

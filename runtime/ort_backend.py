@@ -18,7 +18,7 @@ import numpy as np
 from trt_bgswap.errors import BackendUnavailable, ModelError
 from trt_bgswap.specs import ModelSpec
 from trt_bgswap.runtime.engine import Engine
-from trt_bgswap.runtime.page_cache import read_ahead, weights_beside
+from trt_bgswap.runtime.page_cache import read_ahead, read_ahead_ranges, weights_beside
 
 if TYPE_CHECKING:
     from trt_bgswap.runtime.residency import Residency
@@ -112,6 +112,7 @@ class OrtEngine(Engine):
         graph_optimization: str = "all",
         optimized_model_path: Path | None = None,
         prepack: bool = True,
+        weight_ranges: Sequence[tuple[Path, int, int]] | None = None,
     ) -> None:
         super().__init__(spec, path)
         self.provider = provider
@@ -120,6 +121,7 @@ class OrtEngine(Engine):
         self.graph_optimization = graph_optimization
         self.optimized_model_path = optimized_model_path
         self.prepack = prepack  # False: weights run from their memory-mapped file (the build's choice, engines.ort_build.keeps_weights_mapped)
+        self.weight_ranges = weight_ranges  # what to read ahead when prepack is False; None: the weights files beside the graph
         self.session: Any = None
         self._output_names: list[str] = []
         self._run_options: Any = None
@@ -166,7 +168,10 @@ class OrtEngine(Engine):
         ort = _ort()
         providers = select_providers(self.provider, ort.get_available_providers(), self.provider_options)
         if not self.prepack:  # weights run from their mapping: read them now, not page by page in the first run
-            read_ahead(weights_beside(self.path))
+            if self.weight_ranges is None:
+                read_ahead(weights_beside(self.path))
+            else:
+                read_ahead_ranges(self.weight_ranges)
         try:
             self.session = ort.InferenceSession(
                 str(self.path),
@@ -216,6 +221,7 @@ class OrtEngine(Engine):
                     OrtEngine(
                         part_spec(self.spec, i, part), self.path.parent / part.file, self.provider, self.provider_options,
                         self.intra_op_threads, self.graph_optimization, prepack=self.prepack,
+                        weight_ranges=[(self.path.parent / f, offset, length) for f, offset, length in part.weight_ranges],
                     ),
                     f"{name}.part{i}",
                     residency,

@@ -37,22 +37,32 @@ def weights_beside(graph: Path) -> list[Path]:
 
 
 def read_ahead(paths: Iterable[Path]) -> int:
-    """Bring ``paths`` into the page cache and return when they are there (bytes covered); a no-op off POSIX."""
+    """Bring the whole of each of ``paths`` into the page cache and return when they are there (bytes covered)."""
+    return read_ahead_ranges((p, 0, None) for p in paths)
+
+
+def read_ahead_ranges(ranges: Iterable[tuple[Path, int, int | None]]) -> int:
+    """Bring each ``(path, offset, length)`` into the page cache (length None: to the end); a no-op off POSIX.
+
+    A graph cut into parts for ``--low-memory`` reads only its part's ranges of the shared weights
+    file (:class:`trt_bgswap.graph_parts.GraphPart`), not the whole file at every part's open."""
     if not hasattr(os, "posix_fadvise"):  # Windows, macOS: the first run reads them as before
         return 0
     total, t0 = 0, time.perf_counter()
-    for path in paths:
+    for path, offset, length in ranges:
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as e:
             log.debug("%s: not read ahead (%s)", path, e)
             continue
         try:
-            size = os.fstat(fd).st_size
-            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_WILLNEED)  # the kernel reads ahead sequentially
-            for offset in range(0, size, STRIDE):
-                os.pread(fd, 1, offset)
-            total += size
+            end = os.fstat(fd).st_size if length is None else min(offset + length, os.fstat(fd).st_size)
+            if end <= offset:
+                continue
+            os.posix_fadvise(fd, offset, end - offset, os.POSIX_FADV_WILLNEED)  # the kernel reads ahead sequentially
+            for at in range(offset, end, STRIDE):
+                os.pread(fd, 1, at)
+            total += end - offset
         except OSError as e:  # a file system without fadvise: the mapping's faults read it later
             log.debug("%s: not read ahead (%s)", path, e)
         finally:

@@ -8,8 +8,10 @@ size the build cuts (PART_BYTES), so the tests cut it on purpose.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,8 @@ from PIL import Image
 from skimage import data
 
 from trt_bgswap.build_index import read_index
-from trt_bgswap.engines.graph_split import ensure_parts, split_graph, tensor_dtypes
+from page_residency import cached_fraction, evict
+from trt_bgswap.engines.graph_split import MERGE_GAP, ensure_parts, split_graph, tensor_dtypes, weight_ranges
 from trt_bgswap.graph_parts import parts_manifest_path, read_parts
 from trt_bgswap.manifest import Manifest
 from trt_bgswap.runtime.graph_parts_engine import PartsEngine
@@ -67,6 +70,85 @@ def test_the_parts_reference_the_weights_file_and_cover_the_graph(parted_dir: Pa
         inline = [t.name for t in g.initializer if t.data_location != onnx.TensorProto.EXTERNAL and len(t.raw_data) >= 1024]
         assert not inline, f"{p.file} holds weights instead of referencing the whole graph's file: {inline[:3]}"
     assert nodes == len(whole.graph.node)
+
+
+def test_each_part_lists_the_weight_bytes_it_reads(parted_dir: Path) -> None:
+    unet = built_unet(parted_dir)
+    parts = read_parts(unet)
+    assert parts is not None
+    data = unet.name + ".data"
+    for p in parts:
+        assert p.weight_ranges and all(f == data for f, _, _ in p.weight_ranges), p.weight_ranges
+        starts = [o for _, o, _ in p.weight_ranges]
+        assert starts == sorted(starts) and all(a + n + MERGE_GAP <= b for (_, a, n), (_, b, _) in zip(p.weight_ranges, p.weight_ranges[1:]))
+        for t in onnx.load(str(unet.parent / p.file), load_external_data=False).graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            ext = {e.key: int(e.value) for e in t.external_data if e.key in ("offset", "length")}
+            lo, hi = ext.get("offset", 0), ext.get("offset", 0) + ext["length"]
+            assert any(o <= lo and hi <= o + n for _, o, n in p.weight_ranges), f"{p.file}: {t.name} [{lo}, {hi}) is in no range"
+
+
+def test_weight_ranges_merge_neighbours_per_file() -> None:
+    def external(name: str, location: str, offset: int, length: int) -> onnx.TensorProto:
+        t = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT, dims=[length // 4], data_location=onnx.TensorProto.EXTERNAL)
+        for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+            t.external_data.add(key=k, value=v)
+        return t
+
+    inline = onnx.numpy_helper.from_array(np.zeros(3, np.float32), "inline")
+    inits = [external("c", "a.data", 5000, 100), external("a", "a.data", 0, 4096), external("b", "a.data", 4096 + 64, 400), external("d", "b.data", 0, 8), inline]
+    assert weight_ranges(inits, merge_gap=1000) == (("a.data", 0, 5100), ("b.data", 0, 8))
+    assert weight_ranges(inits, merge_gap=64) == (("a.data", 0, 4096), ("a.data", 4160, 400), ("a.data", 5000, 100), ("b.data", 0, 8))
+
+
+def test_parts_without_weight_ranges_still_run(parted_dir: Path, tmp_path: Path) -> None:
+    """A version-1 manifest (before the ranges) is read; the build cuts it again to add them."""
+    folder = tmp_path / "export"
+    shutil.copytree(parted_dir, folder)
+    unet = built_unet(folder)
+    path = parts_manifest_path(unet)
+    d = json.loads(path.read_text())
+    d["version"] = 1
+    for p in d["parts"]:
+        del p["weight_ranges"]
+    path.write_text(json.dumps(d))
+    old = read_parts(unet)
+    assert old is not None and len(old) == PARTS and all(p.weight_ranges == () for p in old)
+    ensure_parts([unet], part_bytes=sum(p.weight_bytes for p in old) // PARTS + 1)
+    new = read_parts(unet)
+    assert new is not None and all(p.weight_ranges for p in new)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore(2) and posix_fadvise: Linux")
+def test_a_part_reads_its_own_weights_when_it_opens(parted_dir: Path, tmp_path: Path) -> None:
+    """--low-memory with mapped weights: opening a part reads its ranges of the shared file, not the other parts'.
+
+    Without the ranges nothing is read at open (a part names no weights file of its own; checked by hand)."""
+    folder = tmp_path / "export"
+    shutil.copytree(parted_dir, folder)
+    unet = built_unet(folder)
+    data = unet.parent / (unet.name + ".data")
+    parts = read_parts(unet)
+    assert parts is not None
+    evict(data)
+    if cached_fraction(data) > 0.1:
+        pytest.skip(f"{tmp_path}'s file system keeps the file cached (tmpfs?): nothing to read ahead")
+    spec = Manifest.load(folder).models["unet"].spec
+    parted = OrtEngine(spec, unet, provider="cpu", intra_op_threads=1, prepack=False).low_memory_parts(Residency(0), "unet")
+    assert isinstance(parted, PartsEngine)
+    last = len(parts) - 1
+    parted.parts[last].inner.load()  # what the residency does when the part's turn comes
+    for _, offset, length in parts[last].weight_ranges:
+        assert cached_fraction(data, offset, length) > 0.9
+    # the bytes of the file in none of its ranges (other parts' weights) stay out of the cache
+    size, outside, cached, at = data.stat().st_size, 0, 0.0, 0
+    for _, offset, length in (*parts[last].weight_ranges, ("", size, 0)):
+        if offset > at:
+            outside += offset - at
+            cached += cached_fraction(data, at, offset - at) * (offset - at)
+        at = max(at, offset + length)
+    assert outside > size / 3 and cached / outside < 0.2, (outside, cached)
 
 
 def test_parts_in_order_equal_the_whole_graph(parted_dir: Path) -> None:

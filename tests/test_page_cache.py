@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import os
 import sys
 from pathlib import Path
@@ -13,40 +11,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from page_residency import cached_fraction, evict
 from trt_bgswap.runtime.ort_backend import OrtEngine
 from trt_bgswap.runtime.page_cache import read_ahead, weights_beside
 from trt_bgswap.specs import ModelSpec, TensorSpec
-
-
-def _cached_fraction(path: Path) -> float:
-    """Pages of ``path`` in the page cache (``mincore(2)`` on a fresh mapping: asking reads nothing)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
-        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-        vec = (ctypes.c_ubyte * pages)()
-        rc = libc.mincore(ctypes.c_void_p(addr), size, vec)
-        libc.munmap(ctypes.c_void_p(addr), size)
-        assert rc == 0, os.strerror(ctypes.get_errno())
-        return sum(v & 1 for v in vec) / pages
-    finally:
-        os.close(fd)
-
-
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # dirty pages cannot be dropped
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def test_weights_beside_names_the_build_and_onnx_layouts(tmp_path: Path) -> None:
@@ -78,14 +46,14 @@ def test_a_mapped_graph_reads_its_weights_when_it_opens(tmp_path: Path) -> None:
     path = tmp_path / "model.onnx"
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path), save_as_external_data=True, location="model.onnx.data")
     data = tmp_path / "model.onnx.data"
-    _evict(data)
-    if _cached_fraction(data) > 0.1:
+    evict(data)
+    if cached_fraction(data) > 0.1:
         pytest.skip(f"{tmp_path}'s file system keeps the file cached (tmpfs?): nothing to read ahead")
 
     spec = ModelSpec("g", (TensorSpec("x", "float32", (1, n)),), (TensorSpec("y", "float32", (1, n)),))
     engine = OrtEngine(spec, path, provider="cpu", intra_op_threads=1, prepack=False)
     engine.load()
-    assert _cached_fraction(data) > 0.9
+    assert cached_fraction(data) > 0.9
     x = rng.standard_normal((1, n)).astype(np.float32)
     exact = x.astype(np.float64) @ w.astype(np.float64)
     u = np.finfo(np.float32).eps / 2
