@@ -4,3 +4,6 @@ Used by ``trt-bgswap bench`` (:mod:`trt_bgswap.cli.bench_command`) and ``benchma
 here is imported by the runtime; modules that need torch/diffusers import them inside
 functions, so ``import trt_bgswap.benchmarking.<module>`` stays light.
 """
+
+# What the OS file cache holds when a cold start launches (trt_bgswap.benchmarking.cold_start); here so the CLI can name them cheaply.
+CACHE_CONDITIONS = ("as-found", "primed", "evicted")

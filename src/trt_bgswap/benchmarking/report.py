@@ -112,7 +112,9 @@ def _cold(side: Mapping[str, Any] | None) -> str:
     if not side:
         return "-"
     samples = side.get("samples", [])
-    return _s(side["to_first_image"]) + (f" ({', '.join(f'{x:.1f}' for x in samples)})" if len(samples) > 1 else "")
+    text = _s(side["to_first_image"]) + (f" ({', '.join(f'{x:.1f}' for x in samples)})" if len(samples) > 1 else "")
+    read = [b for b in side.get("disk_read_samples", []) if b is not None]
+    return text + (f", disk read {max(read) / 1e9:.1f} GB at most" if read else "")
 
 
 def _targets(ours: Mapping[str, Any], baseline: Mapping[str, Any] | None, cold: Mapping[str, Any], footprint: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -267,7 +269,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"{_x(_ratio(co['peak_rss'], cb['peak_rss']) if co and cb else None)} |"
         )
         lines.append(
-            f"| cold start (launch -> image written{f', median of {n}, interleaved' if n > 1 else ''}) | {_cold(co)} | {_cold(cb)} | "
+            f"| cold start (launch -> image written{f', median of {n}, interleaved' if n > 1 else ''}; file cache {(co or cb or {}).get('cache', 'as-found')}) | {_cold(co)} | {_cold(cb)} | "
             f"{_x(_ratio(co['to_first_image'], cb['to_first_image']) if co and cb else None)} |"
         )
     lines.append(f"| end-to-end images/s (sequential) | {o['throughput']['e2e_images_per_s']:.3f} | {b['throughput']['e2e_images_per_s']:.3f} |" + (f" {_x(_ratio(o['throughput']['e2e_images_per_s'], b['throughput']['e2e_images_per_s']))} |" if b else " - |") if b else f"| end-to-end images/s | {o['throughput']['e2e_images_per_s']:.3f} | - | - |")

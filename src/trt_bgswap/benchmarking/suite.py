@@ -28,6 +28,7 @@ from trt_bgswap.errors import BgSwapError, UsageError
 from trt_bgswap.manifest import Manifest
 from trt_bgswap.specs import pipeline_dims
 
+from trt_bgswap.benchmarking import CACHE_CONDITIONS
 from trt_bgswap.benchmarking import machine
 from trt_bgswap.benchmarking.photos import ACCURACY_PHOTOS, CALIBRATION_PHOTOS, load_photo
 
@@ -65,6 +66,7 @@ class BenchSettings:
     baseline: bool = True
     cold_start: bool = True
     cold_runs: int = 3  # cold starts per side, interleaved; the median is reported
+    cold_cache: str = "as-found"  # what the OS file cache holds at each cold start (benchmarking.cold_start.CACHE_CONDITIONS)
     low_memory: bool = True  # also time `--low-memory` (its own worker and cold run): its peak and its latency cost
     vae_tiny: bool = True  # also time `--vae tiny`, and diffusers with the same tiny autoencoder (TAESD)
     readme: Path | None = None  # a Markdown file whose results block is replaced
@@ -82,6 +84,8 @@ class BenchSettings:
             raise UsageError(f"--runs {self.runs} / --warmup {self.warmup}: need runs >= 1 and warmup >= 0")
         if self.cold_runs < 1:
             raise UsageError(f"--cold-runs {self.cold_runs}: give 1 or more (or --no-cold-start)")
+        if self.cold_cache not in CACHE_CONDITIONS:
+            raise UsageError(f"--cold-cache {self.cold_cache!r}: choose one of {', '.join(CACHE_CONDITIONS)}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise UsageError(f"--batch-sizes {self.batch_sizes}: give positive batch sizes, e.g. 1,2")
 
@@ -353,14 +357,15 @@ def run_suite(settings: BenchSettings) -> dict[str, Any]:
         photo = work / "photo.png"
         write_image(photo, load_photo(settings.photo), overwrite=True)
         args = (photo, work, settings.prompt, settings.steps, settings.guidance, size, threads)
+        provider = "cpu" if settings.backend == "cpu" else "trt"
         runs = {
-            "ours": ("cold start: trt-bgswap run", lambda: cold_start_ours(export_dir, *args, provider="cpu" if settings.backend == "cpu" else "trt")),
-            "baseline": ("cold start: baseline script", lambda: cold_start_baseline(sources, *args, rmbg_size=manifest.rmbg.input_size[0])),
+            "ours": ("cold start: trt-bgswap run", lambda: cold_start_ours(export_dir, *args, provider=provider, cache=settings.cold_cache)),
+            "baseline": ("cold start: baseline script", lambda: cold_start_baseline(sources, *args, rmbg_size=manifest.rmbg.input_size[0], cache=settings.cold_cache)),
         }
         if settings.low_memory:
             runs["ours_low_memory"] = (
                 "cold start: trt-bgswap run --low-memory",
-                lambda: cold_start_ours(export_dir, *args, provider="cpu" if settings.backend == "cpu" else "trt", low_memory=True),
+                lambda: cold_start_ours(export_dir, *args, provider=provider, low_memory=True, cache=settings.cold_cache),
             )
         if not settings.baseline:
             runs.pop("baseline")

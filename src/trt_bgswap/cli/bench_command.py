@@ -14,6 +14,8 @@ import logging
 import shlex
 from pathlib import Path
 
+from trt_bgswap.benchmarking import CACHE_CONDITIONS
+
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,10 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--no-baseline", action="store_true", help="skip the diffusers/PyTorch baseline")
     b.add_argument("--no-cold-start", action="store_true", help="skip the cold-start subprocess runs")
     b.add_argument("--cold-runs", type=int, default=3, help="cold starts per side, interleaved with the other side's; the median is reported (default 3)")
+    b.add_argument(
+        "--cold-cache", choices=CACHE_CONDITIONS, default="as-found",
+        help="what the OS file cache holds at each cold start: as the run left it (default), primed by an untimed run of the same command, or evicted (a first launch after boot)",
+    )  # fmt: skip
     b.add_argument("--no-low-memory", action="store_true", help="skip the --low-memory rows (its own worker and cold run)")
     b.add_argument("--no-vae-tiny", action="store_true", help="skip the --vae tiny rows (ours and diffusers with the same tiny autoencoder)")
     b.add_argument("--note", default="", help="a remark recorded with the machine (e.g. 'other processes were running')")
@@ -103,6 +109,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--guidance", str(args.guidance)]
     if args.cold_runs != 3:
         parts += ["--cold-runs", str(args.cold_runs)]
+    if args.cold_cache != "as-found":
+        parts += ["--cold-cache", args.cold_cache]
     if tuple(args.batch_sizes) != (1, 2):
         parts += ["--batch-sizes", ",".join(str(x) for x in args.batch_sizes)]
     for flag in ("no_fuse", "no_int8_rmbg", "no_baseline", "no_cold_start", "no_low_memory", "no_vae_tiny"):
@@ -138,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         baseline=not args.no_baseline,
         cold_start=not args.no_cold_start,
         cold_runs=args.cold_runs,
+        cold_cache=args.cold_cache,
         low_memory=not args.no_low_memory,
         vae_tiny=not args.no_vae_tiny,
         readme=Path(args.readme) if args.readme else None,
