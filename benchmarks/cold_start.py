@@ -1,7 +1,7 @@
 """Cold start alone: `trt-bgswap run` and the diffusers baseline script, each launched fresh, interleaved (issue 15).
 
-    nice -n 10 python benchmarks/cold_start.py --work /tmp/bench-full --rounds 5 --out benchmarks/results/cold_start_full.json
-    nice -n 10 python benchmarks/cold_start.py --work /tmp/bench-full --rounds 3 --cache primed evicted --out ...
+    nice -n 10 python benchmarks/cold_start.py --work /tmp/bench-full --rounds 4 --cache primed evicted \
+        --out benchmarks/results/cold_start_full.json
 
 Re-measures only the full benchmark's cold-start rows, with the benchmark's own functions
 (:mod:`trt_bgswap.benchmarking.cold_start`) and settings (4 steps, guidance 1, 512x512, 2
@@ -27,7 +27,8 @@ from pathlib import Path
 
 from trt_bgswap.atomic import write_text_atomic
 from trt_bgswap.benchmarking import machine
-from trt_bgswap.benchmarking.cold_start import CACHE_CONDITIONS, cold_start_baseline, cold_start_ours, interleaved
+from trt_bgswap.benchmarking import CACHE_CONDITIONS, DEFAULT_CACHE
+from trt_bgswap.benchmarking.cold_start import cold_start_baseline, cold_start_ours, interleaved
 from trt_bgswap.benchmarking.suite import FAMILY_SOURCES
 from trt_bgswap.manifest import Manifest
 
@@ -41,7 +42,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--out", type=Path)
-    p.add_argument("--cache", nargs="+", choices=CACHE_CONDITIONS, default=["as-found"], help="what the OS file cache holds at each launch (default as-found)")
+    p.add_argument("--cache", nargs="+", choices=CACHE_CONDITIONS, default=[DEFAULT_CACHE], help=f"what the OS file cache holds at each launch (default {DEFAULT_CACHE})")
     p.add_argument("--compare", type=Path, help="another build of the same export (e.g. with other build settings): a third side, 'ours (compare)'")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

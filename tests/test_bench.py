@@ -126,6 +126,7 @@ def test_quick_report_compares_flops_targets_and_int8(quick_report: tuple[dict, 
         c = report["cold_start"][side]
         assert 0 < c["to_first_image"] <= c["process_wall"], f"cold start {side}: {c}"
         assert len(c["samples"]) == 2 and min(c["samples"]) <= c["to_first_image"] <= max(c["samples"]), c
+        assert c["cache"] == "primed" and len(c["disk_read_samples"]) == 2, "the default condition: each launch primed by an untimed one"
     assert report["footprint"]["install"]["total_bytes"] > 0
     for b in ("batch1", "batch2"):
         assert report["ours"]["throughput"][b]["rmbg_images_per_s"] > 0

@@ -8,10 +8,10 @@ figure would start from this benchmark's own high-water mark, see
 Engines are already built (``trt-bgswap build``), as the target says. What the OS file cache
 holds when a side launches is the ``cache`` condition, the same for both sides:
 
-- ``as-found`` (the full benchmark's): whatever the benchmark left. The model files were read
+- ``as-found``: whatever the benchmark left (the only condition before ``--cold-cache``). The model files were read
   earlier in the run, but an OS may reclaim idle cache meanwhile (this project's CI VM drops file
   pages idle for about a minute, so a side may find its files partly gone, the other side's not);
-- ``primed``: the same command ran, untimed, just before: a restart on a box that ran it lately;
+- ``primed`` (the default): the same command ran, untimed, just before: a restart on a box that ran it lately;
 - ``evicted``: the model folders and the Python installation dropped from the cache
   (``POSIX_FADV_DONTNEED``) just before: the first launch after a boot, disk speed included.
 
@@ -35,7 +35,7 @@ from typing import Any
 
 from trt_bgswap.errors import BgSwapError, UsageError
 
-from trt_bgswap.benchmarking import CACHE_CONDITIONS
+from trt_bgswap.benchmarking import CACHE_CONDITIONS, DEFAULT_CACHE
 from trt_bgswap.benchmarking.machine import disk_read_bytes
 from trt_bgswap.benchmarking.peak_memory import run_measuring_peak
 
@@ -120,7 +120,7 @@ def _launch(cmd: Sequence[str], output: Path, log_path: Path) -> tuple[float, fl
     return start, end, child
 
 
-def timed_command(cmd: Sequence[str], output: Path, log_path: Path, cache: str = "as-found", files: Sequence[Path] = ()) -> dict[str, Any]:
+def timed_command(cmd: Sequence[str], output: Path, log_path: Path, cache: str = DEFAULT_CACHE, files: Sequence[Path] = ()) -> dict[str, Any]:
     """Run ``cmd`` (which must write ``output``) under the ``cache`` condition; seconds to the file's mtime and to exit.
 
     ``files``: what the command reads (its model folders, the Python installation), dropped from the
@@ -145,7 +145,7 @@ def timed_command(cmd: Sequence[str], output: Path, log_path: Path, cache: str =
 
 def cold_start_ours(
     export_dir: Path, photo: Path, out_dir: Path, prompt: str, steps: int, guidance: float, size: tuple[int, int], threads: int, provider: str,
-    low_memory: bool = False, cache: str = "as-found",
+    low_memory: bool = False, cache: str = DEFAULT_CACHE,
 ) -> dict[str, Any]:
     name = "cold-ours-low-memory" if low_memory else "cold-ours"
     out = out_dir / f"{name}.png"
@@ -159,7 +159,7 @@ def cold_start_ours(
 
 def cold_start_baseline(
     sources: dict[str, Path], photo: Path, out_dir: Path, prompt: str, steps: int, guidance: float, size: tuple[int, int], threads: int, rmbg_size: int,
-    cache: str = "as-found",
+    cache: str = DEFAULT_CACHE,
 ) -> dict[str, Any]:
     out = out_dir / "cold-baseline.png"
     cmd = [

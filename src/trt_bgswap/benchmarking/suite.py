@@ -28,7 +28,7 @@ from trt_bgswap.errors import BgSwapError, UsageError
 from trt_bgswap.manifest import Manifest
 from trt_bgswap.specs import pipeline_dims
 
-from trt_bgswap.benchmarking import CACHE_CONDITIONS
+from trt_bgswap.benchmarking import CACHE_CONDITIONS, DEFAULT_CACHE
 from trt_bgswap.benchmarking import machine
 from trt_bgswap.benchmarking.photos import ACCURACY_PHOTOS, CALIBRATION_PHOTOS, load_photo
 
@@ -66,7 +66,7 @@ class BenchSettings:
     baseline: bool = True
     cold_start: bool = True
     cold_runs: int = 3  # cold starts per side, interleaved; the median is reported
-    cold_cache: str = "as-found"  # what the OS file cache holds at each cold start (benchmarking.cold_start.CACHE_CONDITIONS)
+    cold_cache: str = DEFAULT_CACHE  # what the OS file cache holds at each cold start (benchmarking.cold_start)
     low_memory: bool = True  # also time `--low-memory` (its own worker and cold run): its peak and its latency cost
     vae_tiny: bool = True  # also time `--vae tiny`, and diffusers with the same tiny autoencoder (TAESD)
     readme: Path | None = None  # a Markdown file whose results block is replaced

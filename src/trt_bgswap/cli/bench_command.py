@@ -14,7 +14,7 @@ import logging
 import shlex
 from pathlib import Path
 
-from trt_bgswap.benchmarking import CACHE_CONDITIONS
+from trt_bgswap.benchmarking import CACHE_CONDITIONS, DEFAULT_CACHE
 
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,8 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--no-cold-start", action="store_true", help="skip the cold-start subprocess runs")
     b.add_argument("--cold-runs", type=int, default=3, help="cold starts per side, interleaved with the other side's; the median is reported (default 3)")
     b.add_argument(
-        "--cold-cache", choices=CACHE_CONDITIONS, default="as-found",
-        help="what the OS file cache holds at each cold start: as the run left it (default), primed by an untimed run of the same command, or evicted (a first launch after boot)",
+        "--cold-cache", choices=CACHE_CONDITIONS, default=DEFAULT_CACHE,
+        help=f"what the OS file cache holds at each cold start: primed by an untimed run of the same command just before, evicted (a first launch after boot), or as-found (as the run left it); default {DEFAULT_CACHE}",
     )  # fmt: skip
     b.add_argument("--no-low-memory", action="store_true", help="skip the --low-memory rows (its own worker and cold run)")
     b.add_argument("--no-vae-tiny", action="store_true", help="skip the --vae tiny rows (ours and diffusers with the same tiny autoencoder)")
@@ -109,7 +109,7 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--guidance", str(args.guidance)]
     if args.cold_runs != 3:
         parts += ["--cold-runs", str(args.cold_runs)]
-    if args.cold_cache != "as-found":
+    if args.cold_cache != DEFAULT_CACHE:
         parts += ["--cold-cache", args.cold_cache]
     if tuple(args.batch_sizes) != (1, 2):
         parts += ["--batch-sizes", ",".join(str(x) for x in args.batch_sizes)]
