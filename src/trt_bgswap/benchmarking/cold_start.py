@@ -41,6 +41,7 @@ from trt_bgswap.benchmarking.peak_memory import run_measuring_peak
 
 log = logging.getLogger(__name__)
 
+
 def evict_from_page_cache(paths: Iterable[Path]) -> int:
     """Drop every file under ``paths`` from the OS page cache; bytes covered (0 off POSIX).
 
