@@ -1,7 +1,7 @@
 """Cold start alone: `trt-bgswap run` and the diffusers baseline script, each launched fresh, interleaved (issue 15).
 
     nice -n 10 python benchmarks/cold_start.py --work /tmp/bench-full --rounds 4 --cache primed evicted \
-        --out benchmarks/results/cold_start_full.json
+        --out benchmarks/results/cold_start_full_primed_evicted.json
 
 Re-measures only the full benchmark's cold-start rows, with the benchmark's own functions
 (:mod:`trt_bgswap.benchmarking.cold_start`) and settings (4 steps, guidance 1, 512x512, 2

@@ -7,6 +7,8 @@ import mmap
 import os
 from pathlib import Path
 
+from trt_bgswap.runtime import page_cache
+
 
 def cached_fraction(path: Path, offset: int = 0, length: int | None = None) -> float:
     """The share of ``path``'s pages in ``[offset, offset + length)`` that are in the page cache (asking reads nothing)."""
@@ -33,10 +35,10 @@ def cached_fraction(path: Path, offset: int = 0, length: int | None = None) -> f
 
 
 def evict(path: Path) -> None:
-    """Drop ``path``'s pages from the page cache (clean pages only, so it is synced first)."""
+    """Drop ``path``'s pages from the page cache, synced first (a file just written has dirty pages, which stay)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)  # dirty pages cannot be dropped
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.fsync(fd)
     finally:
         os.close(fd)
+    page_cache.evict([path])

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from trt_bgswap.errors import BgSwapError, UsageError
+from trt_bgswap.runtime import page_cache
 
 from trt_bgswap.benchmarking import CACHE_CONDITIONS, DEFAULT_CACHE
 from trt_bgswap.benchmarking.machine import disk_read_bytes
@@ -43,27 +44,11 @@ log = logging.getLogger(__name__)
 
 
 def evict_from_page_cache(paths: Iterable[Path]) -> int:
-    """Drop every file under ``paths`` from the OS page cache; bytes covered (0 off POSIX).
-
-    ``POSIX_FADV_DONTNEED`` drops clean pages only, which model files and installed packages are."""
-    if not hasattr(os, "posix_fadvise"):
-        return 0
-    total = 0
-    for root in paths:
-        files = [Path(root)] if Path(root).is_file() else (f for f in Path(root).rglob("*") if f.is_file() and not f.is_symlink())
-        for f in files:
-            try:
-                fd = os.open(f, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                total += os.fstat(fd).st_size
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-    return total
+    """Drop every file under ``paths`` (files or folders) from the OS page cache; bytes covered (0 off POSIX)."""
+    files: list[Path] = []
+    for root in map(Path, paths):
+        files += [root] if root.is_file() else [f for f in root.rglob("*") if f.is_file() and not f.is_symlink()]
+    return page_cache.evict(files)
 
 
 def python_installation() -> list[Path]:
