@@ -32,7 +32,7 @@ MODEL_SUFFIXES = (".onnx", ".safetensors", ".json", *PICKLE_SUFFIXES)
 # For hub ids outside the registry: configs, tokenizer files and safetensors weights only.
 GENERIC_PATTERNS = ("*.json", "*.txt", "*.model", "*.safetensors")
 # The CLI option that takes each family, for messages that tell the user what to pass.
-FAMILY_OPTION = {"rmbg": "--rmbg", "sd-inpainting": "--inpaint", "lcm-lora": "--lcm-lora"}
+FAMILY_OPTION = {"rmbg": "--rmbg", "sd-inpainting": "--inpaint", "lcm-lora": "--lcm-lora", "tiny-vae": "--taesd"}
 NOTICES_FILE = "licence-notices.json"
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -274,7 +274,7 @@ def resolve(
 ) -> Source:
     """A local path as given (checked for pickles), or a hub snapshot folder (downloaded or cached).
 
-    ``family`` ("rmbg", "sd-inpainting", "lcm-lora") picks the file list for hub ids
+    ``family`` ("rmbg", "sd-inpainting", "lcm-lora", "tiny-vae") picks the file list for hub ids
     outside the registry and checks registry names belong to it. ``revision`` overrides
     the registry's pin; ``org/name@rev`` in ``source`` does the same. ``endpoint`` is the
     hub URL (default: ``HF_ENDPOINT``).

@@ -44,8 +44,13 @@ def options(case: Case, size: tuple[int, int], steps: int) -> GenerationOptions:
     return GenerationOptions(PROMPT, negative_prompt=negative or "", steps=steps, guidance=guidance, size=size)
 
 
-def lcm_reference(pipe: Any, lora: Path | None, rgb: np.ndarray, mask: np.ndarray, size: tuple[int, int], steps: int) -> Callable[[Case], tuple[np.ndarray, Noise]]:
-    """``run(case)``: diffusers' image (LCMScheduler, ``lora`` fused unless None: already fused) and every random draw it made, once per case."""
+def lcm_reference(
+    pipe: Any, lora: Path | None, rgb: np.ndarray, mask: np.ndarray, size: tuple[int, int], steps: int, posterior_draw: bool = True,
+) -> Callable[[Case], tuple[np.ndarray, Noise]]:
+    """``run(case)``: diffusers' image (LCMScheduler, ``lora`` fused unless None: already fused) and every random draw it made, once per case.
+
+    ``posterior_draw``: False for a tiny autoencoder (``AutoencoderTiny`` encodes without sampling), whose generator gives only the step noises.
+    """
     from diffusers import LCMScheduler
 
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
@@ -63,7 +68,7 @@ def lcm_reference(pipe: Any, lora: Path | None, rgb: np.ndarray, mask: np.ndarra
             shape = (1, pipe.vae.config.latent_channels, height // f, width // f)
             latents = torch.randn(shape, generator=torch.Generator().manual_seed(1007))
             twin = torch.Generator().manual_seed(7)  # the masked image's posterior sample, then one noise per non-final step
-            posterior = torch.randn(shape, generator=twin)
+            posterior = torch.randn(shape, generator=twin) if posterior_draw else torch.zeros(shape)
             step_noise = tuple(torch.randn(shape, generator=twin).numpy() for _ in range(steps - 1))
             image = pipe(
                 prompt=PROMPT,

@@ -41,6 +41,7 @@ class Family:
     name: str
     description: str
     lcm_lora: str | None  # the registry's LCM-LoRA for it; None: none is published
+    tiny_vae: str  # the registry's tiny autoencoder (TAESD) for its latents: --vae tiny
     text_encoders: tuple[str, ...]  # pipeline components that encode the prompt, in concatenation order
     tokenizers: tuple[str, ...]
 
@@ -48,9 +49,9 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family(SD1, "Stable Diffusion 1.x inpainting", "lcm-lora-sdv1-5", ("text_encoder",), ("tokenizer",)),
-        Family(SD2, "Stable Diffusion 2.x inpainting", None, ("text_encoder",), ("tokenizer",)),
-        Family(SDXL, "Stable Diffusion XL inpainting", "lcm-lora-sdxl", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2")),
+        Family(SD1, "Stable Diffusion 1.x inpainting", "lcm-lora-sdv1-5", "taesd", ("text_encoder",), ("tokenizer",)),
+        Family(SD2, "Stable Diffusion 2.x inpainting", None, "taesd", ("text_encoder",), ("tokenizer",)),
+        Family(SDXL, "Stable Diffusion XL inpainting", "lcm-lora-sdxl", "taesdxl", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2")),
     )
 }
 

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 NONE = "none"  # a source value that leaves that model out
 FAMILY_LCM_LORA = "family"  # the LCM-LoRA default: the registry's LCM-LoRA for the inpainting model's family, read from its configs
+FAMILY_TINY_VAE = "family"  # the --taesd default: the registry's tiny autoencoder for that family (taesd, taesdxl)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,8 @@ def export_sources(
     """Resolve the sources (local paths, hub ids, registry names; 'none' leaves one out) and export them to ``out``.
 
     ``loras`` (local files, ``--lora``) are fused after the LCM-LoRA, in order (:mod:`trt_bgswap.export.lora`).
-    ``tiny_vae``: a tiny autoencoder (TAESD: a folder or hub id) exported in place of the VAE (``--vae tiny``).
+    ``tiny_vae``: a tiny autoencoder (TAESD: a folder, hub id, registry name, or ``"family"`` for the
+    inpainting model's own) exported in place of the VAE (``--vae tiny``).
     """
     from trt_bgswap.export.exporter import export_models
     from trt_bgswap.export.sources import resolve
@@ -103,6 +105,9 @@ def export_sources(
         if value == FAMILY_LCM_LORA and slot.key == "lcm_lora":
             value = family_lcm_lora(resolved["inpaint"])
         resolved[slot.key] = None if value is None else resolve(value, family=slot.family, offline=offline, allow_pickle=allow_pickle).path
+    tiny_vae_src = None
+    if tiny_vae is not None:
+        tiny_vae_src = resolve(family_tiny_vae(resolved["inpaint"], tiny_vae), family="tiny-vae", offline=offline, allow_pickle=allow_pickle).path
     return export_models(
         resolved["inpaint"],
         resolved["lcm_lora"],
@@ -117,7 +122,7 @@ def export_sources(
         allow_pickle=allow_pickle,
         masker=masker,
         vae_src=vae_src,
-        tiny_vae_src=None if tiny_vae is None else resolve(tiny_vae, offline=offline).path,
+        tiny_vae_src=tiny_vae_src,
     )
 
 
@@ -135,6 +140,33 @@ def family_lcm_lora(inpaint: Path | None) -> str:
         )
     log.info("%s: %s, so the LCM-LoRA is %s", inpaint, family.description, family.lcm_lora)
     return family.lcm_lora
+
+
+def family_tiny_vae(inpaint: Path | None, tiny_vae: str) -> str:
+    """The tiny autoencoder to export for ``--taesd``: the family's own for ``"family"``; a registry one of another family refused.
+
+    TAESD and TAESDXL share one architecture and config, so only the inpainting model's configs can
+    tell which latents a tiny autoencoder must decode; a wrong one runs and paints garbage.
+    """
+    from trt_bgswap.export.exporter import validate_inpaint_source
+
+    if inpaint is None:
+        raise UsageError("--vae tiny replaces the inpainting model's VAE: give --inpaint SRC too")
+    base = tiny_vae.partition("@")[0]
+    named = next((v for v in VARIANTS.values() if base in (v.name, v.repo_id)), None)
+    if tiny_vae != FAMILY_TINY_VAE and (named is None or named.family != "tiny-vae"):
+        return tiny_vae  # a folder or another hub id: its latent API is checked against the VAE's when it is exported
+    family = validate_inpaint_source(inpaint)["family"]
+    wanted = VARIANTS[family.tiny_vae]
+    if named is not None and named.name != wanted.name:
+        raise UsageError(
+            f"--taesd {tiny_vae}: {named.repo_id} decodes another family's latents, and {inpaint} is {family.description}; "
+            f"give --taesd {wanted.name} ({wanted.repo_id}) or leave --taesd out"
+        )
+    if tiny_vae == FAMILY_TINY_VAE:
+        log.info("%s: %s, so the tiny autoencoder is %s", inpaint, family.description, wanted.name)
+        return wanted.name
+    return tiny_vae
 
 
 def recorded_matches(value: str, recorded: dict[str, object] | None) -> bool:

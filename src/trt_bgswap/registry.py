@@ -36,7 +36,7 @@ def inpaint_pipeline_files(text_encoders: int) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Variant:
     name: str
-    family: str  # "rmbg" | "sd-inpainting" | "lcm-lora"
+    family: str  # "rmbg" | "sd-inpainting" | "lcm-lora" | "tiny-vae"
     repo_id: str  # Hugging Face hub id
     revision: str  # a branch, tag or commit; pin a commit for reproducible exports
     files: tuple[str, ...]  # glob patterns to download (safetensors only by default)
@@ -143,11 +143,32 @@ VARIANTS: dict[str, Variant] = {
             license="openrail++",
             commercial_use=True,
         ),
+        Variant(
+            name="taesd",
+            family="tiny-vae",
+            repo_id="madebyollin/taesd",
+            revision="main",
+            files=("config.json", "diffusion_pytorch_model.safetensors"),
+            license="MIT",
+            commercial_use=True,
+            note="Tiny autoencoder (diffusers' AutoencoderTiny) for SD1.x/SD2.x latents: --vae tiny.",
+        ),
+        Variant(
+            name="taesdxl",
+            family="tiny-vae",
+            repo_id="madebyollin/taesdxl",
+            revision="main",
+            files=("config.json", "diffusion_pytorch_model.safetensors"),
+            license="MIT",
+            commercial_use=True,
+            note="Tiny autoencoder (diffusers' AutoencoderTiny) for SDXL latents: --vae tiny.",
+        ),
     )
 }
 
-DEFAULTS = {"rmbg": "rmbg-1.4", "sd-inpainting": "sd15-inpainting", "lcm-lora": "lcm-lora-sdv1-5"}
-# The LCM-LoRA default follows the inpainting model's family (trt_bgswap.families.Family.lcm_lora), read from its configs.
+DEFAULTS = {"rmbg": "rmbg-1.4", "sd-inpainting": "sd15-inpainting", "lcm-lora": "lcm-lora-sdv1-5", "tiny-vae": "taesd"}
+# The LCM-LoRA and tiny-autoencoder defaults follow the inpainting model's family (trt_bgswap.families.Family.lcm_lora,
+# .tiny_vae), read from its configs: a TAESD's own config cannot tell SD1's latents from SDXL's.
 
 
 def get_variant(name: str) -> Variant:

@@ -7,12 +7,11 @@ import logging
 from pathlib import Path
 
 from trt_bgswap.cli.run_command import add_source_options, given_sources
-from trt_bgswap.model_folders import export_sources, with_defaults
+from trt_bgswap.model_folders import FAMILY_TINY_VAE, export_sources, with_defaults
 
 log = logging.getLogger("trt_bgswap")
 
 NAME = "export"
-TAESD_DEFAULT = "madebyollin/taesd"  # MIT; SD1.x/2.x latents
 HELP = "PyTorch models -> ONNX folder (needs the export extra)"
 
 
@@ -36,7 +35,11 @@ def add_arguments(e: argparse.ArgumentParser) -> None:
         "--vae", choices=["full", "tiny"], default="full",
         help="tiny: the tiny autoencoder (TAESD) encodes and decodes instead of the model's VAE: much faster, less detail",
     )  # fmt: skip
-    e.add_argument("--taesd", default=TAESD_DEFAULT, help=f"with --vae tiny: the tiny autoencoder, a folder or hub id (default {TAESD_DEFAULT}; taesdxl for SDXL)")
+    e.add_argument(
+        "--taesd", default=FAMILY_TINY_VAE,
+        help="with --vae tiny: the tiny autoencoder, a folder, hub id or registry name (default: the inpainting model's family's: "
+        "taesd = madebyollin/taesd for SD1.x/2.x, taesdxl = madebyollin/taesdxl for SDXL)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
