@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -52,15 +52,19 @@ def concrete_files(patterns: tuple[str, ...]) -> list[str]:
     return [fill.get(p, p) for p in patterns]
 
 
-def make_hub_cache(cache: Path, repo_id: str, files: list[str], commit: str = COMMIT, ref: str | None = "main") -> Path:
-    """``models--org--name/{refs/<ref>, snapshots/<commit>/<file> -> ../../blobs/<hash>, blobs/<hash>}``."""
+def make_hub_cache(
+    cache: Path, repo_id: str, files: list[str], commit: str = COMMIT, ref: str | None = "main", contents: Mapping[str, bytes] | None = None,
+) -> Path:
+    """``models--org--name/{refs/<ref>, snapshots/<commit>/<file> -> ../../blobs/<hash>, blobs/<hash>}``.
+
+    ``contents``: the real bytes of some files (e.g. a model's weights); the others hold a short marker."""
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     if ref is not None:
         (repo / "refs").mkdir(parents=True, exist_ok=True)
         (repo / "refs" / ref).write_text(commit)  # the hub writes the bare hash, no newline
     snapshot = repo / "snapshots" / commit
     for rel in files:
-        content = f"{repo_id}:{rel}".encode()
+        content = (contents or {}).get(rel, f"{repo_id}:{rel}".encode())
         blob = repo / "blobs" / hashlib.sha256(content).hexdigest()
         blob.parent.mkdir(parents=True, exist_ok=True)
         blob.write_bytes(content)

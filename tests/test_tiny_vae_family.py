@@ -9,10 +9,8 @@ same ``AutoencoderTiny`` (the tiny SDXL has a factor-4 VAE, so its TAESD has thr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import pytest
 
 import family_parity as fp
 from test_run_command import console_script
+from test_sources import make_hub_cache
 from tolerance import assert_within
 from trt_bgswap.errors import UsageError
 from trt_bgswap.families import FAMILIES, SD1, SDXL
@@ -61,19 +60,9 @@ def test_a_folder_or_unknown_hub_id_is_taken_as_given(tiny_models_dir: Path) -> 
 
 
 def _hub_snapshot(cache: Path, repo_id: str, src: Path) -> Path:
-    """``src``'s files as huggingface_hub lays a downloaded snapshot out (refs/main, blobs by hash, snapshot symlinks)."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for f in sorted(src.iterdir()):
-        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
-        blob.parent.mkdir(exist_ok=True)
-        shutil.copyfile(f, blob)
-        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
-    return snapshot
+    """``src``'s files, with their real bytes, as huggingface_hub lays a downloaded snapshot out."""
+    files = sorted(f for f in src.iterdir() if f.is_file())
+    return make_hub_cache(cache, repo_id, [f.name for f in files], contents={f.name: f.read_bytes() for f in files})
 
 
 @pytest.fixture(scope="module")
